@@ -1,0 +1,2 @@
+//! satstream: sell LLM tokens per chunk over the Lightning Network.
+pub mod config;
