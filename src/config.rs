@@ -1,9 +1,16 @@
 //! Configuration: one TOML file, every key overridable by environment (`SATSTREAM_<KEY>`) and
 //! by `--set key=value` on the command line. Validated once at start: a bad value fails with the
 //! key and the reason.
+//!
+//! Precedence, lowest first: built-in defaults, the file, environment, `--set`. Environment
+//! names are the dotted key in upper case with `.` → `_`, prefixed by `SATSTREAM_`:
+//! `payments.window_chunks` ↔ `SATSTREAM_PAYMENTS_WINDOW_CHUNKS`, `models.0.path` ↔
+//! `SATSTREAM_MODELS_0_PATH`. Values are parsed as TOML (`30`, `true`, `"x"`), falling back to a
+//! plain string.
 
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 /// One model the server sells. Prices are in millisatoshis.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,4 +47,583 @@ fn default_max_concurrent() -> u32 {
 }
 fn default_max_queue() -> u32 {
     16
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub lightning: LightningConfig,
+    pub chain: ChainConfig,
+    pub payments: PaymentsConfig,
+    pub limits: LimitsConfig,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// gRPC listen address (host:port).
+    pub grpc_listen: String,
+    /// Everything the server writes lives here unless a path below says otherwise.
+    pub data_dir: PathBuf,
+    /// Bearer token for the Admin service; created (0600) on first start. Empty: `<data_dir>/admin.token`.
+    pub admin_token_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite file. Empty: `<data_dir>/satstream.sqlite`.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    Regtest,
+    Signet,
+    Testnet,
+    Bitcoin,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LightningConfig {
+    pub network: Network,
+    /// LDK node storage. Empty: `<data_dir>/ldk`.
+    pub data_dir: PathBuf,
+    /// Lightning P2P listen address (host:port).
+    pub listen: String,
+    /// Address advertised to clients (Quote, SessionOpened). Empty: same as `listen`.
+    pub public_address: String,
+    pub alias: String,
+    /// 64-byte seed file. Empty: `<lightning.data_dir>/keys_seed` (created on first start).
+    pub seed_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChainSource {
+    BitcoindRpc,
+    Esplora,
+    Electrum,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChainConfig {
+    pub source: ChainSource,
+    pub bitcoind_rpc_host: String,
+    pub bitcoind_rpc_port: u16,
+    pub bitcoind_rpc_user: String,
+    pub bitcoind_rpc_password: String,
+    pub esplora_url: String,
+    pub electrum_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentsConfig {
+    /// Halt a generation when the next chunk's payment is this late.
+    pub payment_timeout_secs: u64,
+    /// Chunks the engine may run ahead of payment (clients may ask for fewer).
+    pub window_chunks: u32,
+    /// Lifetime of chunk invoices.
+    pub invoice_expiry_secs: u32,
+    /// Custom TLV record carrying the session id in KEYSEND mode (odd, ≥ 65536).
+    pub keysend_tlv_type: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Live sessions across all models; beyond, Generate answers ResourceExhausted.
+    pub max_sessions: u32,
+    /// Prompt tokens accepted (0: only the model's context bounds it).
+    pub max_prompt_tokens: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            store: StoreConfig::default(),
+            lightning: LightningConfig::default(),
+            chain: ChainConfig::default(),
+            payments: PaymentsConfig::default(),
+            limits: LimitsConfig::default(),
+            models: Vec::new(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_listen: "127.0.0.1:50051".into(),
+            data_dir: "satstream-data".into(),
+            admin_token_file: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for LightningConfig {
+    fn default() -> Self {
+        LightningConfig {
+            network: Network::Regtest,
+            data_dir: PathBuf::new(),
+            listen: "127.0.0.1:9735".into(),
+            public_address: String::new(),
+            alias: "satstream".into(),
+            seed_file: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for ChainConfig {
+    fn default() -> Self {
+        ChainConfig {
+            source: ChainSource::BitcoindRpc,
+            bitcoind_rpc_host: "127.0.0.1".into(),
+            bitcoind_rpc_port: 18443,
+            bitcoind_rpc_user: "satstream".into(),
+            bitcoind_rpc_password: "satstream".into(),
+            esplora_url: String::new(),
+            electrum_url: String::new(),
+        }
+    }
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        PaymentsConfig {
+            payment_timeout_secs: 30,
+            window_chunks: 2,
+            invoice_expiry_secs: 600,
+            keysend_tlv_type: 5_482_373_485,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_sessions: 64,
+            max_prompt_tokens: 0,
+        }
+    }
+}
+
+/// A configuration problem, always naming the key (or file) and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("config {key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Window sizes above this buy nothing (the engine is far ahead of any payer) and let one
+/// session hold many unpaid tokens.
+pub const MAX_WINDOW_CHUNKS: u32 = 16;
+
+impl Config {
+    /// Loads defaults ← `file` ← `SATSTREAM_*` variables of `env` ← `sets` (`key=value`).
+    pub fn load<I>(file: Option<&Path>, env: I, sets: &[String]) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut doc = toml::Value::try_from(Config::default())
+            .map_err(|e| err("(defaults)", e.to_string()))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err(format!("file {}", path.display()), e.to_string()))?;
+            let file_doc: toml::Value = toml::from_str(&text)
+                .map_err(|e| err(format!("file {}", path.display()), e.to_string()))?;
+            merge(&mut doc, file_doc);
+        }
+        // Environment keys are matched against the keys the document has (defaults ∪ file),
+        // since `_` inside key names makes the variable name ambiguous otherwise.
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("SATSTREAM_"))
+            .collect();
+        if !env.is_empty() {
+            let mut keys = Vec::new();
+            leaf_keys(&doc, "", &mut keys);
+            for key in keys {
+                let var = format!("SATSTREAM_{}", key.replace('.', "_").to_uppercase());
+                if let Some(v) = env.get(&var) {
+                    set_key(&mut doc, &key, v)
+                        .map_err(|r| err(format!("{key} (from {var})"), r))?;
+                }
+            }
+        }
+        for s in sets {
+            let (key, value) = s
+                .split_once('=')
+                .ok_or_else(|| err(s.clone(), "expected --set key=value"))?;
+            set_key(&mut doc, key.trim(), value).map_err(|r| err(key.trim(), r))?;
+        }
+        let cfg: Config = serde_path_to_error::deserialize(doc).map_err(|e| {
+            let path = e.path().to_string();
+            err(path, e.into_inner().to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        addr("server.grpc_listen", &self.server.grpc_listen)?;
+        addr("lightning.listen", &self.lightning.listen)?;
+        if self.server.data_dir.as_os_str().is_empty() {
+            return Err(err("server.data_dir", "must not be empty"));
+        }
+        if self.lightning.alias.len() > 32 {
+            return Err(err("lightning.alias", "at most 32 bytes"));
+        }
+        let c = &self.chain;
+        match c.source {
+            ChainSource::BitcoindRpc => {
+                if c.bitcoind_rpc_host.is_empty() || c.bitcoind_rpc_port == 0 {
+                    return Err(err(
+                        "chain.bitcoind_rpc_host",
+                        "source bitcoind_rpc needs bitcoind_rpc_host and bitcoind_rpc_port",
+                    ));
+                }
+            }
+            ChainSource::Esplora if !c.esplora_url.starts_with("http") => {
+                return Err(err(
+                    "chain.esplora_url",
+                    "source esplora needs an http(s) URL, e.g. https://mempool.space/signet/api",
+                ));
+            }
+            ChainSource::Electrum if !c.electrum_url.contains("://") => {
+                return Err(err(
+                    "chain.electrum_url",
+                    "source electrum needs a URL such as ssl://electrum.blockstream.info:60002",
+                ));
+            }
+            _ => {}
+        }
+        let p = &self.payments;
+        if p.payment_timeout_secs == 0 {
+            return Err(err("payments.payment_timeout_secs", "must be at least 1"));
+        }
+        if p.window_chunks > MAX_WINDOW_CHUNKS {
+            return Err(err(
+                "payments.window_chunks",
+                format!(
+                    "must be at most {MAX_WINDOW_CHUNKS} (got {})",
+                    p.window_chunks
+                ),
+            ));
+        }
+        if p.invoice_expiry_secs < 60 {
+            return Err(err("payments.invoice_expiry_secs", "must be at least 60"));
+        }
+        if p.keysend_tlv_type < 65_536 || p.keysend_tlv_type % 2 == 0 {
+            return Err(err(
+                "payments.keysend_tlv_type",
+                format!(
+                    "must be odd and at least 65536 (got {}): even types are rejected by receivers",
+                    p.keysend_tlv_type
+                ),
+            ));
+        }
+        if self.limits.max_sessions == 0 {
+            return Err(err("limits.max_sessions", "must be at least 1"));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |k: &str| format!("models.{i}.{k}");
+            if m.id.is_empty() || m.id.chars().any(|c| c.is_whitespace()) {
+                return Err(err(key("id"), "must be non-empty, without spaces"));
+            }
+            if !ids.insert(m.id.as_str()) {
+                return Err(err(key("id"), format!("duplicate model id {:?}", m.id)));
+            }
+            if m.path.as_os_str().is_empty() {
+                return Err(err(key("path"), "must name a GGUF file"));
+            }
+            if m.msat_per_token == 0 {
+                return Err(err(key("msat_per_token"), "must be at least 1 msat"));
+            }
+            if m.chunk_tokens == 0 || m.chunk_tokens > 4096 {
+                return Err(err(key("chunk_tokens"), "must be between 1 and 4096"));
+            }
+            if m.max_concurrent == 0 {
+                return Err(err(key("max_concurrent"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        or_under(&self.store.path, &self.server.data_dir, "satstream.sqlite")
+    }
+
+    pub fn ldk_dir(&self) -> PathBuf {
+        or_under(&self.lightning.data_dir, &self.server.data_dir, "ldk")
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        or_under(
+            &self.server.admin_token_file,
+            &self.server.data_dir,
+            "admin.token",
+        )
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.server.grpc_listen.parse().expect("validated")
+    }
+
+    /// Address clients should open channels / connect to.
+    pub fn public_ln_address(&self) -> &str {
+        if self.lightning.public_address.is_empty() {
+            &self.lightning.listen
+        } else {
+            &self.lightning.public_address
+        }
+    }
+
+    /// The configuration as TOML (what `satstream config` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+fn or_under(p: &Path, dir: &Path, name: &str) -> PathBuf {
+    if p.as_os_str().is_empty() {
+        dir.join(name)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+fn addr(key: &str, v: &str) -> Result<(), ConfigError> {
+    v.parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| err(key, format!("{v:?} is not an ip:port address")))
+}
+
+/// Overlays `b` on `a`: tables merge key by key, anything else replaces.
+fn merge(a: &mut toml::Value, b: toml::Value) {
+    match (a, b) {
+        (toml::Value::Table(at), toml::Value::Table(bt)) => {
+            for (k, v) in bt {
+                match at.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        at.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn leaf_keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+    let join = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    match v {
+        toml::Value::Table(t) => t.iter().for_each(|(k, v)| leaf_keys(v, &join(k), out)),
+        toml::Value::Array(a) if a.iter().all(|x| x.is_table()) && !a.is_empty() => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| leaf_keys(v, &join(&i.to_string()), out)),
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+fn parse_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+/// Sets a dotted key (`a.b`, `models.0.path`) in the document, creating tables on the way.
+fn set_key(doc: &mut toml::Value, key: &str, raw: &str) -> Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err("malformed key".into());
+    }
+    let mut cur = doc;
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        cur = match cur {
+            toml::Value::Table(t) => {
+                if last {
+                    t.insert(part.to_string(), parse_value(raw));
+                    return Ok(());
+                }
+                t.entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+            }
+            toml::Value::Array(a) => {
+                let idx: usize = part
+                    .parse()
+                    .map_err(|_| format!("{part:?} is not an index into a list"))?;
+                if idx > a.len() {
+                    return Err(format!("index {idx} skips entries (list has {})", a.len()));
+                }
+                if idx == a.len() {
+                    a.push(toml::Value::Table(Default::default()));
+                }
+                if last {
+                    a[idx] = parse_value(raw);
+                    return Ok(());
+                }
+                &mut a[idx]
+            }
+            _ => return Err(format!("{part:?} is inside a value that is not a table")),
+        };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: &str, env: &[(&str, &str)], sets: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, file).unwrap();
+        Config::load(
+            Some(&p),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    }
+
+    const MODEL: &str = r#"
+[[models]]
+id = "tiny"
+path = "/m/tiny.gguf"
+msat_per_token = 1000
+"#;
+
+    #[test]
+    fn defaults_then_file_then_env_then_set() {
+        let file = format!("[payments]\nwindow_chunks = 3\n{MODEL}");
+        let c = load(&file, &[], &[]).unwrap();
+        assert_eq!(c.payments.window_chunks, 3);
+        assert_eq!(c.payments.payment_timeout_secs, 30, "default kept");
+        assert_eq!(c.models[0].chunk_tokens, 16, "model default");
+        let c = load(&file, &[("SATSTREAM_PAYMENTS_WINDOW_CHUNKS", "4")], &[]).unwrap();
+        assert_eq!(c.payments.window_chunks, 4);
+        let c = load(
+            &file,
+            &[("SATSTREAM_PAYMENTS_WINDOW_CHUNKS", "4")],
+            &["payments.window_chunks=5"],
+        )
+        .unwrap();
+        assert_eq!(c.payments.window_chunks, 5);
+    }
+
+    #[test]
+    fn env_reaches_keys_with_underscores_and_model_entries() {
+        let c = load(
+            MODEL,
+            &[
+                ("SATSTREAM_SERVER_GRPC_LISTEN", "127.0.0.1:6000"),
+                ("SATSTREAM_MODELS_0_MSAT_PER_TOKEN", "7"),
+                ("SATSTREAM_CHAIN_BITCOIND_RPC_PORT", "1234"),
+                ("SATSTREAM_UNRELATED", "x"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.server.grpc_listen, "127.0.0.1:6000");
+        assert_eq!(c.models[0].msat_per_token, 7);
+        assert_eq!(c.chain.bitcoind_rpc_port, 1234);
+    }
+
+    #[test]
+    fn set_can_add_a_model() {
+        let c = Config::load(
+            None,
+            Vec::new(),
+            &[
+                "models.0.id=m".into(),
+                "models.0.path=/x.gguf".into(),
+                "models.0.msat_per_token=2".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].path, PathBuf::from("/x.gguf"));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_reason() {
+        let e = load("[payments]\nwindow_chunks = \"many\"\n", &[], &[]).unwrap_err();
+        assert_eq!(e.key, "payments.window_chunks");
+        assert!(e.reason.contains("invalid type"), "{e}");
+
+        let e = load("[payments]\nwindw_chunks = 2\n", &[], &[]).unwrap_err();
+        assert!(e.reason.contains("unknown field `windw_chunks`"), "{e}");
+
+        let e = load("", &[], &["payments.keysend_tlv_type=65538"]).unwrap_err();
+        assert_eq!(e.key, "payments.keysend_tlv_type");
+        assert!(e.reason.contains("odd"), "{e}");
+
+        let e = load("", &[("SATSTREAM_SERVER_GRPC_LISTEN", "nowhere")], &[]).unwrap_err();
+        assert_eq!(e.key, "server.grpc_listen");
+
+        let e = load("[lightning]\nnetwork = \"mainnet\"\n", &[], &[]).unwrap_err();
+        assert_eq!(e.key, "lightning.network");
+        assert!(e.reason.contains("bitcoin"), "lists the valid values: {e}");
+
+        let e = load(&format!("{MODEL}{MODEL}"), &[], &[]).unwrap_err();
+        assert_eq!(e.key, "models.1.id");
+
+        let e = load("[chain]\nsource = \"esplora\"\n", &[], &[]).unwrap_err();
+        assert_eq!(e.key, "chain.esplora_url");
+
+        let e = load("not toml [", &[], &[]).unwrap_err();
+        assert!(e.key.starts_with("file "), "{e}");
+    }
+
+    #[test]
+    fn derived_paths_follow_data_dir() {
+        let c = load("[server]\ndata_dir = \"/d\"\n", &[], &[]).unwrap();
+        assert_eq!(c.store_path(), PathBuf::from("/d/satstream.sqlite"));
+        assert_eq!(c.ldk_dir(), PathBuf::from("/d/ldk"));
+        assert_eq!(c.admin_token_path(), PathBuf::from("/d/admin.token"));
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for f in ["satstream.toml", "mainnet.example.toml"] {
+            Config::load(Some(&dir.join(f)), Vec::new(), &[])
+                .unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
 }

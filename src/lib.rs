@@ -1,2 +1,26 @@
-//! satstream: sell LLM tokens per chunk over the Lightning Network.
+//! satstream sells LLM tokens per chunk over the Bitcoin Lightning Network.
+//!
+//! # Layout
+//! A request flows one way: `grpc` → session/meter → engine and `lightning` → `store`.
+//!
+//! - [`config`]: the TOML configuration, environment and `--set` overrides, validation.
+//! - [`server`]: starts and stops the whole server in order (store, node, events, gRPC).
+//! - [`shutdown`]: SIGINT/SIGTERM → one cancellation token.
+//! - [`app`]: the state every handler shares.
+//! - [`grpc`]: the edge. Generated types, `auth` (admin bearer token), one file per RPC under
+//!   `grpc::admin` and `grpc::inference`, and the error → `tonic::Status` mapping.
+//! - [`lightning`]: the embedded ldk-node: hold invoices, claim/fail, and `lightning::events`,
+//!   the single event loop that commits each event's effect before acknowledging it.
+//! - [`store`]: all SQL. Sessions, invoices (an explicit state machine), keysend credits, and
+//!   the append-only ledger; WAL mode, versioned migrations.
+//! - [`harness`]: a real regtest world (Bitcoin Core, the server, a payer node, a channel) for
+//!   tests, benchmarks and the demo.
+
+pub mod app;
 pub mod config;
+pub mod grpc;
+pub mod harness;
+pub mod lightning;
+pub mod server;
+pub mod shutdown;
+pub mod store;

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The README's first command: installs what the demo needs (idempotent, cached), builds
+# satstream in release mode and starts a local regtest world with the server in it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+scripts/apt-install.sh protobuf-compiler cmake pkg-config libboost-dev libevent-dev g++ make python3-pip
+BITCOIND_EXE="$(scripts/setup-bitcoind.sh | tail -n1)"; export BITCOIND_EXE
+scripts/setup-grpcurl.sh >/dev/null
+echo "Building satstream (release; the first build takes ~15 min on 2 cores)..." >&2
+cargo build --release --locked --bin satstream
+exec "$CARGO_TARGET_DIR/release/satstream" regtest "$@"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need (idempotent, cached under
+# ~/.cache/satstream), then runs the whole test suite in release mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+scripts/apt-install.sh protobuf-compiler cmake pkg-config libboost-dev libevent-dev g++ make python3-pip
+BITCOIND_EXE="$(scripts/setup-bitcoind.sh | tail -n1)"; export BITCOIND_EXE
+GRPCURL="$(scripts/setup-grpcurl.sh | tail -n1)"; export GRPCURL
+cargo fmt --all -- --check
+cargo test --release --locked "$@"

@@ -1,0 +1,85 @@
+//! The gRPC edge: generated types, one module per service (one file per RPC), and the mapping
+//! of library errors to `tonic::Status` with messages that say what to fix.
+
+pub mod admin;
+pub mod auth;
+pub mod inference;
+
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("satstream.v1");
+
+    /// Encoded descriptors for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("satstream_descriptor");
+}
+
+use tonic::Status;
+
+use crate::lightning::LightningError;
+use crate::store::StoreError;
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        match e {
+            StoreError::NotFound { .. } => Status::not_found(e.to_string()),
+            StoreError::BadPageToken => Status::invalid_argument(
+                "page_token: not a token from a previous response; leave it empty for the first page",
+            ),
+            StoreError::IllegalTransition { .. } => Status::failed_precondition(e.to_string()),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                Status::internal("storage failure; see the server log")
+            }
+        }
+    }
+}
+
+impl From<LightningError> for Status {
+    fn from(e: LightningError) -> Status {
+        match e {
+            LightningError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            LightningError::Store(s) => s.into(),
+            LightningError::NotHeld(..) => Status::failed_precondition(e.to_string()),
+            LightningError::Node(n) => node_status(n),
+            LightningError::Build(_) => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+fn node_status(e: ldk_node::NodeError) -> Status {
+    use ldk_node::NodeError as E;
+    let msg = format!("Lightning node: {e}");
+    match e {
+        E::NotRunning => Status::unavailable(msg),
+        E::InsufficientFunds => Status::failed_precondition(msg),
+        E::ConnectionFailed | E::ChannelCreationFailed | E::ChannelClosingFailed => {
+            Status::unavailable(msg)
+        }
+        E::InvalidAddress
+        | E::InvalidSocketAddress
+        | E::InvalidPublicKey
+        | E::InvalidInvoice
+        | E::InvalidAmount
+        | E::InvalidChannelId
+        | E::InvalidNodeId => Status::invalid_argument(msg),
+        E::DuplicatePayment => Status::already_exists(msg),
+        _ => Status::internal(msg),
+    }
+}
+
+/// Page size with the default and upper bound every List RPC uses.
+pub(crate) fn page_size(requested: u32) -> u32 {
+    match requested {
+        0 => 50,
+        n => n.min(500),
+    }
+}
+
+pub(crate) fn parse_hex<const N: usize>(field: &str, s: &str) -> Result<[u8; N], Status> {
+    let v = hex::decode(s)
+        .map_err(|_| Status::invalid_argument(format!("{field}: {s:?} is not hex")))?;
+    v.try_into().map_err(|_| {
+        Status::invalid_argument(format!("{field}: must be {N} bytes ({} hex digits)", N * 2))
+    })
+}

@@ -1,0 +1,331 @@
+//! A real regtest world for tests, benchmarks and the demo: Bitcoin Core, the satstream
+//! server (in process), a payer node, both funded by mining, and a channel payer → server.
+//!
+//! Waiting is always for an event or a condition with a deadline, never a fixed sleep.
+
+mod bitcoind;
+mod payer;
+
+pub use bitcoind::{cached_bitcoind, find_bitcoind, free_port, Bitcoind};
+pub use payer::{PayOutcome, Payer};
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::config::{ChainConfig, ChainSource, Config, ModelConfig};
+use crate::lightning::{LightningError, NodeNotice};
+use crate::server::{self, RunningServer, ServerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("harness setup: {0}")]
+    Setup(String),
+    #[error("bitcoind: {0}")]
+    Bitcoind(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("payment: {0}")]
+    Payment(String),
+    #[error(transparent)]
+    Lightning(#[from] LightningError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+#[derive(Debug, Clone)]
+pub struct HarnessOptions {
+    pub models: Vec<ModelConfig>,
+    /// Channel payer → server, in sat (0: no channel).
+    pub channel_sat: u64,
+    /// Extra `--set key=value` overrides for the server's config.
+    pub sets: Vec<String>,
+    /// Where the server and payer keep their data (None: a temp dir removed on drop).
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for HarnessOptions {
+    fn default() -> Self {
+        HarnessOptions {
+            models: Vec::new(),
+            channel_sat: 1_000_000,
+            sets: Vec::new(),
+            data_dir: None,
+        }
+    }
+}
+
+pub struct Harness {
+    pub config: Config,
+    server: Option<RunningServer>,
+    pub payer: Payer,
+    pub bitcoind: Bitcoind,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub async fn wait_until<F, Fut>(
+    what: &'static str,
+    timeout: Duration,
+    mut cond: F,
+) -> Result<(), HarnessError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError::Timeout(what));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Harness {
+    /// Starts bitcoind, the server and the payer; funds both nodes; opens the channel and
+    /// waits until it is usable. Call on a multi-thread tokio runtime.
+    pub async fn start(opts: HarnessOptions) -> Result<Harness, HarnessError> {
+        let bitcoind = Bitcoind::start()?;
+        let (tmp, root) = match &opts.data_dir {
+            Some(d) => (None, d.clone()),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("satstream-harness-")
+                    .tempdir()
+                    .map_err(|e| HarnessError::Setup(e.to_string()))?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let chain = ChainConfig {
+            source: ChainSource::BitcoindRpc,
+            bitcoind_rpc_host: "127.0.0.1".into(),
+            bitcoind_rpc_port: bitcoind.rpc_port,
+            bitcoind_rpc_user: bitcoind.rpc_user.clone(),
+            bitcoind_rpc_password: bitcoind.rpc_password.clone(),
+            esplora_url: String::new(),
+            electrum_url: String::new(),
+        };
+        let mut sets = vec![
+            format!("server.data_dir={}", root.join("server").display()),
+            "server.grpc_listen=127.0.0.1:0".to_string(),
+            format!("lightning.listen=127.0.0.1:{}", free_port()),
+            format!("chain.bitcoind_rpc_port={}", bitcoind.rpc_port),
+            format!("chain.bitcoind_rpc_user={}", bitcoind.rpc_user),
+            format!("chain.bitcoind_rpc_password={}", bitcoind.rpc_password),
+        ];
+        sets.extend(opts.sets.iter().cloned());
+        let mut config = Config::load(None, Vec::new(), &sets)
+            .map_err(|e| HarnessError::Setup(e.to_string()))?;
+        config.models = opts.models.clone();
+
+        let server = server::start(config.clone()).await?;
+        let payer_listen = format!("127.0.0.1:{}", free_port());
+        let payer_dir = root.join("payer");
+        let payer = {
+            let chain = chain.clone();
+            tokio::task::spawn_blocking(move || Payer::start(&payer_dir, &payer_listen, &chain))
+                .await
+                .map_err(|e| HarnessError::Setup(e.to_string()))??
+        };
+        let mut h = Harness {
+            config,
+            server: Some(server),
+            payer,
+            bitcoind,
+            _tmp: tmp,
+        };
+        h.fund().await?;
+        if opts.channel_sat > 0 {
+            h.open_channel(opts.channel_sat).await?;
+        }
+        Ok(h)
+    }
+
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("server is running")
+    }
+
+    pub fn server_node_id(&self) -> String {
+        self.server().app.lightning.node_id()
+    }
+
+    pub fn server_ln_address(&self) -> String {
+        self.config.lightning.listen.clone()
+    }
+
+    /// Mines 101 blocks so both nodes own a mature coinbase (the server needs on-chain funds
+    /// to accept anchor channels), then waits until both wallets see them.
+    async fn fund(&mut self) -> Result<(), HarnessError> {
+        let server_addr = self
+            .server()
+            .app
+            .lightning
+            .node()
+            .onchain_payment()
+            .new_address()
+            .map_err(LightningError::from)?
+            .to_string();
+        let payer_addr = self
+            .payer
+            .node
+            .onchain_payment()
+            .new_address()
+            .map_err(LightningError::from)?
+            .to_string();
+        self.bitcoind.mine_to(1, &payer_addr)?;
+        self.bitcoind.mine_to(1, &server_addr)?;
+        let tip = self.bitcoind.mine_to(100, &payer_addr)?;
+        self.wait_synced(tip).await?;
+        for node in [
+            self.server().app.lightning.node().clone(),
+            self.payer.node.clone(),
+        ] {
+            wait_until("on-chain funds", Duration::from_secs(60), || {
+                let node = node.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        let _ = node.sync_wallets();
+                        node.list_balances().spendable_onchain_balance_sats > 0
+                    })
+                    .await
+                    .unwrap_or(false)
+                }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until both nodes have seen block `height`.
+    pub async fn wait_synced(&self, height: u32) -> Result<(), HarnessError> {
+        let nodes = [
+            self.server().app.lightning.node().clone(),
+            self.payer.node.clone(),
+        ];
+        wait_until("nodes to sync the chain", Duration::from_secs(60), || {
+            let nodes = nodes.clone();
+            async move {
+                nodes
+                    .iter()
+                    .all(|n| n.status().current_best_block.height >= height)
+            }
+        })
+        .await
+    }
+
+    /// Mines `n` blocks and waits for both nodes to see them.
+    pub async fn mine(&self, n: u32) -> Result<u32, HarnessError> {
+        let addr = self
+            .payer
+            .node
+            .onchain_payment()
+            .new_address()
+            .map_err(LightningError::from)?
+            .to_string();
+        let tip = self.bitcoind.mine_to(n, &addr)?;
+        self.wait_synced(tip).await?;
+        Ok(tip)
+    }
+
+    /// Opens a channel payer → server and waits until both sides report it ready and the
+    /// payer can send over it.
+    pub async fn open_channel(&self, sat: u64) -> Result<(), HarnessError> {
+        let mut server_notices = self.server().app.lightning.subscribe();
+        let mut payer_events = self.payer.subscribe();
+        let server_id = crate::lightning::parse_node_id(&self.server_node_id())?;
+        let addr = crate::lightning::parse_address(&self.server_ln_address())?;
+        let mempool_before = self.bitcoind.mempool_len()?;
+        {
+            let node = self.payer.node.clone();
+            tokio::task::spawn_blocking(move || {
+                node.open_channel(server_id, addr, sat, None, None)
+            })
+            .await
+            .map_err(|e| HarnessError::Setup(e.to_string()))?
+            .map_err(LightningError::from)?;
+        }
+        // The funding transaction is broadcast asynchronously.
+        wait_until(
+            "funding tx in the mempool",
+            Duration::from_secs(60),
+            || async { self.bitcoind.mempool_len().unwrap_or(0) > mempool_before },
+        )
+        .await?;
+        self.mine(6).await?;
+        let server_ready = async {
+            loop {
+                match server_notices.recv().await {
+                    Ok(NodeNotice::ChannelReady { .. }) => return Ok(()),
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return Err(HarnessError::Setup("server notices closed".into())),
+                }
+            }
+        };
+        let payer_ready = async {
+            loop {
+                match payer_events.recv().await {
+                    Ok(ldk_node::Event::ChannelReady { .. }) => return Ok(()),
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return Err(HarnessError::Setup("payer events closed".into())),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), async {
+            tokio::try_join!(server_ready, payer_ready)
+        })
+        .await
+        .map_err(|_| HarnessError::Timeout("ChannelReady on both nodes"))??;
+        self.wait_channel_usable().await
+    }
+
+    /// Waits until both ends see a usable channel (after a restart, the new server node
+    /// only does once the payer has reconnected and the channel is re-established).
+    pub async fn wait_channel_usable(&self) -> Result<(), HarnessError> {
+        let nodes = [
+            self.server().app.lightning.node().clone(),
+            self.payer.node.clone(),
+        ];
+        wait_until("a usable channel", Duration::from_secs(90), || {
+            let nodes = nodes.clone();
+            async move {
+                nodes
+                    .iter()
+                    .all(|n| n.list_channels().iter().any(|c| c.is_usable))
+            }
+        })
+        .await
+    }
+
+    /// Stops the server (as a process exit would) and starts it again on the same data, then
+    /// has the payer reconnect (the server does not dial out) and waits for the channel.
+    pub async fn restart_server(&mut self) -> Result<(), HarnessError> {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+        self.server = Some(server::start(self.config.clone()).await?);
+        let id = crate::lightning::parse_node_id(&self.server_node_id())?;
+        let addr = crate::lightning::parse_address(&self.server_ln_address())?;
+        let node = self.payer.node.clone();
+        tokio::task::spawn_blocking(move || node.connect(id, addr, true))
+            .await
+            .map_err(|e| HarnessError::Setup(e.to_string()))?
+            .map_err(LightningError::from)?;
+        self.wait_channel_usable().await
+    }
+
+    /// Stops the server and the payer (bitcoind goes with the harness).
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+        let payer = self.payer.node.clone();
+        self.payer.stop();
+        drop(payer);
+    }
+}

@@ -1,0 +1,185 @@
+//! A paying Lightning node for tests, benchmarks and the demo: its own ldk-node, its own
+//! event loop (every event is broadcast to whoever waits for it, then acknowledged).
+
+use ldk_node::lightning::ln::channelmanager::PaymentId;
+use ldk_node::lightning_invoice::Bolt11Invoice;
+use ldk_node::{CustomTlvRecord, Event, Node};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::HarnessError;
+use crate::config::{ChainConfig, Network};
+use crate::lightning::build_node;
+
+/// How an outgoing payment ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayOutcome {
+    Succeeded { preimage: [u8; 32], fee_msat: u64 },
+    Failed { reason: String },
+}
+
+pub struct Payer {
+    pub node: Arc<Node>,
+    events: broadcast::Sender<Event>,
+    stop: CancellationToken,
+    pub listen: String,
+}
+
+impl Payer {
+    /// Builds and starts a node in `dir`. Call from a multi-thread runtime.
+    pub fn start(
+        dir: &std::path::Path,
+        listen: &str,
+        chain: &ChainConfig,
+    ) -> Result<Payer, HarnessError> {
+        let node = build_node(dir, Network::Regtest, listen, Some("payer"), None, chain)?;
+        node.start()
+            .map_err(crate::lightning::LightningError::from)?;
+        let node = Arc::new(node);
+        let (events, _) = broadcast::channel(4096);
+        let stop = CancellationToken::new();
+        tokio::spawn(event_loop(node.clone(), events.clone(), stop.clone()));
+        Ok(Payer {
+            node,
+            events,
+            stop,
+            listen: listen.to_string(),
+        })
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node.node_id().to_string()
+    }
+
+    /// Starts paying `bolt11`; returns the payment hash without waiting.
+    pub fn send(&self, bolt11: &str) -> Result<[u8; 32], HarnessError> {
+        let inv = Bolt11Invoice::from_str(bolt11)
+            .map_err(|e| HarnessError::Payment(format!("bad invoice: {e}")))?;
+        let id: PaymentId = self
+            .node
+            .bolt11_payment()
+            .send(&inv, None)
+            .map_err(|e| HarnessError::Payment(format!("send: {e}")))?;
+        Ok(id.0)
+    }
+
+    /// Sends `amount_msat` as an underpayment/overpayment test would: any amount, invoice or not.
+    pub fn send_amount(&self, bolt11: &str, amount_msat: u64) -> Result<[u8; 32], HarnessError> {
+        let inv = Bolt11Invoice::from_str(bolt11)
+            .map_err(|e| HarnessError::Payment(format!("bad invoice: {e}")))?;
+        let id = self
+            .node
+            .bolt11_payment()
+            .send_using_amount(&inv, amount_msat, None)
+            .map_err(|e| HarnessError::Payment(format!("send: {e}")))?;
+        Ok(id.0)
+    }
+
+    /// Pays and waits for the outcome.
+    pub async fn pay(&self, bolt11: &str, timeout: Duration) -> Result<PayOutcome, HarnessError> {
+        let rx = self.subscribe();
+        let hash = self.send(bolt11)?;
+        self.wait_outcome(rx, hash, timeout).await
+    }
+
+    /// Keysend with custom TLV records; returns the payment hash.
+    pub fn keysend(
+        &self,
+        node_id: &str,
+        amount_msat: u64,
+        tlvs: Vec<(u64, Vec<u8>)>,
+    ) -> Result<[u8; 32], HarnessError> {
+        let pk = crate::lightning::parse_node_id(node_id)?;
+        let records = tlvs
+            .into_iter()
+            .map(|(type_num, value)| CustomTlvRecord { type_num, value })
+            .collect();
+        let id = self
+            .node
+            .spontaneous_payment()
+            .send_with_custom_tlvs(amount_msat, pk, None, records)
+            .map_err(|e| HarnessError::Payment(format!("keysend: {e}")))?;
+        Ok(id.0)
+    }
+
+    /// Waits for the end of payment `hash` on a receiver subscribed before it was sent.
+    pub async fn wait_outcome(
+        &self,
+        mut rx: broadcast::Receiver<Event>,
+        hash: [u8; 32],
+        timeout: Duration,
+    ) -> Result<PayOutcome, HarnessError> {
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Ok(Event::PaymentSuccessful {
+                        payment_hash,
+                        payment_preimage,
+                        fee_paid_msat,
+                        ..
+                    }) if payment_hash.0 == hash => {
+                        return Ok(PayOutcome::Succeeded {
+                            preimage: payment_preimage.map(|p| p.0).unwrap_or_default(),
+                            fee_msat: fee_paid_msat.unwrap_or(0),
+                        })
+                    }
+                    Ok(Event::PaymentFailed {
+                        payment_hash: Some(h),
+                        reason,
+                        ..
+                    }) if h.0 == hash => {
+                        return Ok(PayOutcome::Failed {
+                            reason: format!("{reason:?}"),
+                        })
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        return Err(HarnessError::Payment(format!("missed {n} payer events")))
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(HarnessError::Payment("payer stopped".into()))
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| HarnessError::Timeout("payment outcome"))?
+    }
+
+    /// Usable outbound capacity, msat.
+    pub fn outbound_msat(&self) -> u64 {
+        self.node
+            .list_channels()
+            .iter()
+            .filter(|c| c.is_usable)
+            .map(|c| c.outbound_capacity_msat)
+            .sum()
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+        let _ = self.node.stop();
+    }
+}
+
+async fn event_loop(node: Arc<Node>, tx: broadcast::Sender<Event>, stop: CancellationToken) {
+    loop {
+        let e = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = node.next_event_async() => e,
+        };
+        tracing::debug!(event = ?e, "payer event");
+        let _ = tx.send(e);
+        if let Err(e) = node.event_handled() {
+            tracing::warn!(error = %e, "payer event_handled");
+        }
+    }
+}

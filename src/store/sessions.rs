@@ -1,0 +1,270 @@
+//! Generation sessions: who asked for what, at which price, and what was paid and delivered.
+
+use rusqlite::{params, OptionalExtension, Row};
+
+use super::{decode_page_token, ledger, now_unix, page, Page, Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    Open,
+    Finished,
+    Halted,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Open => "open",
+            SessionState::Finished => "finished",
+            SessionState::Halted => "halted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SessionState> {
+        [Self::Open, Self::Finished, Self::Halted]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id: [u8; 16],
+    pub token_hash: [u8; 32],
+    pub model: String,
+    /// "BOLT11", "ATOMIC", "KEYSEND" or "PREPAID".
+    pub mode: &'static str,
+    pub prompt_tokens: u32,
+    pub prompt_price_msat: u64,
+    pub msat_per_token: u64,
+    pub chunk_tokens: u32,
+    pub max_tokens: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: [u8; 16],
+    pub token_hash: [u8; 32],
+    pub model: String,
+    pub mode: String,
+    pub state: SessionState,
+    pub prompt_tokens: u32,
+    pub prompt_price_msat: u64,
+    pub msat_per_token: u64,
+    pub chunk_tokens: u32,
+    pub max_tokens: u32,
+    pub completion_tokens: u32,
+    pub chunks_delivered: u32,
+    /// Claimed invoices and keysend credits.
+    pub paid_msat: u64,
+    /// Prompt price and delivered chunks.
+    pub spent_msat: u64,
+    pub refunded_msat: u64,
+    pub created_at_unix: u64,
+    pub ended_at_unix: Option<u64>,
+    pub end_reason: Option<String>,
+}
+
+impl Session {
+    /// Money we hold for the owner: paid, not spent, not yet refunded.
+    pub fn refundable_msat(&self) -> u64 {
+        self.paid_msat
+            .saturating_sub(self.spent_msat)
+            .saturating_sub(self.refunded_msat)
+    }
+}
+
+const COLUMNS: &str = "id, token_hash, model, mode, state, prompt_tokens, prompt_price_msat, \
+     msat_per_token, chunk_tokens, max_tokens, completion_tokens, chunks_delivered, paid_msat, \
+     spent_msat, refunded_msat, created_at, ended_at, end_reason";
+
+fn from_row(r: &Row<'_>) -> rusqlite::Result<Session> {
+    let bad = |what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Blob,
+            format!("bad {what}").into(),
+        )
+    };
+    Ok(Session {
+        id: r.get::<_, Vec<u8>>(0)?.try_into().map_err(|_| bad("id"))?,
+        token_hash: r
+            .get::<_, Vec<u8>>(1)?
+            .try_into()
+            .map_err(|_| bad("token_hash"))?,
+        model: r.get(2)?,
+        mode: r.get(3)?,
+        state: SessionState::parse(&r.get::<_, String>(4)?).ok_or_else(|| bad("state"))?,
+        prompt_tokens: r.get(5)?,
+        prompt_price_msat: r.get::<_, i64>(6)? as u64,
+        msat_per_token: r.get::<_, i64>(7)? as u64,
+        chunk_tokens: r.get(8)?,
+        max_tokens: r.get(9)?,
+        completion_tokens: r.get(10)?,
+        chunks_delivered: r.get(11)?,
+        paid_msat: r.get::<_, i64>(12)? as u64,
+        spent_msat: r.get::<_, i64>(13)? as u64,
+        refunded_msat: r.get::<_, i64>(14)? as u64,
+        created_at_unix: r.get::<_, i64>(15)? as u64,
+        ended_at_unix: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
+        end_reason: r.get(17)?,
+    })
+}
+
+impl Store {
+    pub fn insert_session(&self, s: &NewSession) -> Result<Session, StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        tx.execute(
+            "INSERT INTO sessions(id, token_hash, model, mode, state, prompt_tokens,
+                 prompt_price_msat, msat_per_token, chunk_tokens, max_tokens, created_at)
+             VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                s.id.as_slice(),
+                s.token_hash.as_slice(),
+                s.model,
+                s.mode,
+                s.prompt_tokens,
+                s.prompt_price_msat as i64,
+                s.msat_per_token as i64,
+                s.chunk_tokens,
+                s.max_tokens,
+                now_unix() as i64
+            ],
+        )?;
+        ledger::append(&tx, "session_opened", Some(&s.id), None, 0, &s.model)?;
+        let row = tx.query_row(
+            &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"),
+            [s.id.as_slice()],
+            from_row,
+        )?;
+        tx.commit()?;
+        Ok(row)
+    }
+
+    pub fn session(&self, id: &[u8; 16]) -> Result<Option<Session>, StoreError> {
+        Ok(self
+            .lock()
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"),
+                [id.as_slice()],
+                from_row,
+            )
+            .optional()?)
+    }
+
+    /// Sessions, newest first, optionally filtered by state.
+    pub fn list_sessions(
+        &self,
+        page_size: u32,
+        page_token: &str,
+        state: Option<SessionState>,
+    ) -> Result<Page<Session>, StoreError> {
+        let offset = decode_page_token(page_token)?;
+        let c = self.lock();
+        let mut st = c.prepare(&format!(
+            "SELECT {COLUMNS} FROM sessions WHERE (?1 IS NULL OR state = ?1)
+             ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3"
+        ))?;
+        let rows = st
+            .query_map(
+                params![
+                    state.map(|s| s.as_str()),
+                    page_size as i64 + 1,
+                    offset as i64
+                ],
+                from_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(page(rows, offset, page_size))
+    }
+
+    /// Marks every still-open session halted (they cannot outlive the process that ran them).
+    pub fn halt_open_sessions(&self, reason: &str) -> Result<usize, StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let ids: Vec<Vec<u8>> = {
+            let mut st = tx.prepare("SELECT id FROM sessions WHERE state = 'open'")?;
+            let rows = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            rows
+        };
+        for id in &ids {
+            tx.execute(
+                "UPDATE sessions SET state = 'halted', ended_at = ?2, end_reason = ?3 WHERE id = ?1",
+                params![id, now_unix() as i64, reason],
+            )?;
+            let sid: Option<[u8; 16]> = id.clone().try_into().ok();
+            ledger::append(&tx, "session_halted", sid.as_ref(), None, 0, reason)?;
+        }
+        tx.commit()?;
+        Ok(ids.len())
+    }
+
+    /// Sum of refundable balances over all sessions (what the operator owes customers).
+    pub fn total_refundable_msat(&self) -> Result<u64, StoreError> {
+        let v: i64 = self.lock().query_row(
+            "SELECT COALESCE(SUM(MAX(paid_msat - spent_msat - refunded_msat, 0)), 0) FROM sessions",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(v as u64)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::store::{test_store, InvoicePurpose, InvoiceState, NewInvoice};
+
+    pub(crate) fn new_session(n: u8) -> NewSession {
+        NewSession {
+            id: [n; 16],
+            token_hash: [n; 32],
+            model: "tiny".into(),
+            mode: "BOLT11",
+            prompt_tokens: 3,
+            prompt_price_msat: 0,
+            msat_per_token: 1_000,
+            chunk_tokens: 16,
+            max_tokens: 64,
+        }
+    }
+
+    #[test]
+    fn claimed_overpayment_becomes_refundable() {
+        let (s, _d) = test_store();
+        s.insert_session(&new_session(1)).unwrap();
+        let hash = [7; 32];
+        s.insert_invoice(&NewInvoice {
+            payment_hash: hash,
+            preimage: [8; 32],
+            bolt11: "lnbcrt".into(),
+            amount_msat: 16_000,
+            session_id: Some([1; 16]),
+            chunk_index: Some(0),
+            purpose: InvoicePurpose::Chunk,
+            expires_at_unix: now_unix() + 60,
+        })
+        .unwrap();
+        s.transition_invoice(&hash, InvoiceState::Held, Some(16_500), "")
+            .unwrap();
+        s.transition_invoice(&hash, InvoiceState::Claimed, None, "")
+            .unwrap();
+        let sess = s.session(&[1; 16]).unwrap().unwrap();
+        assert_eq!(sess.paid_msat, 16_500);
+        assert_eq!(sess.refundable_msat(), 16_500, "nothing delivered yet");
+        assert_eq!(s.total_refundable_msat().unwrap(), 16_500);
+    }
+
+    #[test]
+    fn list_filters_by_state() {
+        let (s, _d) = test_store();
+        for n in 0..3 {
+            s.insert_session(&new_session(n)).unwrap();
+        }
+        let open = s.list_sessions(10, "", Some(SessionState::Open)).unwrap();
+        assert_eq!(open.items.len(), 3);
+        let halted = s.list_sessions(10, "", Some(SessionState::Halted)).unwrap();
+        assert!(halted.items.is_empty());
+    }
+}
