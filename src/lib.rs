@@ -1,2 +1,3 @@
 //! satstream: sell LLM tokens per chunk over the Lightning Network.
 pub mod config;
+pub mod engine;
