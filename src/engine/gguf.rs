@@ -84,7 +84,9 @@ impl GgufInfo {
         if SUPPORTED_ARCHITECTURES.contains(&self.architecture.as_str()) {
             Ok(())
         } else {
-            Err(GgufError::UnsupportedArchitecture(self.architecture.clone()))
+            Err(GgufError::UnsupportedArchitecture(
+                self.architecture.clone(),
+            ))
         }
     }
 }
@@ -121,7 +123,9 @@ impl<R: Read> Reader<R> {
     fn string(&mut self) -> Result<String, GgufError> {
         let len = self.u64()?;
         if len > MAX_STRING_LEN {
-            return Err(GgufError::Corrupt(format!("string length {len} is implausible")));
+            return Err(GgufError::Corrupt(format!(
+                "string length {len} is implausible"
+            )));
         }
         let mut buf = vec![0u8; len as usize];
         self.r.read_exact(&mut buf).map_err(eof_is_corrupt)?;
@@ -159,7 +163,9 @@ impl<R: Read> Reader<R> {
             8 => {
                 let len = self.u64()?;
                 if len > MAX_STRING_LEN {
-                    return Err(GgufError::Corrupt(format!("string length {len} is implausible")));
+                    return Err(GgufError::Corrupt(format!(
+                        "string length {len} is implausible"
+                    )));
                 }
                 self.skip(len)?;
                 Val::Str(String::new())
@@ -181,7 +187,9 @@ impl<R: Read> Reader<R> {
         let elem_ty = self.u32()?;
         let len = self.u64()?;
         if len > MAX_ARRAY_LEN {
-            return Err(GgufError::Corrupt(format!("array length {len} is implausible")));
+            return Err(GgufError::Corrupt(format!(
+                "array length {len} is implausible"
+            )));
         }
         if elem_ty == 9 {
             return Err(GgufError::Corrupt("nested arrays are not supported".into()));
@@ -307,7 +315,9 @@ pub fn read_info(path: &Path) -> Result<GgufInfo, GgufError> {
             }
             ("general.alignment", Val::Uint(a)) if a > 0 && a.is_power_of_two() => alignment = a,
             ("general.alignment", _) => {
-                return Err(GgufError::Corrupt("general.alignment is not a power of two".into()))
+                return Err(GgufError::Corrupt(
+                    "general.alignment is not a power of two".into(),
+                ))
             }
             ("tokenizer.ggml.model", Val::Str(s)) => {
                 tok.model = s;
@@ -317,7 +327,9 @@ pub fn read_info(path: &Path) -> Result<GgufInfo, GgufError> {
             ("tokenizer.ggml.token_type", Val::IntArray(v)) => {
                 tok.token_types = v.into_iter().map(|x| x as i32).collect()
             }
-            ("tokenizer.ggml.eos_token_id", Val::Uint(u)) => tok.eos_token_id = u32::try_from(u).ok(),
+            ("tokenizer.ggml.eos_token_id", Val::Uint(u)) => {
+                tok.eos_token_id = u32::try_from(u).ok()
+            }
             (k, Val::Uint(u)) if k.ends_with(".context_length") => {
                 let arch = k.trim_end_matches(".context_length").to_ascii_lowercase();
                 ctx_by_arch.push((arch, u));
@@ -491,7 +503,10 @@ mod tests {
         f.write_all(b"GGUF").unwrap();
         f.write_all(&7u32.to_le_bytes()).unwrap();
         drop(f);
-        assert!(matches!(read_info(&p), Err(GgufError::UnsupportedVersion(7))));
+        assert!(matches!(
+            read_info(&p),
+            Err(GgufError::UnsupportedVersion(7))
+        ));
     }
 
     #[test]

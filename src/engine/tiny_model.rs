@@ -158,7 +158,10 @@ pub fn write_tiny_model_with(dir: &Path, opts: &TinyModelOptions) -> std::io::Re
     for l in 0..LAYERS {
         let p = format!("blk.{l}");
         let zeros = |r: usize, c: usize| qt(vec![0f32; r * c], &[r, c]);
-        tensors.push((format!("{p}.attn_norm.weight"), qt(ones.clone(), &[HIDDEN])?));
+        tensors.push((
+            format!("{p}.attn_norm.weight"),
+            qt(ones.clone(), &[HIDDEN])?,
+        ));
         tensors.push((format!("{p}.ffn_norm.weight"), qt(ones.clone(), &[HIDDEN])?));
         for name in ["attn_q", "attn_k", "attn_v", "attn_output"] {
             tensors.push((format!("{p}.{name}.weight"), zeros(HIDDEN, HIDDEN)?));
@@ -181,15 +184,33 @@ pub fn write_tiny_model_with(dir: &Path, opts: &TinyModelOptions) -> std::io::Re
     let a = opts.architecture.as_str();
     let md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
-        ("general.name".into(), Value::String("satstream tiny test model".into())),
-        (format!("{a}.context_length"), Value::U32(opts.context_length)),
+        (
+            "general.name".into(),
+            Value::String("satstream tiny test model".into()),
+        ),
+        (
+            format!("{a}.context_length"),
+            Value::U32(opts.context_length),
+        ),
         (format!("{a}.embedding_length"), Value::U32(HIDDEN as u32)),
         (format!("{a}.block_count"), Value::U32(LAYERS as u32)),
         (format!("{a}.feed_forward_length"), Value::U32(FFN as u32)),
-        (format!("{a}.attention.head_count"), Value::U32(HEADS as u32)),
-        (format!("{a}.attention.head_count_kv"), Value::U32(HEADS as u32)),
-        (format!("{a}.rope.dimension_count"), Value::U32((HIDDEN / HEADS) as u32)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        (
+            format!("{a}.attention.head_count"),
+            Value::U32(HEADS as u32),
+        ),
+        (
+            format!("{a}.attention.head_count_kv"),
+            Value::U32(HEADS as u32),
+        ),
+        (
+            format!("{a}.rope.dimension_count"),
+            Value::U32((HIDDEN / HEADS) as u32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-6),
+        ),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
@@ -198,7 +219,10 @@ pub fn write_tiny_model_with(dir: &Path, opts: &TinyModelOptions) -> std::io::Re
             Value::Array(vec![Value::String("\u{120} \u{120}".into())]),
         ),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(IM_END)),
-        ("tokenizer.chat_template".into(), Value::String(CHATML.into())),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML.into()),
+        ),
     ];
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -224,7 +248,10 @@ mod tests {
         assert_eq!(expected_output(b'9', 100), (vec![], true));
         assert_eq!(expected_output(b' ', 100), (vec![], true));
         assert_eq!(expected_output(b'x', 5), (b"yzabc".to_vec(), false));
-        assert_eq!(expected_output(b'!', 4), (vec![0xc3, 0xa9, b'!', 0xc3], false));
+        assert_eq!(
+            expected_output(b'!', 4),
+            (vec![0xc3, 0xa9, b'!', 0xc3], false)
+        );
     }
 
     #[test]

@@ -1,0 +1,2 @@
+//! The project's single integration-test binary (one link for all suites).
+mod engine;
