@@ -13,11 +13,14 @@
 //!   the single event loop that commits each event's effect before acknowledging it.
 //! - [`store`]: all SQL. Sessions, invoices (an explicit state machine), keysend credits, and
 //!   the append-only ledger; WAL mode, versioned migrations.
+//! - [`engine`]: inference behind a small backend interface (mistral.rs first): loading,
+//!   admission, a never-blocking pump, exact token accounting, pause/resume by allowance.
 //! - [`harness`]: a real regtest world (Bitcoin Core, the server, a payer node, a channel) for
 //!   tests, benchmarks and the demo.
 
 pub mod app;
 pub mod config;
+pub mod engine;
 pub mod grpc;
 pub mod harness;
 pub mod lightning;
