@@ -1,13 +1,21 @@
-//! What every request handler shares: configuration, store, Lightning node.
+//! What every request handler shares: configuration, store, Lightning node, engine.
 
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::lightning::Lightning;
+use crate::session::Live;
 use crate::store::Store;
 
 pub struct App {
     pub config: Config,
     pub store: Store,
     pub lightning: Arc<Lightning>,
+    pub engine: Engine,
+    /// Live Generate sessions (bounded by `limits.max_sessions`).
+    pub live: Live,
+    /// Cancelled when the server shuts down: sessions halt and fail back what they hold.
+    pub shutdown: CancellationToken,
 }

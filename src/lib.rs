@@ -11,6 +11,8 @@
 //!   `grpc::admin` and `grpc::inference`, and the error → `tonic::Status` mapping.
 //! - [`lightning`]: the embedded ldk-node: hold invoices, claim/fail, and `lightning::events`,
 //!   the single event loop that commits each event's effect before acknowledging it.
+//! - [`session`]: the meter, one task per Generate stream: chunks, invoices or balance,
+//!   claim-then-deliver, engine allowance, halting. [`pricing`]: every price computed once.
 //! - [`store`]: all SQL. Sessions, invoices (an explicit state machine), keysend credits, and
 //!   the append-only ledger; WAL mode, versioned migrations.
 //! - [`engine`]: inference behind a small backend interface (mistral.rs first): loading,
@@ -24,6 +26,8 @@ pub mod engine;
 pub mod grpc;
 pub mod harness;
 pub mod lightning;
+pub mod pricing;
 pub mod server;
+pub mod session;
 pub mod shutdown;
 pub mod store;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::grpc::admin::AdminService;
 use crate::grpc::auth::{load_or_create_token, AdminAuth};
 use crate::grpc::inference::InferenceService;
@@ -34,6 +35,8 @@ pub enum ServerError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     #[error("reflection: {0}")]
     Reflection(String),
 }
@@ -44,6 +47,7 @@ pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub admin_token: String,
     shutdown: CancellationToken,
+    events_stop: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     events: JoinHandle<()>,
 }
@@ -69,13 +73,28 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     };
     tracing::info!(node_id = %lightning.node_id(), "Lightning node started");
 
+    let engine = match Engine::load(&config.models).await {
+        Ok(e) => e,
+        Err(e) => {
+            let ln = lightning.clone();
+            let _ = tokio::task::spawn_blocking(move || ln.stop()).await;
+            return Err(e.into());
+        }
+    };
+
     let shutdown = CancellationToken::new();
-    let events = tokio::spawn(events::run(lightning.clone(), shutdown.clone()));
+    // Sessions stop first (they fail back what they hold), then the event loop.
+    let sessions_stop = shutdown.child_token();
+    let events_stop = CancellationToken::new();
+    let events = tokio::spawn(events::run(lightning.clone(), events_stop.clone()));
 
     let app = Arc::new(App {
         config: config.clone(),
         store,
         lightning,
+        engine,
+        live: Default::default(),
+        shutdown: sessions_stop,
     });
 
     let listener = tokio::net::TcpListener::bind(&config.server.grpc_listen)
@@ -129,6 +148,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         grpc_addr,
         admin_token,
         shutdown,
+        events_stop,
         grpc,
         events,
     })
@@ -152,6 +172,12 @@ impl RunningServer {
             Err(e) => tracing::warn!(error = %e, "gRPC task failed"),
             Ok(Ok(())) => {}
         }
+        // Let halting sessions commit and fail back their HTLCs before the loop stops.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.app.live.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.events_stop.cancel();
         let _ = self.events.await;
         let app = self.app.clone();
         let _ = tokio::task::spawn_blocking(move || app.lightning.stop()).await;

@@ -47,6 +47,20 @@ impl From<LightningError> for Status {
     }
 }
 
+impl From<crate::engine::EngineError> for Status {
+    fn from(e: crate::engine::EngineError) -> Status {
+        use crate::engine::EngineError as E;
+        match e {
+            E::UnknownModel(_) => Status::not_found(format!("{e}; ListModels shows the ids")),
+            E::InvalidArgument(_) | E::PromptTooLong { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            E::Busy { .. } => Status::resource_exhausted(e.to_string()),
+            E::Load { .. } | E::Config(_) | E::Backend { .. } => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
 fn node_status(e: ldk_node::NodeError) -> Status {
     use ldk_node::NodeError as E;
     let msg = format!("Lightning node: {e}");

@@ -239,7 +239,13 @@ fn on_received(
                 .store
                 .record_keysend_credit(&hash.0, session, amount_msat)
             {
-                Ok(_) => Ok(()),
+                Ok(true) => {
+                    if let Some(sid) = &session {
+                        ln.notify_credit(sid, amount_msat);
+                    }
+                    Ok(())
+                }
+                Ok(false) => Ok(()), // a replay: already credited
                 Err(StoreError::NotFound { .. }) => {
                     ln.store.record_keysend_credit(&hash.0, None, amount_msat)?;
                     Ok(())

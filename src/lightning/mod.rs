@@ -68,6 +68,8 @@ pub struct Lightning {
     /// payment hash → who decides about it. Entries are removed when the HTLC is delivered
     /// or the invoice is cancelled.
     holds: Mutex<HashMap<[u8; 32], mpsc::UnboundedSender<HeldHtlc>>>,
+    /// session id → live KEYSEND session, told the amount of each committed credit.
+    credits: Mutex<HashMap<[u8; 16], mpsc::UnboundedSender<u64>>>,
     notices: broadcast::Sender<NodeNotice>,
     public_address: String,
     network: Network,
@@ -166,6 +168,7 @@ impl Lightning {
             node: Arc::new(node),
             store,
             holds: Mutex::new(HashMap::new()),
+            credits: Mutex::new(HashMap::new()),
             notices,
             public_address: config.public_ln_address().to_string(),
             network: config.lightning.network,
@@ -363,6 +366,21 @@ impl Lightning {
 
     pub fn keysend_tlv_type(&self) -> u64 {
         self.keysend_tlv_type
+    }
+
+    /// Routes committed keysend credits for `session_id` to `tx` until unregistered.
+    pub fn register_keysend_session(&self, session_id: [u8; 16], tx: mpsc::UnboundedSender<u64>) {
+        self.credits.lock().unwrap().insert(session_id, tx);
+    }
+
+    pub fn unregister_keysend_session(&self, session_id: &[u8; 16]) {
+        self.credits.lock().unwrap().remove(session_id);
+    }
+
+    fn notify_credit(&self, session_id: &[u8; 16], amount_msat: u64) {
+        if let Some(tx) = self.credits.lock().unwrap().get(session_id) {
+            let _ = tx.send(amount_msat);
+        }
     }
 
     /// Takes the listener of a payment hash, if any (each HTLC is announced once).

@@ -12,7 +12,7 @@ mod sessions;
 
 pub use invoices::{Invoice, InvoicePurpose, InvoiceState, NewInvoice, Transition};
 pub use ledger::LedgerEntry;
-pub use sessions::{NewSession, Session, SessionState};
+pub use sessions::{ChunkDelivery, NewSession, Session, SessionAudit, SessionState};
 
 use rusqlite::Connection;
 use std::path::Path;

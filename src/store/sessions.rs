@@ -65,6 +65,28 @@ pub struct Session {
     pub end_reason: Option<String>,
 }
 
+/// One chunk handed to the client.
+#[derive(Debug, Clone)]
+pub struct ChunkDelivery {
+    pub session_id: [u8; 16],
+    pub chunk_index: u32,
+    pub first_token: u32,
+    pub tokens: u32,
+    pub price_msat: u64,
+    /// The invoice that paid it (BOLT11, ATOMIC); None when drawn from a balance.
+    pub payment_hash: Option<[u8; 32]>,
+}
+
+/// Money of one session, from the tables that record it independently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionAudit {
+    pub claimed_msat: u64,
+    pub credited_msat: u64,
+    pub delivered_msat: u64,
+    pub delivered_tokens: u32,
+    pub unresolved_invoices: u32,
+}
+
 impl Session {
     /// Money we hold for the owner: paid, not spent, not yet refunded.
     pub fn refundable_msat(&self) -> u64 {
@@ -177,6 +199,122 @@ impl Store {
             )?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(page(rows, offset, page_size))
+    }
+
+    /// Records chunk `chunk_index` as delivered and charges its price to the session, in one
+    /// transaction. Idempotent: delivering the same chunk twice charges once.
+    pub fn deliver_chunk(&self, d: &ChunkDelivery) -> Result<bool, StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let inserted = tx.execute(
+            "INSERT OR IGNORE INTO chunks(session_id, chunk_index, first_token, tokens, price_msat,
+                 payment_hash, delivered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                d.session_id.as_slice(),
+                d.chunk_index,
+                d.first_token,
+                d.tokens,
+                d.price_msat as i64,
+                d.payment_hash.as_ref().map(|h| h.as_slice()),
+                now_unix() as i64
+            ],
+        )?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        let n = tx.execute(
+            "UPDATE sessions SET completion_tokens = completion_tokens + ?2,
+                 chunks_delivered = chunks_delivered + 1, spent_msat = spent_msat + ?3
+             WHERE id = ?1",
+            params![d.session_id.as_slice(), d.tokens, d.price_msat as i64],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "session",
+                id: hex::encode(d.session_id),
+            });
+        }
+        ledger::append(
+            &tx,
+            "chunk_delivered",
+            Some(&d.session_id),
+            d.payment_hash.as_ref(),
+            -(d.price_msat as i64),
+            &format!("chunk {} ({} tokens)", d.chunk_index, d.tokens),
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Charges the prompt price (once) to the session.
+    pub fn charge_prompt(&self, session_id: &[u8; 16], price_msat: u64) -> Result<(), StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        tx.execute(
+            "UPDATE sessions SET spent_msat = spent_msat + ?2 WHERE id = ?1",
+            params![session_id.as_slice(), price_msat as i64],
+        )?;
+        ledger::append(
+            &tx,
+            "prompt_charged",
+            Some(session_id),
+            None,
+            -(price_msat as i64),
+            "",
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Ends an open session (finished or halted). Ending an ended session is a no-op.
+    pub fn end_session(
+        &self,
+        id: &[u8; 16],
+        state: SessionState,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let n = tx.execute(
+            "UPDATE sessions SET state = ?2, ended_at = ?3, end_reason = ?4
+             WHERE id = ?1 AND state = 'open'",
+            params![id.as_slice(), state.as_str(), now_unix() as i64, reason],
+        )?;
+        if n > 0 {
+            let kind = match state {
+                SessionState::Finished => "session_finished",
+                _ => "session_halted",
+            };
+            ledger::append(&tx, kind, Some(id), None, 0, reason)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The invariant every test asserts, recomputed from the independent tables:
+    /// claimed + credited = prompt + Σ delivered chunk prices + refundable (+ refunded).
+    pub fn audit_session(&self, id: &[u8; 16]) -> Result<SessionAudit, StoreError> {
+        let c = self.lock();
+        let one = |sql: &str| -> Result<u64, StoreError> {
+            Ok(c.query_row(sql, [id.as_slice()], |r| r.get::<_, i64>(0))? as u64)
+        };
+        Ok(SessionAudit {
+            claimed_msat: one("SELECT COALESCE(SUM(received_msat), 0) FROM invoices
+                 WHERE session_id = ?1 AND state = 'claimed'")?,
+            credited_msat: one(
+                "SELECT COALESCE(SUM(amount_msat), 0) FROM keysend_credits WHERE session_id = ?1",
+            )?,
+            delivered_msat: one(
+                "SELECT COALESCE(SUM(price_msat), 0) FROM chunks WHERE session_id = ?1",
+            )?,
+            delivered_tokens: one(
+                "SELECT COALESCE(SUM(tokens), 0) FROM chunks WHERE session_id = ?1",
+            )? as u32,
+            unresolved_invoices: one(
+                "SELECT COUNT(*) FROM invoices WHERE session_id = ?1 AND state IN ('open','held')",
+            )? as u32,
+        })
     }
 
     /// Marks every still-open session halted (they cannot outlive the process that ran them).
