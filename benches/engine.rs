@@ -289,7 +289,10 @@ async fn main() {
         let r = raw_run(&raw, &prompt_text(&format!("cmp-raw-{i}"), 20), 256).await;
         let e = engine_run(&engine, &prompt_text(&format!("cmp-eng-{i}"), 20), 256).await;
         // Greedy output may end early (EOS); rates are per token, so runs stay comparable.
-        println!("  trial {i}: bare {} tokens, engine {} tokens", r.tokens, e.tokens);
+        println!(
+            "  trial {i}: bare {} tokens, engine {} tokens",
+            r.tokens, e.tokens
+        );
         r_tps.push(r.decode_tps());
         e_tps.push(e.decode_tps());
         r_tot.push(r.total.as_secs_f64());

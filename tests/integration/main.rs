@@ -4,4 +4,5 @@
 mod engine;
 mod foundation;
 mod grpcurl;
+mod paid;
 mod support;

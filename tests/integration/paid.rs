@@ -1,0 +1,345 @@
+//! Pay-per-chunk Generate over the real regtest harness and the tiny deterministic model
+//! (a chat prompt yields "abcdefghij…", exactly one letter per token). Every test ends by
+//! checking the SPEC invariants from the store: claimed + credited = delivered + refundable,
+//! nothing held or open left.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tonic::Streaming;
+
+use satstream::config::ModelConfig;
+use satstream::engine::tiny_model::write_tiny_model;
+use satstream::grpc::proto::{
+    generate_event::Event as Ev, inference_client::InferenceClient, ChatMessage, GenerateEvent,
+    GenerateRequest, HaltReason, PaymentMode, SamplingParams,
+};
+use satstream::harness::{wait_until, Harness, HarnessOptions, PayOutcome};
+use satstream::session::cipher;
+use satstream::store::SessionState;
+
+const T: Duration = Duration::from_secs(60);
+const MSAT_PER_TOKEN: u64 = 1_000;
+const CHUNK: u32 = 4;
+
+struct World {
+    h: Harness,
+    _model_dir: tempfile::TempDir,
+}
+
+async fn world(sets: &[&str]) -> World {
+    super::support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_tiny_model(dir.path()).unwrap();
+    let h = Harness::start(HarnessOptions {
+        models: vec![ModelConfig {
+            id: "tiny".into(),
+            path,
+            context_length: 0,
+            msat_per_token: MSAT_PER_TOKEN,
+            msat_per_prompt_token: 0,
+            chunk_tokens: CHUNK,
+            max_concurrent: 8,
+            max_queue: 16,
+        }],
+        sets: sets.iter().map(|s| s.to_string()).collect(),
+        ..HarnessOptions::default()
+    })
+    .await
+    .unwrap();
+    World { h, _model_dir: dir }
+}
+
+fn request(max_tokens: u32, mode: PaymentMode) -> GenerateRequest {
+    GenerateRequest {
+        model: "tiny".into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }],
+        max_tokens,
+        mode: mode as i32,
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn letters(n: usize) -> String {
+    (0..n).map(|i| (b'a' + (i % 26) as u8) as char).collect()
+}
+
+async fn open(w: &World, req: GenerateRequest) -> Streaming<GenerateEvent> {
+    let mut c = InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
+        .await
+        .unwrap();
+    c.generate(req).await.unwrap().into_inner()
+}
+
+async fn next(s: &mut Streaming<GenerateEvent>) -> Ev {
+    tokio::time::timeout(T, s.message())
+        .await
+        .expect("event in time")
+        .expect("stream ok")
+        .expect("stream not ended")
+        .event
+        .expect("event set")
+}
+
+fn assert_invariants(w: &World, session_hex: &str) -> satstream::store::Session {
+    let store = &w.h.server().app.store;
+    let sid: [u8; 16] = hex::decode(session_hex).unwrap().try_into().unwrap();
+    let s = store.session(&sid).unwrap().unwrap();
+    let a = store.audit_session(&sid).unwrap();
+    assert_eq!(
+        a.claimed_msat + a.credited_msat,
+        a.delivered_msat + s.refundable_msat() + s.refunded_msat,
+        "claimed + credited = delivered + refundable ({a:?}, {s:?})"
+    );
+    assert_eq!(a.delivered_tokens, s.completion_tokens);
+    assert_eq!(
+        a.delivered_msat,
+        a.delivered_tokens as u64 * MSAT_PER_TOKEN,
+        "exact prices"
+    );
+    assert_eq!(a.unresolved_invoices, 0, "nothing open or held is left");
+    assert_ne!(s.state, SessionState::Open);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bolt11_pays_each_chunk_and_gets_exact_text() {
+    let w = world(&[]).await;
+    let mut s = open(&w, request(10, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let (mut text, mut amounts, mut chunks) = (String::new(), Vec::new(), Vec::new());
+    let done = loop {
+        match next(&mut s).await {
+            Ev::Invoice(inv) => {
+                amounts.push(inv.amount_msat);
+                assert_eq!(inv.amount_msat, inv.tokens as u64 * MSAT_PER_TOKEN);
+                w.h.payer.send(&inv.bolt11).unwrap();
+            }
+            Ev::Tokens(t) => {
+                chunks.push(t.chunk_index);
+                text.push_str(&t.text);
+            }
+            Ev::Done(d) => break d,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(text, letters(10));
+    assert_eq!(
+        amounts,
+        vec![4_000, 4_000, 2_000],
+        "the short last chunk costs less"
+    );
+    assert_eq!(chunks, vec![0, 1, 2]);
+    assert_eq!(done.completion_tokens, 10);
+    assert_eq!(done.paid_msat, 10_000);
+    assert_eq!(done.refundable_msat, 0);
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!(sess.state, SessionState::Finished);
+    w.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn atomic_chunks_decrypt_with_the_payers_preimage() {
+    let w = world(&[]).await;
+    let mut s = open(&w, request(10, PaymentMode::Atomic)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let mut sealed = BTreeMap::new();
+    let (mut plain, mut keys) = (BTreeMap::new(), BTreeMap::new());
+    let done = loop {
+        match next(&mut s).await {
+            Ev::EncryptedChunk(c) => {
+                sealed.insert(c.chunk_index, c);
+            }
+            Ev::Invoice(inv) => {
+                let k = inv.chunk_index.unwrap();
+                let c = &sealed[&k];
+                assert_eq!(c.payment_hash, inv.payment_hash);
+                // Pay and decrypt with what the payer's own node reports: the preimage.
+                match w.h.payer.pay(&inv.bolt11, T).await.unwrap() {
+                    PayOutcome::Succeeded { preimage, .. } => {
+                        let p = cipher::open(&preimage, &c.nonce, &c.ciphertext)
+                            .expect("the preimage is the key");
+                        plain.insert(k, String::from_utf8(p).unwrap());
+                        keys.insert(k, preimage);
+                    }
+                    o => panic!("payment failed: {o:?}"),
+                }
+            }
+            Ev::ChunkKey(ck) => assert_eq!(ck.key, keys[&ck.chunk_index].to_vec()),
+            Ev::Done(d) => break d,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(plain.values().cloned().collect::<String>(), letters(10));
+    assert_eq!(done.paid_msat, 10_000);
+    assert_invariants(&w, &acc.session_id);
+    w.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keysend_balance_releases_chunks_and_keeps_the_rest_refundable() {
+    let w = world(&[]).await;
+    let mut s = open(&w, request(10, PaymentMode::Keysend)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::SessionOpened(so) = next(&mut s).await else {
+        panic!("SessionOpened second")
+    };
+    assert_eq!(so.session_id, acc.session_id);
+    assert!(so.tlv_type >= 65_536 && so.tlv_type % 2 == 1);
+    let sid = hex::decode(&so.session_id).unwrap();
+    // 12 000 msat in two payments for 10 000 msat of tokens: 2 000 stay refundable.
+    for _ in 0..2 {
+        w.h.payer
+            .keysend(&so.node_id, 6_000, vec![(so.tlv_type, sid.clone())])
+            .unwrap();
+    }
+    // A keysend naming an unknown session is kept, unattributed, never credited to this one.
+    w.h.payer
+        .keysend(&so.node_id, 1_000, vec![(so.tlv_type, vec![7u8; 16])])
+        .unwrap();
+    let mut text = String::new();
+    let done = loop {
+        match next(&mut s).await {
+            Ev::Tokens(t) => text.push_str(&t.text),
+            Ev::Balance(_) => {}
+            Ev::Done(d) => break d,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(text, letters(10));
+    assert_eq!(done.paid_msat, 12_000);
+    assert_eq!(done.refundable_msat, 2_000);
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!(sess.refundable_msat(), 2_000);
+    w.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payer_stops_paying_halts_and_late_payment_is_failed_back() {
+    let w = world(&["payments.payment_timeout_secs=2"]).await;
+    let mut s = open(&w, request(40, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let window = acc.window_chunks;
+    let (mut text, mut invoices) = (String::new(), Vec::new());
+    let halted = loop {
+        match next(&mut s).await {
+            Ev::Invoice(inv) => {
+                // Pay the first two chunks only.
+                if invoices.len() < 2 {
+                    w.h.payer.send(&inv.bolt11).unwrap();
+                }
+                invoices.push(inv);
+            }
+            Ev::Tokens(t) => text.push_str(&t.text),
+            Ev::Halted(h) => break h,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(halted.reason, HaltReason::PaymentTimeout as i32);
+    assert_eq!(text, letters(8), "no plaintext beyond the paid chunks");
+    assert_eq!(halted.completion_tokens_delivered, 8);
+    assert!(
+        invoices.len() as u32 <= 2 + window,
+        "generated at most `window` chunks beyond what was paid: {} invoices",
+        invoices.len()
+    );
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!(sess.end_reason.as_deref(), Some("payment_timeout"));
+    // Paying a withdrawn invoice now fails back: nothing is kept.
+    let late = &invoices[2];
+    let out = w.h.payer.pay(&late.bolt11, T).await.unwrap();
+    assert!(matches!(out, PayOutcome::Failed { .. }), "{out:?}");
+    assert_invariants(&w, &acc.session_id);
+    w.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_disconnect_ends_the_session_and_withdraws_invoices() {
+    let w = world(&[]).await;
+    let mut s = open(&w, request(40, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::Invoice(inv) = next(&mut s).await else {
+        panic!("an invoice")
+    };
+    drop(s);
+    let store = w.h.server().app.store.clone();
+    let sid: [u8; 16] = hex::decode(&acc.session_id).unwrap().try_into().unwrap();
+    wait_until("session to end", T, || {
+        let store = store.clone();
+        async move { store.session(&sid).unwrap().unwrap().state != SessionState::Open }
+    })
+    .await
+    .unwrap();
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
+    assert_eq!(w.h.server().app.live.count(), 0);
+    let out = w.h.payer.pay(&inv.bolt11, T).await.unwrap();
+    assert!(matches!(out, PayOutcome::Failed { .. }), "{out:?}");
+    w.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_statuses() {
+    let w = world(&[]).await;
+    let mut c = InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
+        .await
+        .unwrap();
+    let code = |r: Result<_, tonic::Status>| r.map(|_| ()).unwrap_err();
+    let mut req = request(10, PaymentMode::Bolt11);
+    req.model = "nope".into();
+    let e = code(c.generate(req).await);
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("tiny"), "lists the models: {e}");
+    let e = code(c.generate(request(0, PaymentMode::Bolt11)).await);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("max_tokens"), "{e}");
+    let mut req = request(10, PaymentMode::Bolt11);
+    req.messages.clear();
+    let e = code(c.generate(req).await);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let mut req = request(10, PaymentMode::Bolt11);
+    req.window_chunks = Some(99);
+    assert_eq!(
+        code(c.generate(req).await).code(),
+        tonic::Code::InvalidArgument
+    );
+
+    let models = c
+        .list_models(satstream::grpc::proto::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(models.models.len(), 1);
+    assert_eq!(models.models[0].chunk_tokens, CHUNK);
+    let q = c
+        .quote(satstream::grpc::proto::QuoteRequest {
+            model: "tiny".into(),
+            prompt: "abc".into(),
+            max_tokens: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.chunk_price_msat, CHUNK as u64 * MSAT_PER_TOKEN);
+    assert_eq!(q.max_cost_msat, 10 * MSAT_PER_TOKEN);
+    assert_eq!(q.node_id, w.h.server_node_id());
+    assert!(q.inbound_liquidity_msat > 0);
+    w.h.stop().await;
+}
