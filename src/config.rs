@@ -49,7 +49,7 @@ fn default_max_queue() -> u32 {
     16
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -72,7 +72,7 @@ pub struct ServerConfig {
     pub admin_token_file: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// SQLite file. Empty: `<data_dir>/satstream.sqlite`.
@@ -145,34 +145,12 @@ pub struct LimitsConfig {
     pub max_prompt_tokens: u32,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            store: StoreConfig::default(),
-            lightning: LightningConfig::default(),
-            chain: ChainConfig::default(),
-            payments: PaymentsConfig::default(),
-            limits: LimitsConfig::default(),
-            models: Vec::new(),
-        }
-    }
-}
-
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             grpc_listen: "127.0.0.1:50051".into(),
             data_dir: "satstream-data".into(),
             admin_token_file: PathBuf::new(),
-        }
-    }
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            path: PathBuf::new(),
         }
     }
 }
@@ -300,13 +278,13 @@ impl Config {
         }
         let c = &self.chain;
         match c.source {
-            ChainSource::BitcoindRpc => {
-                if c.bitcoind_rpc_host.is_empty() || c.bitcoind_rpc_port == 0 {
-                    return Err(err(
-                        "chain.bitcoind_rpc_host",
-                        "source bitcoind_rpc needs bitcoind_rpc_host and bitcoind_rpc_port",
-                    ));
-                }
+            ChainSource::BitcoindRpc
+                if c.bitcoind_rpc_host.is_empty() || c.bitcoind_rpc_port == 0 =>
+            {
+                return Err(err(
+                    "chain.bitcoind_rpc_host",
+                    "source bitcoind_rpc needs bitcoind_rpc_host and bitcoind_rpc_port",
+                ));
             }
             ChainSource::Esplora if !c.esplora_url.starts_with("http") => {
                 return Err(err(

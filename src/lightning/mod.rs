@@ -95,14 +95,16 @@ pub fn build_node(
     seed_file: Option<&std::path::Path>,
     chain: &crate::config::ChainConfig,
 ) -> Result<Node, LightningError> {
-    let mut cfg = ldk_node::config::Config::default();
-    cfg.network = ldk_network(network);
-    cfg.storage_dir_path = storage_dir.display().to_string();
     let addr = SocketAddress::from_str(listen).map_err(|_| LightningError::Invalid {
         what: "listen address",
         reason: listen.to_string(),
     })?;
-    cfg.listening_addresses = Some(vec![addr]);
+    let cfg = ldk_node::config::Config {
+        network: ldk_network(network),
+        storage_dir_path: storage_dir.display().to_string(),
+        listening_addresses: Some(vec![addr]),
+        ..Default::default()
+    };
     let mut b = Builder::from_config(cfg);
     b.set_log_facade_logger();
     if let Some(a) = alias {
