@@ -200,20 +200,34 @@ impl Harness {
         Ok(())
     }
 
-    /// Waits until both nodes have seen block `height`.
-    pub async fn wait_synced(&self, height: u32) -> Result<(), HarnessError> {
+    /// Waits until `cond` holds on both the server's and the payer's node.
+    async fn wait_both<F>(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        cond: F,
+    ) -> Result<(), HarnessError>
+    where
+        F: Fn(&ldk_node::Node) -> bool + Clone,
+    {
         let nodes = [
             self.server().app.lightning.node().clone(),
             self.payer.node.clone(),
         ];
-        wait_until("nodes to sync the chain", Duration::from_secs(60), || {
-            let nodes = nodes.clone();
-            async move {
-                nodes
-                    .iter()
-                    .all(|n| n.status().current_best_block.height >= height)
-            }
+        wait_until(what, timeout, || {
+            let (nodes, cond) = (nodes.clone(), cond.clone());
+            async move { nodes.iter().all(|n| cond(n)) }
         })
+        .await
+    }
+
+    /// Waits until both nodes have seen block `height`.
+    pub async fn wait_synced(&self, height: u32) -> Result<(), HarnessError> {
+        self.wait_both(
+            "nodes to sync the chain",
+            Duration::from_secs(60),
+            move |n| n.status().current_best_block.height >= height,
+        )
         .await
     }
 
@@ -287,17 +301,8 @@ impl Harness {
     /// Waits until both ends see a usable channel (after a restart, the new server node
     /// only does once the payer has reconnected and the channel is re-established).
     pub async fn wait_channel_usable(&self) -> Result<(), HarnessError> {
-        let nodes = [
-            self.server().app.lightning.node().clone(),
-            self.payer.node.clone(),
-        ];
-        wait_until("a usable channel", Duration::from_secs(90), || {
-            let nodes = nodes.clone();
-            async move {
-                nodes
-                    .iter()
-                    .all(|n| n.list_channels().iter().any(|c| c.is_usable))
-            }
+        self.wait_both("a usable channel", Duration::from_secs(90), |n| {
+            n.list_channels().iter().any(|c| c.is_usable)
         })
         .await
     }
