@@ -194,7 +194,13 @@ impl CustomLogitsProcessor for Observe {
         {
             let mut revealed = self.revealed.lock().unwrap_or_else(|p| p.into_inner());
             while *revealed < generated {
-                self.observer.on_token(context[self.prompt_len + *revealed]);
+                let id = context[self.prompt_len + *revealed];
+                if id == self.eos {
+                    // The sequence has ended; a call after it (mistral.rs may run one more step
+                    // of a finished sequence in a batch) has nothing to report or decide.
+                    return Ok(logits.clone());
+                }
+                self.observer.on_token(id);
                 *revealed += 1;
             }
         }

@@ -39,6 +39,10 @@ struct State {
     cancelled: bool,
     /// Set by the observer when it ends the current segment; reset per segment.
     limit: Option<Limit>,
+    /// The segment whose observer may report tokens (None between segments). mistral.rs can
+    /// call a finished sequence's logits processor once more (with the forced EOS in its
+    /// context) after it has sent the end; that late call must not touch this generation.
+    open_segment: Option<u32>,
     events: mpsc::UnboundedSender<TokenEvent>,
     /// The admission slot. Kept here (not in the task) so that cancel() frees it synchronously.
     permit: Option<OwnedSemaphorePermit>,
@@ -214,13 +218,14 @@ impl Drop for EventStream {
 struct Observer {
     shared: Arc<Shared>,
     bytes: Arc<TokenBytes>,
+    segment: u32,
 }
 
 impl TokenObserver for Observer {
     fn on_token(&self, id: u32) {
         let mut guard = self.shared.lock();
         let st = &mut *guard;
-        if st.cancelled {
+        if st.cancelled || st.open_segment != Some(self.segment) {
             return;
         }
         let index = st.generated.len() as u32;
@@ -249,7 +254,7 @@ impl TokenObserver for Observer {
 
     fn proceed(&self) -> bool {
         let mut st = self.shared.lock();
-        if st.limit.is_some() {
+        if st.limit.is_some() || st.open_segment != Some(self.segment) {
             return false;
         }
         let n = st.generated.len() as u32;
@@ -300,6 +305,7 @@ pub(crate) fn spawn(
             stop_requested: false,
             cancelled: false,
             limit: None,
+            open_segment: None,
             events: tx,
             permit: Some(permit),
         }),
@@ -437,6 +443,7 @@ impl Driver {
         let (tokens, remaining) = {
             let mut st = self.shared.lock();
             st.limit = None;
+            st.open_segment = Some(segment);
             let mut tokens = Vec::with_capacity(self.spec.prompt.len() + st.generated.len());
             tokens.extend_from_slice(&self.spec.prompt);
             tokens.extend_from_slice(&st.generated);
@@ -447,6 +454,7 @@ impl Driver {
         let observer = Arc::new(Observer {
             shared: self.shared.clone(),
             bytes: self.bytes.clone(),
+            segment,
         });
         let request = SegmentRequest {
             tokens,
@@ -456,7 +464,10 @@ impl Driver {
         };
         let mut seg = match self.backend.start(request, observer).await {
             Ok(seg) => seg,
-            Err(e) => return Some(FinishReason::Error(e)),
+            Err(e) => {
+                self.shared.lock().open_segment = None;
+                return Some(FinishReason::Error(e));
+            }
         };
         let end = {
             let finished = seg.finished();
@@ -476,6 +487,9 @@ impl Driver {
         // Dropping the segment drops the backend's receiver: for a cancel this is what tears
         // the sequence down; after a normal end it is a no-op.
         drop(seg);
+        // Closed before anything reads the count: whatever the backend still reports for
+        // this segment is ignored.
+        self.shared.lock().open_segment = None;
         let Some(end) = end else {
             return None; // cancelled; the loop reports it.
         };

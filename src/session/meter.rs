@@ -101,14 +101,32 @@ fn event(e: Ev) -> Result<GenerateEvent, Status> {
 pub async fn run(
     app: Arc<App>,
     spec: SessionSpec,
+    gen: Generation,
+    out: Out,
+    shutdown: CancellationToken,
+    live: LiveGuard,
+) {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "session",
+        id = %hex::encode(spec.session_id),
+        mode = spec.mode.as_str()
+    );
+    // Instrumented, not entered: the span must follow the task across await points.
+    run_session(app, spec, gen, out, shutdown, live)
+        .instrument(span)
+        .await
+}
+
+async fn run_session(
+    app: Arc<App>,
+    spec: SessionSpec,
     mut gen: Generation,
     out: Out,
     shutdown: CancellationToken,
     _live: LiveGuard,
 ) {
     let sid = spec.session_id;
-    let span = tracing::info_span!("session", id = %hex::encode(sid), mode = spec.mode.as_str());
-    let _e = span.enter();
     let (held_tx, mut held_rx) = mpsc::unbounded_channel();
     let (credit_tx, mut credit_rx) = mpsc::unbounded_channel();
     if spec.mode == Mode::Keysend {

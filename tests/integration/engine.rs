@@ -696,3 +696,73 @@ async fn smollm2_pause_resume_is_exact_in_counts_and_first_segment() {
         reference.len()
     );
 }
+
+/// Eight generations of the same chat prompt, batched together and paced the way the meter
+/// paces a paid stream: allowance = paid tokens + 2 chunks of 4, where each chunk is "paid" a
+/// random few milliseconds after it is complete, so allowance changes land both while a
+/// generation runs and while it is paused, and resumes meet each other's cached prefixes.
+/// Every one must produce exactly its text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_concurrent_paced_generations_are_exact() {
+    use rand::Rng;
+    super::support::init_tracing();
+    const CHUNK: u32 = 4;
+    const WINDOW: u32 = 2;
+    let t = tiny(|c| {
+        c.max_concurrent = 8;
+        c.max_queue = 16;
+    })
+    .await;
+    let chat = || {
+        Prompt::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }])
+    };
+    let letters = |n: u32| -> String { (0..n).map(|i| (b'a' + (i % 26) as u8) as char).collect() };
+    for round in 0..6 {
+        let mut tasks = Vec::new();
+        for i in 0..8u32 {
+            let n = 6 + i;
+            let mut p = params(chat(), n);
+            p.allowance = WINDOW * CHUNK;
+            let mut g = t.engine.generate("tiny", p).await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let paid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+                let mut text = String::new();
+                let mut count = 0u32;
+                loop {
+                    match next(&mut g.events).await {
+                        TokenEvent::Token { text: t, index } => {
+                            assert_eq!(index, count);
+                            text.push_str(&t);
+                            count += 1;
+                            if count % CHUNK == 0 {
+                                let (handle, paid) = (g.handle.clone(), paid.clone());
+                                let delay = rand::thread_rng().gen_range(0..15);
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                                    let p = paid.fetch_add(CHUNK, std::sync::atomic::Ordering::SeqCst);
+                                    handle.set_allowance(p + CHUNK + WINDOW * CHUNK);
+                                });
+                            }
+                        }
+                        TokenEvent::Paused { .. } => {}
+                        TokenEvent::Finished {
+                            reason,
+                            completion_tokens,
+                        } => return (n, text, reason, completion_tokens),
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            let (n, got, reason, count) = task.await.unwrap();
+            assert_eq!(
+                (got, reason, count),
+                (letters(n), FinishReason::Length(n), n),
+                "round {round}, max_tokens {n}"
+            );
+        }
+    }
+}

@@ -344,11 +344,7 @@ async fn bad_requests_get_clear_statuses() {
     w.h.stop().await;
 }
 
-// Ignored: about 1 run in 4 one session ends with Done while its last 1-token chunk was never
-// produced (13 tokens asked, 12 delivered) — an engine pause/resume race under 8-way
-// concurrency, under investigation (see the streaming issue's note). Run it with --ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "flaky: engine loses the last token on a racy pause/resume (streaming issue note)"]
 async fn eight_concurrent_sessions_on_one_channel_are_all_exact() {
     let w = std::sync::Arc::new(world(&[]).await);
     let mut tasks = Vec::new();
