@@ -57,7 +57,10 @@ fn event_kind(e: &Event) -> &'static str {
     }
 }
 
-fn handle(ln: &Lightning, event: &Event) -> Result<(), LightningError> {
+/// Applies one LDK event's effect, committed to the store. Idempotent: LDK replays an event
+/// that was not acknowledged (e.g. after a crash), and a replay changes nothing. Public so that
+/// tests can replay events and inject HTLCs an ldk-node payer cannot produce (underpayments).
+pub fn handle(ln: &Lightning, event: &Event) -> Result<(), LightningError> {
     match event {
         Event::PaymentClaimable {
             payment_hash,

@@ -105,3 +105,85 @@ async fn grpcurl_lists_describes_and_is_authenticated() {
     );
     h.stop().await;
 }
+
+/// A paid BOLT11 generation driven by the real grpcurl: grpcurl prints the events as they
+/// stream, the test pays each invoice from the payer node as it appears, and grpcurl's output
+/// holds the exact text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpcurl_generate_bolt11_paid_from_the_payer_node() {
+    use std::io::BufReader;
+    use std::process::Stdio;
+    super::support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let path = satstream::engine::tiny_model::write_tiny_model(dir.path()).unwrap();
+    let h = Harness::start(HarnessOptions {
+        models: vec![satstream::config::ModelConfig {
+            id: "tiny".into(),
+            path,
+            context_length: 0,
+            msat_per_token: 1000,
+            msat_per_prompt_token: 0,
+            chunk_tokens: 4,
+            max_concurrent: 4,
+            max_queue: 4,
+        }],
+        ..HarnessOptions::default()
+    })
+    .await
+    .unwrap();
+    let addr = h.server().grpc_addr.to_string();
+    let request = r#"{"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 10, "mode": "PAYMENT_MODE_BOLT11", "sampling": {"temperature": 0}}"#;
+    let mut child = Command::new(super::support::grpcurl())
+        .args([
+            "-plaintext",
+            "-d",
+            request,
+            &addr,
+            "satstream.v1.Inference/Generate",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run grpcurl");
+    let stdout = child.stdout.take().unwrap();
+    let h = std::sync::Arc::new(h);
+    let payer = h.clone();
+    // grpcurl prints one JSON object per event; read them as they come, paying invoices.
+    let events = tokio::task::spawn_blocking(move || {
+        let mut events = Vec::new();
+        let stream = serde_json::Deserializer::from_reader(BufReader::new(stdout))
+            .into_iter::<serde_json::Value>();
+        for ev in stream {
+            let ev = ev.expect("grpcurl prints JSON");
+            if let Some(bolt11) = ev["invoice"]["bolt11"].as_str() {
+                payer.payer.send(bolt11).expect("pay the invoice");
+            }
+            events.push(ev);
+        }
+        events
+    })
+    .await
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["tokens"]["text"].as_str())
+        .collect();
+    assert_eq!(text, "abcdefghij");
+    let invoices = events.iter().filter(|e| e["invoice"].is_object()).count();
+    assert_eq!(invoices, 3, "chunks of 4, 4 and 2 tokens");
+    let done = &events.last().unwrap()["done"];
+    assert_eq!(done["completionTokens"], 10);
+    assert_eq!(done["paidMsat"], "10000", "uint64 is a JSON string");
+    assert!(events[0]["accepted"].is_object());
+    match std::sync::Arc::try_unwrap(h) {
+        Ok(h) => h.stop().await,
+        Err(_) => panic!("the harness is still shared"),
+    }
+}

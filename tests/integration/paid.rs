@@ -382,3 +382,117 @@ async fn eight_concurrent_sessions_on_one_channel_are_all_exact() {
         Err(_) => panic!("sessions still hold the world"),
     }
 }
+
+/// LDK replays an event it was not told was handled (a crash between commit and ack). A
+/// replayed keysend PaymentReceived must credit nothing a second time, live session or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replayed_keysend_credits_once() {
+    let w = world(&[]).await;
+    let mut s = open(&w, request(8, PaymentMode::Keysend)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::SessionOpened(so) = next(&mut s).await else {
+        panic!("SessionOpened second")
+    };
+    let sid = hex::decode(&so.session_id).unwrap();
+    let records = vec![(so.tlv_type, sid.clone())];
+    let hash = w
+        .h
+        .payer
+        .keysend(&so.node_id, 4_000, records.clone())
+        .unwrap();
+    // Chunk 0 is released by the first credit.
+    loop {
+        match next(&mut s).await {
+            Ev::Tokens(t) => {
+                assert_eq!(t.chunk_index, 0);
+                break;
+            }
+            Ev::Balance(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let replay = ldk_node::Event::PaymentReceived {
+        payment_id: Some(ldk_node::lightning::ln::channelmanager::PaymentId(hash)),
+        payment_hash: ldk_node::lightning_types::payment::PaymentHash(hash),
+        amount_msat: 4_000,
+        custom_records: records
+            .iter()
+            .map(|(t, v)| ldk_node::CustomTlvRecord {
+                type_num: *t,
+                value: v.clone(),
+            })
+            .collect(),
+    };
+    let ln = &w.h.server().app.lightning;
+    satstream::lightning::events::handle(ln, &replay).unwrap();
+    satstream::lightning::events::handle(ln, &replay).unwrap();
+    // Had the replay credited again, chunk 1 would be released now and the next keysend
+    // would end up refundable.
+    w.h.payer.keysend(&so.node_id, 4_000, records).unwrap();
+    let done = loop {
+        match next(&mut s).await {
+            Ev::Tokens(t) => assert_eq!(t.chunk_index, 1),
+            Ev::Balance(b) => assert!(b.credited_msat <= 8_000, "{b:?}"),
+            Ev::Done(d) => break d,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!((done.paid_msat, done.refundable_msat), (8_000, 0));
+    let sess = assert_invariants(&w, &acc.session_id);
+    let audit = w
+        .h
+        .server()
+        .app
+        .store
+        .audit_session(&sid.try_into().unwrap())
+        .unwrap();
+    assert_eq!(audit.credited_msat, 8_000);
+    assert_eq!(sess.refundable_msat(), 0);
+    // And after the session is over, a replay is still a no-op.
+    satstream::lightning::events::handle(ln, &replay).unwrap();
+    assert_eq!(assert_invariants(&w, &acc.session_id).paid_msat, 8_000);
+    w.h.stop().await;
+}
+
+/// An HTLC below a chunk's price (ldk-node refuses to underpay, so the claimable event a
+/// hand-rolled sender would cause is injected) is failed back, the invoice is dead, the chunk
+/// is never delivered, and the session halts on the payment timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn underpaid_chunk_htlc_is_failed_back_and_nothing_delivered() {
+    let w = world(&["payments.payment_timeout_secs=2"]).await;
+    let mut s = open(&w, request(4, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::Invoice(inv) = next(&mut s).await else {
+        panic!("Invoice second")
+    };
+    let hash: [u8; 32] = hex::decode(&inv.payment_hash).unwrap().try_into().unwrap();
+    let underpaid = ldk_node::Event::PaymentClaimable {
+        payment_id: ldk_node::lightning::ln::channelmanager::PaymentId(hash),
+        payment_hash: ldk_node::lightning_types::payment::PaymentHash(hash),
+        claimable_amount_msat: inv.amount_msat - 1,
+        claim_deadline: None,
+        custom_records: vec![],
+    };
+    let ln = &w.h.server().app.lightning;
+    satstream::lightning::events::handle(ln, &underpaid).unwrap();
+    let stored = w.h.server().app.store.invoice(&hash).unwrap().unwrap();
+    assert_eq!(stored.state.to_string(), "failed");
+    // The real payment of the (now dead) invoice is failed back too.
+    let out = w.h.payer.pay(&inv.bolt11, T).await.unwrap();
+    assert!(matches!(out, PayOutcome::Failed { .. }), "{out:?}");
+    let halted = loop {
+        match next(&mut s).await {
+            Ev::Halted(h) => break h,
+            Ev::Invoice(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(halted.reason, HaltReason::PaymentTimeout as i32);
+    assert_eq!((halted.completion_tokens_delivered, halted.paid_msat), (0, 0));
+    assert_eq!(assert_invariants(&w, &acc.session_id).paid_msat, 0);
+    w.h.stop().await;
+}
