@@ -17,10 +17,13 @@
 //!   the append-only ledger; WAL mode, versioned migrations.
 //! - [`engine`]: inference behind a small backend interface (mistral.rs first): loading,
 //!   admission, a never-blocking pump, exact token accounting, pause/resume by allowance.
+//! - [`client`]: the paying client: its own ldk-node [`client::Wallet`] and the loop that
+//!   runs a Generate stream and pays each chunk (BOLT11, ATOMIC decrypt, KEYSEND) in budget.
 //! - [`harness`]: a real regtest world (Bitcoin Core, the server, a payer node, a channel) for
 //!   tests, benchmarks and the demo.
 
 pub mod app;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod grpc;

@@ -1,11 +1,17 @@
 //! The satstream command line: a thin layer over the library.
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
-use satstream::config::Config;
+use satstream::client::{console::Console, Summary, Wallet};
+use satstream::config::{ChainConfig, ChainSource, Config, Network};
+use satstream::grpc::proto::{
+    inference_client::InferenceClient, ChatMessage, GenerateRequest, ListModelsRequest,
+    PaymentMode, QuoteRequest, SamplingParams,
+};
 use satstream::harness::{Harness, HarnessOptions};
 
 #[derive(Parser)]
@@ -21,14 +27,10 @@ struct Cli {
     /// Override any config key, e.g. --set payments.window_chunks=3 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
     sets: Vec<String>,
-    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "satstream=debug".
-    #[arg(
-        long,
-        global = true,
-        env = "SATSTREAM_LOG",
-        default_value = "info,ldk_node=warn,lightning=warn"
-    )]
-    log: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "satstream=debug". Default:
+    /// "info,ldk_node=warn,lightning=warn" for the server, "warn" for client commands.
+    #[arg(long, global = true, env = "SATSTREAM_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -42,12 +44,130 @@ enum Cmd {
     /// Start a local regtest world (bitcoind, this server, a funded payer node with a channel
     /// to it) and print grpcurl commands to try. Ctrl-C stops everything.
     Regtest,
+    /// The whole product on one machine: bitcoind -regtest, the server (default model), a
+    /// client wallet with a channel to it, and one paid chat generation shown live.
+    Demo(DemoArgs),
+    /// One paid generation against any satstream server, paid from the client's own wallet.
+    Generate(GenerateArgs),
+    /// An interactive paid chat (one line per turn; the conversation is kept).
+    Chat(GenerateArgs),
+    /// The client's wallet: address, balance, open a channel to a server.
+    Wallet(WalletArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Bolt11,
+    Atomic,
+    Keysend,
+}
+
+impl Mode {
+    fn proto(self) -> PaymentMode {
+        match self {
+            Mode::Bolt11 => PaymentMode::Bolt11,
+            Mode::Atomic => PaymentMode::Atomic,
+            Mode::Keysend => PaymentMode::Keysend,
+        }
+    }
+}
+
+#[derive(Args)]
+struct Request {
+    /// The user message (generate/demo) or the system prompt (chat).
+    #[arg(long, short)]
+    prompt: Option<String>,
+    /// Model id (default: the server's first model).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    /// How to pay: a hold invoice per chunk, pay-to-decrypt, or keysend balance.
+    #[arg(long, value_enum, default_value = "bolt11")]
+    mode: Mode,
+    /// Stop paying (which halts the generation) before spending more than this.
+    #[arg(long)]
+    max_sats: Option<u64>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Chunks the server may generate ahead of payment (default: the server's).
+    #[arg(long)]
+    window: Option<u32>,
+    /// One JSON object per event on stdout, then a summary object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    req: Request,
+}
+
+#[derive(Args)]
+struct WalletConn {
+    /// The satstream server's gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// The client wallet's data directory (its seed lives here).
+    #[arg(long, default_value = "satstream-client")]
+    wallet_dir: PathBuf,
+    #[arg(long, default_value = "regtest")]
+    network: String,
+    /// The wallet node's Lightning listen address.
+    #[arg(long, default_value = "127.0.0.1:9737")]
+    listen: String,
+    /// Chain source: an Esplora URL (otherwise bitcoind RPC below).
+    #[arg(long)]
+    esplora: Option<String>,
+    #[arg(long, default_value = "127.0.0.1:18443")]
+    bitcoind_rpc: String,
+    #[arg(long, default_value = "satstream")]
+    rpc_user: String,
+    #[arg(long, default_value = "satstream")]
+    rpc_password: String,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    conn: WalletConn,
+    #[command(flatten)]
+    req: Request,
+}
+
+#[derive(Args)]
+struct WalletArgs {
+    #[command(flatten)]
+    conn: WalletConn,
+    #[command(subcommand)]
+    cmd: WalletCmd,
+}
+
+#[derive(Subcommand)]
+enum WalletCmd {
+    /// A fresh on-chain address to fund the wallet.
+    Address,
+    /// On-chain and Lightning balances.
+    Balance,
+    /// Open a channel to the server (its node id and address come from Quote).
+    OpenChannel {
+        #[arg(long, default_value_t = 100_000)]
+        sats: u64,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let default_log = match cli.cmd {
+        Cmd::Serve | Cmd::Regtest | Cmd::Config => "info,ldk_node=warn,lightning=warn",
+        // Regtest has no fee estimates; ldk-node logs that as an error on every sync.
+        _ => "warn,ldk_node::chain=off",
+    };
+    let log = cli.log.clone().unwrap_or_else(|| default_log.to_string());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&log).context("--log")?)
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -87,7 +207,261 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Regtest => regtest(&cli).await,
+        Cmd::Demo(ref a) => demo(&cli, &a.req).await,
+        Cmd::Generate(ref a) => client_generate(a, false).await,
+        Cmd::Chat(ref a) => client_generate(a, true).await,
+        Cmd::Wallet(ref a) => wallet(a).await,
     }
+}
+
+fn generate_request(model: String, messages: Vec<ChatMessage>, r: &Request) -> GenerateRequest {
+    GenerateRequest {
+        model,
+        messages,
+        max_tokens: r.max_tokens,
+        mode: r.mode.proto() as i32,
+        sampling: Some(SamplingParams {
+            temperature: Some(r.temperature),
+            ..Default::default()
+        }),
+        window_chunks: r.window,
+        ..Default::default()
+    }
+}
+
+fn user(content: &str) -> ChatMessage {
+    ChatMessage {
+        role: "user".into(),
+        content: content.into(),
+    }
+}
+
+/// Runs one paid generation, printing it live; Ctrl-C hangs up (which halts it server-side).
+async fn paid_generation(
+    client: &mut InferenceClient<Channel>,
+    wallet: &Wallet,
+    req: GenerateRequest,
+    r: &Request,
+    stop: &CancellationToken,
+) -> Result<Option<Summary>> {
+    let mut console = Console::new(r.json);
+    let budget = r.max_sats.map(|s| s * 1000);
+    let run = satstream::client::generate(client, wallet, req, budget, |e| console.on_event(e));
+    let summary = tokio::select! {
+        s = run => s?,
+        _ = stop.cancelled() => {
+            eprintln!("\ninterrupted: hung up, the server halts the generation");
+            return Ok(None);
+        }
+    };
+    console.finish(&summary);
+    Ok(Some(summary))
+}
+
+async fn demo(cli: &Cli, r: &Request) -> Result<()> {
+    let base = load_config(cli)?;
+    let Some(model) = base.models.first() else {
+        bail!("the configuration has no model: add a [[models]] entry or --set models.0.path=...");
+    };
+    let model_id = r.model.clone().unwrap_or_else(|| model.id.clone());
+    let stop = CancellationToken::new();
+    tokio::spawn(satstream::shutdown::cancel_on_signal(stop.clone()));
+    eprintln!("satstream demo: starting bitcoind -regtest, the server ({model_id}) and a client wallet; opening a channel...");
+    let started = std::time::Instant::now();
+    let mut sets = cli.sets.clone();
+    sets.push(format!(
+        "server.grpc_listen=127.0.0.1:{}",
+        satstream::harness::free_port()
+    ));
+    let h = tokio::select! {
+        h = Harness::start(HarnessOptions { models: base.models.clone(), sets, ..HarnessOptions::default() }) => h?,
+        _ = stop.cancelled() => bail!("interrupted during setup"),
+    };
+    eprintln!(
+        "ready in {:.1} s: server node {}, client node {}, channel {} sat. Paying per chunk ({}):\n",
+        started.elapsed().as_secs_f64(),
+        h.server_node_id(),
+        h.payer.node_id(),
+        1_000_000,
+        r.mode.proto().as_str_name().trim_start_matches("PAYMENT_MODE_"),
+    );
+    let prompt = r
+        .prompt
+        .clone()
+        .unwrap_or_else(|| "Write a short poem about the Lightning Network.".into());
+    let mut client = InferenceClient::connect(format!("http://{}", h.server().grpc_addr)).await?;
+    let req = generate_request(model_id, vec![user(&prompt)], r);
+    let result = paid_generation(&mut client, &h.payer, req, r, &stop).await;
+    h.stop().await;
+    eprintln!("stopped bitcoind, the server and the wallet; no processes left behind");
+    result.map(|_| ())
+}
+
+impl WalletConn {
+    fn chain(&self) -> Result<ChainConfig> {
+        let mut c = ChainConfig::default();
+        if let Some(url) = &self.esplora {
+            c.source = ChainSource::Esplora;
+            c.esplora_url = url.clone();
+        } else {
+            let (host, port) = self
+                .bitcoind_rpc
+                .rsplit_once(':')
+                .context("--bitcoind-rpc must be HOST:PORT")?;
+            c.source = ChainSource::BitcoindRpc;
+            c.bitcoind_rpc_host = host.into();
+            c.bitcoind_rpc_port = port.parse().context("--bitcoind-rpc port")?;
+            c.bitcoind_rpc_user = self.rpc_user.clone();
+            c.bitcoind_rpc_password = self.rpc_password.clone();
+        }
+        Ok(c)
+    }
+
+    fn network(&self) -> Result<Network> {
+        Ok(match self.network.as_str() {
+            "regtest" => Network::Regtest,
+            "signet" => Network::Signet,
+            "testnet" => Network::Testnet,
+            "bitcoin" | "mainnet" => Network::Bitcoin,
+            other => bail!("--network {other:?}: use regtest, signet, testnet or bitcoin"),
+        })
+    }
+
+    async fn open(&self) -> Result<(Wallet, InferenceClient<Channel>)> {
+        let (dir, network, listen, chain) = (
+            self.wallet_dir.clone(),
+            self.network()?,
+            self.listen.clone(),
+            self.chain()?,
+        );
+        let wallet =
+            tokio::task::spawn_blocking(move || Wallet::start(&dir, network, &listen, &chain))
+                .await??;
+        let client = InferenceClient::connect(self.server.clone())
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.server))?;
+        Ok((wallet, client))
+    }
+}
+
+async fn first_model(client: &mut InferenceClient<Channel>) -> Result<String> {
+    let models = client
+        .list_models(ListModelsRequest {})
+        .await?
+        .into_inner()
+        .models;
+    models
+        .first()
+        .map(|m| m.id.clone())
+        .context("the server lists no models")
+}
+
+async fn client_generate(a: &GenerateArgs, chat: bool) -> Result<()> {
+    let (wallet, mut client) = a.conn.open().await?;
+    let model = match &a.req.model {
+        Some(m) => m.clone(),
+        None => first_model(&mut client).await?,
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(satstream::shutdown::cancel_on_signal(stop.clone()));
+    let result = if !chat {
+        let prompt = a.req.prompt.clone().context("--prompt is required")?;
+        let req = generate_request(model, vec![user(&prompt)], &a.req);
+        paid_generation(&mut client, &wallet, req, &a.req, &stop)
+            .await
+            .map(|_| ())
+    } else {
+        chat_loop(&mut client, &wallet, model, &a.req, &stop).await
+    };
+    wallet.stop();
+    result
+}
+
+async fn chat_loop(
+    client: &mut InferenceClient<Channel>,
+    wallet: &Wallet,
+    model: String,
+    r: &Request,
+    stop: &CancellationToken,
+) -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut history = Vec::new();
+    if let Some(system) = &r.prompt {
+        history.push(ChatMessage {
+            role: "system".into(),
+            content: system.clone(),
+        });
+    }
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        eprint!("> ");
+        let line = tokio::select! {
+            l = lines.next_line() => l?,
+            _ = stop.cancelled() => None,
+        };
+        let Some(line) = line else { return Ok(()) };
+        if line.trim().is_empty() {
+            continue;
+        }
+        history.push(user(&line));
+        let req = generate_request(model.clone(), history.clone(), r);
+        let mut text = String::new();
+        let mut console = Console::new(r.json);
+        let budget = r.max_sats.map(|s| s * 1000);
+        let run = satstream::client::generate(client, wallet, req, budget, |e| {
+            if let satstream::client::ClientEvent::Text { text: t, .. } = e {
+                text.push_str(t);
+            }
+            console.on_event(e)
+        });
+        let summary = tokio::select! {
+            s = run => s?,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        console.finish(&summary);
+        history.push(ChatMessage {
+            role: "assistant".into(),
+            content: text,
+        });
+    }
+}
+
+async fn wallet(a: &WalletArgs) -> Result<()> {
+    let (wallet, mut client) = a.conn.open().await?;
+    let result = async {
+        match a.cmd {
+            WalletCmd::Address => println!("{}", wallet.new_address()?),
+            WalletCmd::Balance => {
+                let node = wallet.node.clone();
+                tokio::task::spawn_blocking(move || node.sync_wallets()).await??;
+                let (spendable, total, outbound) = wallet.balances();
+                println!(
+                    "on-chain: {spendable} sat spendable ({total} sat total)\nlightning: {} sat can be spent",
+                    outbound / 1000
+                );
+            }
+            WalletCmd::OpenChannel { sats } => {
+                let model = first_model(&mut client).await?;
+                let q = client
+                    .quote(QuoteRequest {
+                        model,
+                        max_tokens: 1,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                wallet.open_channel(&q.node_id, &q.node_address, sats)?;
+                println!(
+                    "opening a {sats} sat channel to {}@{}; it is usable after confirmations",
+                    q.node_id, q.node_address
+                );
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    wallet.stop();
+    result
 }
 
 async fn regtest(cli: &Cli) -> Result<()> {

@@ -4,10 +4,9 @@
 //! Waiting is always for an event or a condition with a deadline, never a fixed sleep.
 
 mod bitcoind;
-mod payer;
 
+pub use crate::client::{PayOutcome, Wallet};
 pub use bitcoind::{cached_bitcoind, find_bitcoind, free_port, Bitcoind};
-pub use payer::{PayOutcome, Payer};
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -28,6 +27,8 @@ pub enum HarnessError {
     Payment(String),
     #[error(transparent)]
     Lightning(#[from] LightningError),
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
     #[error(transparent)]
     Server(#[from] ServerError),
 }
@@ -57,7 +58,8 @@ impl Default for HarnessOptions {
 pub struct Harness {
     pub config: Config,
     server: Option<RunningServer>,
-    pub payer: Payer,
+    /// The paying client wallet, with a funded channel to the server.
+    pub payer: Wallet,
     pub bitcoind: Bitcoind,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -127,9 +129,16 @@ impl Harness {
         let payer_dir = root.join("payer");
         let payer = {
             let chain = chain.clone();
-            tokio::task::spawn_blocking(move || Payer::start(&payer_dir, &payer_listen, &chain))
-                .await
-                .map_err(|e| HarnessError::Setup(e.to_string()))??
+            tokio::task::spawn_blocking(move || {
+                Wallet::start(
+                    &payer_dir,
+                    crate::config::Network::Regtest,
+                    &payer_listen,
+                    &chain,
+                )
+            })
+            .await
+            .map_err(|e| HarnessError::Setup(e.to_string()))??
         };
         let mut h = Harness {
             config,

@@ -742,7 +742,8 @@ async fn tiny_concurrent_paced_generations_are_exact() {
                                 let delay = rand::thread_rng().gen_range(0..15);
                                 tokio::spawn(async move {
                                     tokio::time::sleep(Duration::from_millis(delay)).await;
-                                    let p = paid.fetch_add(CHUNK, std::sync::atomic::Ordering::SeqCst);
+                                    let p =
+                                        paid.fetch_add(CHUNK, std::sync::atomic::Ordering::SeqCst);
                                     handle.set_allowance(p + CHUNK + WINDOW * CHUNK);
                                 });
                             }

@@ -397,11 +397,10 @@ async fn replayed_keysend_credits_once() {
     };
     let sid = hex::decode(&so.session_id).unwrap();
     let records = vec![(so.tlv_type, sid.clone())];
-    let hash = w
-        .h
-        .payer
-        .keysend(&so.node_id, 4_000, records.clone())
-        .unwrap();
+    let hash =
+        w.h.payer
+            .keysend(&so.node_id, 4_000, records.clone())
+            .unwrap();
     // Chunk 0 is released by the first credit.
     loop {
         match next(&mut s).await {
@@ -441,13 +440,12 @@ async fn replayed_keysend_credits_once() {
     };
     assert_eq!((done.paid_msat, done.refundable_msat), (8_000, 0));
     let sess = assert_invariants(&w, &acc.session_id);
-    let audit = w
-        .h
-        .server()
-        .app
-        .store
-        .audit_session(&sid.try_into().unwrap())
-        .unwrap();
+    let audit =
+        w.h.server()
+            .app
+            .store
+            .audit_session(&sid.try_into().unwrap())
+            .unwrap();
     assert_eq!(audit.credited_msat, 8_000);
     assert_eq!(sess.refundable_msat(), 0);
     // And after the session is over, a replay is still a no-op.
@@ -492,7 +490,10 @@ async fn underpaid_chunk_htlc_is_failed_back_and_nothing_delivered() {
         }
     };
     assert_eq!(halted.reason, HaltReason::PaymentTimeout as i32);
-    assert_eq!((halted.completion_tokens_delivered, halted.paid_msat), (0, 0));
+    assert_eq!(
+        (halted.completion_tokens_delivered, halted.paid_msat),
+        (0, 0)
+    );
     assert_eq!(assert_invariants(&w, &acc.session_id).paid_msat, 0);
     w.h.stop().await;
 }

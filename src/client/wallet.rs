@@ -1,5 +1,6 @@
-//! A paying Lightning node for tests, benchmarks and the demo: its own ldk-node, its own
-//! event loop (every event is broadcast to whoever waits for it, then acknowledged).
+//! The client's Lightning wallet: its own ldk-node (own data dir and seed), its own event loop
+//! (every event is broadcast to whoever waits for it, then acknowledged). The CLI client, the
+//! demo, the benchmarks and the tests all pay through it.
 
 use ldk_node::lightning::ln::channelmanager::PaymentId;
 use ldk_node::lightning_invoice::Bolt11Invoice;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::HarnessError;
+use super::ClientError;
 use crate::config::{ChainConfig, Network};
 use crate::lightning::build_node;
 
@@ -21,28 +22,32 @@ pub enum PayOutcome {
     Failed { reason: String },
 }
 
-pub struct Payer {
+pub struct Wallet {
     pub node: Arc<Node>,
     events: broadcast::Sender<Event>,
     stop: CancellationToken,
     pub listen: String,
 }
 
-impl Payer {
-    /// Builds and starts a node in `dir`. Call from a multi-thread runtime.
+impl Wallet {
+    /// Builds and starts a node in `dir` (its seed is kept there). Blocking: call from a
+    /// multi-thread runtime, via `spawn_blocking` in async code.
     pub fn start(
         dir: &std::path::Path,
+        network: Network,
         listen: &str,
         chain: &ChainConfig,
-    ) -> Result<Payer, HarnessError> {
-        let node = build_node(dir, Network::Regtest, listen, Some("payer"), None, chain)?;
+    ) -> Result<Wallet, ClientError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ClientError::Wallet(format!("{}: {e}", dir.display())))?;
+        let node = build_node(dir, network, listen, Some("satstream-client"), None, chain)?;
         node.start()
             .map_err(crate::lightning::LightningError::from)?;
         let node = Arc::new(node);
         let (events, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
         tokio::spawn(event_loop(node.clone(), events.clone(), stop.clone()));
-        Ok(Payer {
+        Ok(Wallet {
             node,
             events,
             stop,
@@ -59,31 +64,31 @@ impl Payer {
     }
 
     /// Starts paying `bolt11`; returns the payment hash without waiting.
-    pub fn send(&self, bolt11: &str) -> Result<[u8; 32], HarnessError> {
+    pub fn send(&self, bolt11: &str) -> Result<[u8; 32], ClientError> {
         let inv = Bolt11Invoice::from_str(bolt11)
-            .map_err(|e| HarnessError::Payment(format!("bad invoice: {e}")))?;
+            .map_err(|e| ClientError::Payment(format!("bad invoice: {e}")))?;
         let id: PaymentId = self
             .node
             .bolt11_payment()
             .send(&inv, None)
-            .map_err(|e| HarnessError::Payment(format!("send: {e}")))?;
+            .map_err(|e| ClientError::Payment(format!("send: {e}")))?;
         Ok(id.0)
     }
 
     /// Sends `amount_msat` as an underpayment/overpayment test would: any amount, invoice or not.
-    pub fn send_amount(&self, bolt11: &str, amount_msat: u64) -> Result<[u8; 32], HarnessError> {
+    pub fn send_amount(&self, bolt11: &str, amount_msat: u64) -> Result<[u8; 32], ClientError> {
         let inv = Bolt11Invoice::from_str(bolt11)
-            .map_err(|e| HarnessError::Payment(format!("bad invoice: {e}")))?;
+            .map_err(|e| ClientError::Payment(format!("bad invoice: {e}")))?;
         let id = self
             .node
             .bolt11_payment()
             .send_using_amount(&inv, amount_msat, None)
-            .map_err(|e| HarnessError::Payment(format!("send: {e}")))?;
+            .map_err(|e| ClientError::Payment(format!("send: {e}")))?;
         Ok(id.0)
     }
 
     /// Pays and waits for the outcome.
-    pub async fn pay(&self, bolt11: &str, timeout: Duration) -> Result<PayOutcome, HarnessError> {
+    pub async fn pay(&self, bolt11: &str, timeout: Duration) -> Result<PayOutcome, ClientError> {
         let rx = self.subscribe();
         let hash = self.send(bolt11)?;
         self.wait_outcome(rx, hash, timeout).await
@@ -95,7 +100,7 @@ impl Payer {
         node_id: &str,
         amount_msat: u64,
         tlvs: Vec<(u64, Vec<u8>)>,
-    ) -> Result<[u8; 32], HarnessError> {
+    ) -> Result<[u8; 32], ClientError> {
         let pk = crate::lightning::parse_node_id(node_id)?;
         let records = tlvs
             .into_iter()
@@ -105,7 +110,7 @@ impl Payer {
             .node
             .spontaneous_payment()
             .send_with_custom_tlvs(amount_msat, pk, None, records)
-            .map_err(|e| HarnessError::Payment(format!("keysend: {e}")))?;
+            .map_err(|e| ClientError::Payment(format!("keysend: {e}")))?;
         Ok(id.0)
     }
 
@@ -115,7 +120,7 @@ impl Payer {
         mut rx: broadcast::Receiver<Event>,
         hash: [u8; 32],
         timeout: Duration,
-    ) -> Result<PayOutcome, HarnessError> {
+    ) -> Result<PayOutcome, ClientError> {
         let wait = async {
             loop {
                 match rx.recv().await {
@@ -141,17 +146,17 @@ impl Payer {
                     }
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        return Err(HarnessError::Payment(format!("missed {n} payer events")))
+                        return Err(ClientError::Payment(format!("missed {n} payer events")))
                     }
                     Err(broadcast::error::RecvError::Closed) => {
-                        return Err(HarnessError::Payment("payer stopped".into()))
+                        return Err(ClientError::Payment("payer stopped".into()))
                     }
                 }
             }
         };
         tokio::time::timeout(timeout, wait)
             .await
-            .map_err(|_| HarnessError::Timeout("payment outcome"))?
+            .map_err(|_| ClientError::Timeout("payment outcome"))?
     }
 
     /// Usable outbound capacity, msat.
@@ -162,6 +167,37 @@ impl Payer {
             .filter(|c| c.is_usable)
             .map(|c| c.outbound_capacity_msat)
             .sum()
+    }
+
+    /// A fresh on-chain address to fund the wallet.
+    pub fn new_address(&self) -> Result<String, ClientError> {
+        Ok(self
+            .node
+            .onchain_payment()
+            .new_address()
+            .map_err(|e| ClientError::Wallet(format!("new address: {e}")))?
+            .to_string())
+    }
+
+    /// (on-chain spendable sat, on-chain total sat, lightning outbound msat).
+    pub fn balances(&self) -> (u64, u64, u64) {
+        let b = self.node.list_balances();
+        (
+            b.spendable_onchain_balance_sats,
+            b.total_onchain_balance_sats,
+            self.outbound_msat(),
+        )
+    }
+
+    /// Opens a channel of `sats` to `node_id@address` (as Quote reports them).
+    pub fn open_channel(&self, node_id: &str, address: &str, sats: u64) -> Result<(), ClientError> {
+        let pk = crate::lightning::parse_node_id(node_id)?;
+        let addr = ldk_node::lightning::ln::msgs::SocketAddress::from_str(address)
+            .map_err(|_| ClientError::Wallet(format!("bad node address {address:?}")))?;
+        self.node
+            .open_channel(pk, addr, sats, None, None)
+            .map_err(|e| ClientError::Wallet(format!("open channel: {e}")))?;
+        Ok(())
     }
 
     pub fn stop(&self) {

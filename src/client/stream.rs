@@ -1,0 +1,577 @@
+//! One Generate call, paid chunk by chunk from the client's [`Wallet`] within a budget.
+//!
+//! - BOLT11: each `Invoice` is checked (amount = tokens × the accepted rate, hash = the
+//!   invoice's own) and paid at once; the server sends the chunk's `Tokens` after claiming.
+//! - ATOMIC: each `EncryptedChunk` is decrypted with the preimage the payment reveals (the
+//!   server's `ChunkKey` is only a fallback, and must hash to the same payment hash).
+//! - KEYSEND: after `SessionOpened` the client keeps one chunk's price in flight or credited
+//!   ahead of what the server has spent; what is left at the end stays refundable server-side.
+//!
+//! Reaching the budget stops paying; once every paid chunk has arrived the client hangs up,
+//! which halts the generation on the server at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use ldk_node::Event;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::transport::Channel;
+
+use super::{ClientError, Wallet};
+use crate::grpc::proto::{
+    generate_event::Event as Ev, inference_client::InferenceClient, GenerateRequest, PaymentMode,
+};
+use crate::session::cipher;
+
+/// What happened, in order: for a caller that prints (`--json` prints these as they come).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ClientEvent {
+    Accepted {
+        session_id: String,
+        model: String,
+        mode: String,
+        prompt_tokens: u32,
+        chunk_tokens: u32,
+        msat_per_token: u64,
+        window_chunks: u32,
+    },
+    /// A payment was sent: an invoice for `chunk`, or a keysend top-up (`chunk` null).
+    Paying {
+        chunk: Option<u32>,
+        amount_msat: u64,
+    },
+    /// A payment settled, `ms` after it was sent.
+    Paid {
+        chunk: Option<u32>,
+        amount_msat: u64,
+        fee_msat: u64,
+        ms: f64,
+    },
+    PaymentFailed {
+        chunk: Option<u32>,
+        reason: String,
+    },
+    /// The paid text of one chunk (decrypted in ATOMIC mode), in chunk order.
+    Text {
+        chunk: u32,
+        first_token: u32,
+        tokens: u32,
+        text: String,
+    },
+    Balance {
+        credited_msat: u64,
+        spent_msat: u64,
+        available_msat: u64,
+    },
+    /// The next payment would go over the budget: the client stops paying.
+    BudgetReached {
+        spent_msat: u64,
+        next_msat: u64,
+    },
+}
+
+/// The end of a paid generation, as the client saw it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub session_id: String,
+    /// "stop", "length", "stop_string" (Done); "halted: <reason>"; or "budget" (the client
+    /// stopped paying and hung up).
+    pub outcome: String,
+    pub message: String,
+    pub prompt_tokens: u32,
+    /// Tokens received as text.
+    pub tokens: u32,
+    pub chunks: u32,
+    /// Payments this client settled, and their total (fees excluded).
+    pub payments: u32,
+    pub spent_msat: u64,
+    pub fees_msat: u64,
+    /// The server's own totals (Done/Halted); 0 when the client hung up first.
+    pub server_paid_msat: u64,
+    pub refundable_msat: u64,
+    pub elapsed_ms: u64,
+    /// Wall time with at least one payment sent and not yet settled.
+    pub waiting_for_payment_ms: u64,
+    pub tokens_per_sec: f64,
+}
+
+struct InFlight {
+    chunk: Option<u32>,
+    amount_msat: u64,
+    sent: Instant,
+}
+
+struct Sealed {
+    chunk: u32,
+    first_token: u32,
+    tokens: u32,
+    nonce: Vec<u8>,
+    ciphertext: Vec<u8>,
+}
+
+struct Keysend {
+    node_id: String,
+    tlv_type: u64,
+    session: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Run {
+    summary: Summary,
+    budget_msat: Option<u64>,
+    budget_hit: bool,
+    msat_per_token: u64,
+    chunk_price_msat: u64,
+    in_flight: HashMap<[u8; 32], InFlight>,
+    waiting_since: Option<Instant>,
+    waiting_ms: f64,
+    /// Chunks paid (or being paid) whose text has not arrived.
+    owed: BTreeMap<u32, ()>,
+    /// ATOMIC: ciphertexts by payment hash, until the key is known.
+    sealed: HashMap<[u8; 32], Sealed>,
+    /// Text ready to show, by chunk index, and the next index to show.
+    ready: BTreeMap<u32, ClientEvent>,
+    next_chunk: u32,
+    keysend: Option<Keysend>,
+    /// KEYSEND: sent so far, and the most the request can cost (no top-up beyond it).
+    credited_ahead_msat: u64,
+    server_credited_msat: u64,
+    max_tokens: u32,
+}
+
+/// Runs `request` against the server and pays for it from `wallet`, spending at most
+/// `budget_msat` (None: no limit). `on_event` sees every [`ClientEvent`] as it happens.
+pub async fn generate(
+    client: &mut InferenceClient<Channel>,
+    wallet: &Wallet,
+    request: GenerateRequest,
+    budget_msat: Option<u64>,
+    mut on_event: impl FnMut(&ClientEvent),
+) -> Result<Summary, ClientError> {
+    let started = Instant::now();
+    // Subscribed before anything is paid, so no outcome can be missed.
+    let mut ln_events = wallet.subscribe();
+    let max_tokens = request.max_tokens;
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut run = Run {
+        budget_msat,
+        max_tokens,
+        ..Run::default()
+    };
+    loop {
+        if run.budget_hit && run.in_flight.is_empty() && run.owed.is_empty() {
+            run.summary.outcome = "budget".into();
+            run.summary.message = "the budget is spent; stopped paying and hung up".into();
+            break;
+        }
+        tokio::select! {
+            msg = stream.message() => {
+                let Some(ev) = msg?.and_then(|m| m.event) else {
+                    return Err(ClientError::Protocol("the stream ended without Done or Halted".into()));
+                };
+                if run.on_server_event(ev, wallet, &mut on_event)? {
+                    break;
+                }
+            }
+            e = ln_events.recv() => {
+                if !run.on_wallet_event(e, &mut on_event)? {
+                    return Err(ClientError::Wallet("the wallet stopped".into()));
+                }
+            }
+        }
+    }
+    // Hanging up here (dropping the stream) is what halts a budget-limited generation.
+    drop(stream);
+    // The server claims before it delivers, so payments still in flight are settling now:
+    // wait for their outcomes (bounded) so that the summary counts what was really spent.
+    let settle = async {
+        while !run.in_flight.is_empty() {
+            if !run.on_wallet_event(ln_events.recv().await, &mut on_event)? {
+                break;
+            }
+        }
+        Ok::<(), ClientError>(())
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(30), settle)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = run.in_flight.len(),
+            "payments still unresolved after the stream ended"
+        );
+    }
+    let s = &mut run.summary;
+    s.elapsed_ms = started.elapsed().as_millis() as u64;
+    if let Some(since) = run.waiting_since.take() {
+        run.waiting_ms += since.elapsed().as_secs_f64() * 1e3;
+    }
+    s.waiting_for_payment_ms = run.waiting_ms.round() as u64;
+    s.tokens_per_sec = if s.elapsed_ms > 0 {
+        s.tokens as f64 * 1e3 / s.elapsed_ms as f64
+    } else {
+        0.0
+    };
+    Ok(run.summary)
+}
+
+impl Run {
+    /// Payment outcomes from the wallet. Returns false once the wallet has stopped.
+    fn on_wallet_event(
+        &mut self,
+        e: Result<Event, RecvError>,
+        on_event: &mut impl FnMut(&ClientEvent),
+    ) -> Result<bool, ClientError> {
+        match e {
+            Ok(Event::PaymentSuccessful {
+                payment_hash,
+                payment_preimage,
+                fee_paid_msat,
+                ..
+            }) => {
+                let preimage = payment_preimage.map(|p| p.0);
+                self.on_settled(
+                    payment_hash.0,
+                    preimage,
+                    fee_paid_msat.unwrap_or(0),
+                    on_event,
+                )?;
+            }
+            Ok(Event::PaymentFailed {
+                payment_hash: Some(h),
+                reason,
+                ..
+            }) => {
+                if let Some(f) = self.in_flight.remove(&h.0) {
+                    self.update_waiting();
+                    on_event(&ClientEvent::PaymentFailed {
+                        chunk: f.chunk,
+                        reason: format!("{reason:?}"),
+                    });
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "wallet events lagged"),
+            Err(RecvError::Closed) => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Keeps `waiting_since` true to "some payment is in flight".
+    fn update_waiting(&mut self) {
+        match (self.in_flight.is_empty(), self.waiting_since) {
+            (false, None) => self.waiting_since = Some(Instant::now()),
+            (true, Some(since)) => {
+                self.waiting_ms += since.elapsed().as_secs_f64() * 1e3;
+                self.waiting_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    fn committed_msat(&self) -> u64 {
+        self.summary.spent_msat + self.in_flight.values().map(|f| f.amount_msat).sum::<u64>()
+    }
+
+    /// Whether `amount` fits the budget; the first refusal is reported.
+    fn affordable(&mut self, amount: u64, on_event: &mut impl FnMut(&ClientEvent)) -> bool {
+        let Some(budget) = self.budget_msat else {
+            return true;
+        };
+        if !self.budget_hit && self.committed_msat() + amount <= budget {
+            return true;
+        }
+        if !self.budget_hit {
+            self.budget_hit = true;
+            on_event(&ClientEvent::BudgetReached {
+                spent_msat: self.committed_msat(),
+                next_msat: amount,
+            });
+        }
+        false
+    }
+
+    fn pay_invoice(
+        &mut self,
+        wallet: &Wallet,
+        chunk: u32,
+        bolt11: &str,
+        amount_msat: u64,
+        on_event: &mut impl FnMut(&ClientEvent),
+    ) -> Result<(), ClientError> {
+        if !self.affordable(amount_msat, on_event) {
+            return Ok(());
+        }
+        let hash = wallet.send(bolt11)?;
+        self.in_flight.insert(
+            hash,
+            InFlight {
+                chunk: Some(chunk),
+                amount_msat,
+                sent: Instant::now(),
+            },
+        );
+        self.owed.insert(chunk, ());
+        self.update_waiting();
+        on_event(&ClientEvent::Paying {
+            chunk: Some(chunk),
+            amount_msat,
+        });
+        Ok(())
+    }
+
+    /// KEYSEND: keeps one chunk's price credited or in flight ahead of the server's spending.
+    fn top_up(
+        &mut self,
+        wallet: &Wallet,
+        available_msat: u64,
+        on_event: &mut impl FnMut(&ClientEvent),
+    ) -> Result<(), ClientError> {
+        if self.keysend.is_none() {
+            return Ok(());
+        }
+        // Sent but not yet credited by the server (our own settlement may come later or
+        // sooner than the server's Balance event; the server's count is what matters).
+        let uncredited = self
+            .credited_ahead_msat
+            .saturating_sub(self.server_credited_msat);
+        let amount = self.chunk_price_msat;
+        let most = self.max_tokens as u64 * self.msat_per_token;
+        if available_msat + uncredited >= amount
+            || (most > 0 && self.credited_ahead_msat >= most)
+            || !self.affordable(amount, on_event)
+        {
+            return Ok(());
+        }
+        let k = self.keysend.as_ref().expect("checked above");
+        let hash = wallet.keysend(&k.node_id, amount, vec![(k.tlv_type, k.session.clone())])?;
+        self.in_flight.insert(
+            hash,
+            InFlight {
+                chunk: None,
+                amount_msat: amount,
+                sent: Instant::now(),
+            },
+        );
+        self.credited_ahead_msat += amount;
+        self.update_waiting();
+        on_event(&ClientEvent::Paying {
+            chunk: None,
+            amount_msat: amount,
+        });
+        Ok(())
+    }
+
+    fn on_settled(
+        &mut self,
+        hash: [u8; 32],
+        preimage: Option<[u8; 32]>,
+        fee_msat: u64,
+        on_event: &mut impl FnMut(&ClientEvent),
+    ) -> Result<(), ClientError> {
+        let Some(f) = self.in_flight.remove(&hash) else {
+            return Ok(()); // not ours (another stream sharing the wallet)
+        };
+        self.update_waiting();
+        self.summary.payments += 1;
+        self.summary.spent_msat += f.amount_msat;
+        self.summary.fees_msat += fee_msat;
+        on_event(&ClientEvent::Paid {
+            chunk: f.chunk,
+            amount_msat: f.amount_msat,
+            fee_msat,
+            ms: f.sent.elapsed().as_secs_f64() * 1e3,
+        });
+        if let (Some(key), Some(_)) = (preimage, self.sealed.get(&hash)) {
+            self.decrypt(hash, &key, on_event)?;
+        }
+        Ok(())
+    }
+
+    fn decrypt(
+        &mut self,
+        hash: [u8; 32],
+        key: &[u8; 32],
+        on_event: &mut impl FnMut(&ClientEvent),
+    ) -> Result<(), ClientError> {
+        if Sha256::digest(key).as_slice() != hash {
+            return Err(ClientError::Protocol(format!(
+                "the key for payment {} does not hash to it",
+                hex::encode(hash)
+            )));
+        }
+        let Some(s) = self.sealed.remove(&hash) else {
+            return Ok(());
+        };
+        let plain = cipher::open(key, &s.nonce, &s.ciphertext).ok_or_else(|| {
+            ClientError::Protocol(format!("chunk {} does not decrypt with its key", s.chunk))
+        })?;
+        let text = String::from_utf8(plain)
+            .map_err(|_| ClientError::Protocol(format!("chunk {} is not UTF-8 text", s.chunk)))?;
+        self.text(s.chunk, s.first_token, s.tokens, text, on_event);
+        Ok(())
+    }
+
+    /// Shows chunk texts strictly in order (ATOMIC keys can arrive out of order).
+    fn text(
+        &mut self,
+        chunk: u32,
+        first_token: u32,
+        tokens: u32,
+        text: String,
+        on_event: &mut impl FnMut(&ClientEvent),
+    ) {
+        self.owed.remove(&chunk);
+        self.summary.tokens += tokens;
+        self.summary.chunks += 1;
+        self.ready.insert(
+            chunk,
+            ClientEvent::Text {
+                chunk,
+                first_token,
+                tokens,
+                text,
+            },
+        );
+        while let Some(ev) = self.ready.remove(&self.next_chunk) {
+            on_event(&ev);
+            self.next_chunk += 1;
+        }
+    }
+
+    /// Returns true when the stream is over.
+    fn on_server_event(
+        &mut self,
+        ev: Ev,
+        wallet: &Wallet,
+        on_event: &mut impl FnMut(&ClientEvent),
+    ) -> Result<bool, ClientError> {
+        match ev {
+            Ev::Accepted(a) => {
+                self.msat_per_token = a.msat_per_token;
+                self.chunk_price_msat = a.chunk_tokens as u64 * a.msat_per_token;
+                self.summary.session_id = a.session_id.clone();
+                self.summary.prompt_tokens = a.prompt_tokens;
+                on_event(&ClientEvent::Accepted {
+                    session_id: a.session_id,
+                    model: a.model,
+                    mode: PaymentMode::try_from(a.mode)
+                        .map(|m| m.as_str_name().trim_start_matches("PAYMENT_MODE_").into())
+                        .unwrap_or_default(),
+                    prompt_tokens: a.prompt_tokens,
+                    chunk_tokens: a.chunk_tokens,
+                    msat_per_token: a.msat_per_token,
+                    window_chunks: a.window_chunks,
+                });
+            }
+            Ev::Invoice(inv) => {
+                let chunk = inv.chunk_index.ok_or_else(|| {
+                    ClientError::Protocol("a chunk invoice without a chunk index".into())
+                })?;
+                // Never pay more than the accepted rate, whatever the server asks.
+                let expected = inv.tokens as u64 * self.msat_per_token;
+                if inv.amount_msat != expected {
+                    return Err(ClientError::Protocol(format!(
+                        "chunk {chunk} costs {} msat but {} tokens at {} msat/token are {expected}",
+                        inv.amount_msat, inv.tokens, self.msat_per_token
+                    )));
+                }
+                let parsed: ldk_node::lightning_invoice::Bolt11Invoice =
+                    inv.bolt11.parse().map_err(|e| {
+                        ClientError::Protocol(format!("chunk {chunk}: bad invoice: {e}"))
+                    })?;
+                if parsed.amount_milli_satoshis() != Some(expected)
+                    || hex::encode(parsed.payment_hash().as_ref() as &[u8]) != inv.payment_hash
+                {
+                    return Err(ClientError::Protocol(format!(
+                        "chunk {chunk}: the invoice does not match its amount or payment hash"
+                    )));
+                }
+                self.pay_invoice(wallet, chunk, &inv.bolt11, inv.amount_msat, on_event)?;
+            }
+            Ev::Tokens(t) => self.text(t.chunk_index, t.first_token, t.tokens, t.text, on_event),
+            Ev::EncryptedChunk(c) => {
+                let hash = parse_hash(&c.payment_hash)?;
+                self.sealed.insert(
+                    hash,
+                    Sealed {
+                        chunk: c.chunk_index,
+                        first_token: c.first_token,
+                        tokens: c.tokens,
+                        nonce: c.nonce,
+                        ciphertext: c.ciphertext,
+                    },
+                );
+            }
+            Ev::ChunkKey(k) => {
+                // Normally the preimage from our own payment already decrypted this chunk.
+                let key: [u8; 32] = k.key.as_slice().try_into().map_err(|_| {
+                    ClientError::Protocol(format!("chunk {}: key is not 32 bytes", k.chunk_index))
+                })?;
+                let hash: [u8; 32] = Sha256::digest(key).into();
+                if self.sealed.contains_key(&hash) {
+                    self.decrypt(hash, &key, on_event)?;
+                }
+            }
+            Ev::SessionOpened(so) => {
+                let session = hex::decode(&so.session_id)
+                    .map_err(|_| ClientError::Protocol("session id is not hex".into()))?;
+                self.keysend = Some(Keysend {
+                    node_id: so.node_id,
+                    tlv_type: so.tlv_type,
+                    session,
+                });
+                self.top_up(wallet, 0, on_event)?;
+            }
+            Ev::Balance(b) => {
+                self.server_credited_msat = b.credited_msat;
+                on_event(&ClientEvent::Balance {
+                    credited_msat: b.credited_msat,
+                    spent_msat: b.spent_msat,
+                    available_msat: b.available_msat,
+                });
+                self.top_up(wallet, b.available_msat, on_event)?;
+            }
+            Ev::Done(d) => {
+                let s = &mut self.summary;
+                s.outcome = match crate::grpc::proto::FinishReason::try_from(d.finish_reason) {
+                    Ok(r) => r
+                        .as_str_name()
+                        .trim_start_matches("FINISH_REASON_")
+                        .to_lowercase(),
+                    Err(_) => "unknown".into(),
+                };
+                s.server_paid_msat = d.paid_msat;
+                s.refundable_msat = d.refundable_msat;
+                return Ok(true);
+            }
+            Ev::Halted(h) => {
+                let s = &mut self.summary;
+                s.outcome = match crate::grpc::proto::HaltReason::try_from(h.reason) {
+                    Ok(r) => format!(
+                        "halted: {}",
+                        r.as_str_name()
+                            .trim_start_matches("HALT_REASON_")
+                            .to_lowercase()
+                    ),
+                    Err(_) => "halted".into(),
+                };
+                s.message = h.message;
+                s.server_paid_msat = h.paid_msat;
+                s.refundable_msat = h.refundable_msat;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+fn parse_hash(s: &str) -> Result<[u8; 32], ClientError> {
+    hex::decode(s)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ClientError::Protocol(format!("{s:?} is not a 32-byte hex payment hash")))
+}
