@@ -18,4 +18,5 @@ pub struct App {
     pub live: Live,
     /// Cancelled when the server shuts down: sessions halt and fail back what they hold.
     pub shutdown: CancellationToken,
+    pub metrics: crate::metrics::Metrics,
 }

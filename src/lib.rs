@@ -19,16 +19,20 @@
 //!   admission, a never-blocking pump, exact token accounting, pause/resume by allowance.
 //! - [`client`]: the paying client: its own ldk-node [`client::Wallet`] and the loop that
 //!   runs a Generate stream and pays each chunk (BOLT11, ATOMIC decrypt, KEYSEND) in budget.
+//! - [`metrics`]: in-process measurements (payment → tokens, pause share, halt precision).
+//! - [`bench`]: `satstream bench`, the performance goals measured in one run on the harness.
 //! - [`harness`]: a real regtest world (Bitcoin Core, the server, a payer node, a channel) for
 //!   tests, benchmarks and the demo.
 
 pub mod app;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod engine;
 pub mod grpc;
 pub mod harness;
 pub mod lightning;
+pub mod metrics;
 pub mod pricing;
 pub mod server;
 pub mod session;

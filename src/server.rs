@@ -95,6 +95,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         engine,
         live: Default::default(),
         shutdown: sessions_stop,
+        metrics: Default::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(&config.server.grpc_listen)

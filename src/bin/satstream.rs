@@ -53,6 +53,19 @@ enum Cmd {
     Chat(GenerateArgs),
     /// The client's wallet: address, balance, open a channel to a server.
     Wallet(WalletArgs),
+    /// Measure the performance goals on the regtest harness; print the table and write it to
+    /// docs/benchmarks.md.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// smollm2 (the configured default model), tiny (generated), or all.
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Where to write the report.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    out: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -211,8 +224,83 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(ref a) => client_generate(a, false).await,
         Cmd::Chat(ref a) => client_generate(a, true).await,
         Cmd::Wallet(ref a) => wallet(a).await,
+        Cmd::Bench(ref a) => bench(&cli, a).await,
     }
 }
+
+async fn bench(cli: &Cli, a: &BenchArgs) -> Result<()> {
+    use satstream::bench::{run, BenchOptions};
+    let base = load_config(cli)?;
+    let tmp = tempfile::tempdir()?;
+    let mut runs = Vec::new();
+    if a.model == "smollm2" || a.model == "all" {
+        let m = base
+            .models
+            .first()
+            .context("the configuration has no model")?
+            .clone();
+        runs.push(BenchOptions {
+            model: m,
+            tokens: 128,
+            concurrent_tokens: 32,
+        });
+    }
+    if a.model == "tiny" || a.model == "all" {
+        let path = satstream::engine::tiny_model::write_tiny_model(tmp.path())?;
+        let mut m =
+            base.models
+                .first()
+                .cloned()
+                .unwrap_or_else(|| satstream::config::ModelConfig {
+                    id: String::new(),
+                    path: PathBuf::new(),
+                    context_length: 0,
+                    msat_per_token: 1000,
+                    msat_per_prompt_token: 0,
+                    chunk_tokens: 16,
+                    max_concurrent: 4,
+                    max_queue: 16,
+                });
+        m.id = "tiny".into();
+        m.context_length = 0;
+        m.path = path;
+        runs.push(BenchOptions {
+            model: m,
+            tokens: 1024,
+            concurrent_tokens: 128,
+        });
+    }
+    if runs.is_empty() {
+        bail!("--model {:?}: use smollm2, tiny or all", a.model);
+    }
+    let mut report = String::from(BENCH_HEADER);
+    for r in runs {
+        let id = r.model.id.clone();
+        let table = run(r).await?;
+        println!("{table}");
+        report.push_str(&format!("\n## {id}\n\n{table}"));
+    }
+    if let Some(dir) = a.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, report)?;
+    eprintln!("written to {}", a.out.display());
+    Ok(())
+}
+
+const BENCH_HEADER: &str = "# Benchmarks\n\n\
+Written by `satstream bench --model all` (rerun: `scripts/bench.sh`). Every number comes from \
+one run on the regtest harness: a real bitcoind, the server in process with its ldk-node, a \
+client wallet node paying over a real channel, and the real engine. Definitions:\n\n\
+- *Paid ÷ raw*: a paid BOLT11 stream (request to Done, client side) against the same engine \
+generating the same prompt greedily without payment, in the same run (best of 2 each).\n\
+- *Stall share*: time the engine sat paused at its allowance waiting for payment (pause to \
+the next token, so a resume's prefill counts), over the sessions' total time.\n\
+- *Payment event → first token*: the server's event loop handling PaymentClaimable to the \
+chunk's Tokens being written to the stream (claim in LDK and both SQLite commits included).\n\
+- *Tokens after the payer stops*: generated beyond what was paid when the payment timeout \
+halts the session.\n\
+- *Pay → settled*: client side, from sending a payment to PaymentSuccessful.\n";
 
 fn generate_request(model: String, messages: Vec<ChatMessage>, r: &Request) -> GenerateRequest {
     GenerateRequest {

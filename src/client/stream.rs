@@ -136,6 +136,9 @@ struct Run {
     ready: BTreeMap<u32, ClientEvent>,
     next_chunk: u32,
     keysend: Option<Keysend>,
+    /// Invoices the wallet could not send yet (e.g. the channel's HTLC slots are all in use
+    /// by other streams): retried whenever one of our payments resolves.
+    retry: Vec<(u32, String, u64)>,
     /// KEYSEND: sent so far, and the most the request can cost (no top-up beyond it).
     credited_ahead_msat: u64,
     server_credited_msat: u64,
@@ -180,6 +183,7 @@ pub async fn generate(
                 if !run.on_wallet_event(e, &mut on_event)? {
                     return Err(ClientError::Wallet("the wallet stopped".into()));
                 }
+                run.retry_sends(wallet, &mut on_event)?;
             }
         }
     }
@@ -253,11 +257,22 @@ impl Run {
                     });
                 }
             }
-            Ok(_) => {}
+            Ok(_) => return Ok(true),
             Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "wallet events lagged"),
             Err(RecvError::Closed) => return Ok(false),
         }
         Ok(true)
+    }
+
+    fn retry_sends(
+        &mut self,
+        wallet: &Wallet,
+        on_event: &mut impl FnMut(&ClientEvent),
+    ) -> Result<(), ClientError> {
+        for (chunk, bolt11, amount) in std::mem::take(&mut self.retry) {
+            self.pay_invoice(wallet, chunk, &bolt11, amount, on_event)?;
+        }
+        Ok(())
     }
 
     /// Keeps `waiting_since` true to "some payment is in flight".
@@ -305,7 +320,17 @@ impl Run {
         if !self.affordable(amount_msat, on_event) {
             return Ok(());
         }
-        let hash = wallet.send(bolt11)?;
+        let hash = match wallet.send(bolt11) {
+            Ok(hash) => hash,
+            Err(e) => {
+                // Usually the channel's HTLC slots are all taken by other streams; a slot frees
+                // when any payment of this wallet resolves, and the server's payment timeout
+                // bounds the wait.
+                tracing::debug!(chunk, error = %e, "cannot send yet; retrying when a payment resolves");
+                self.retry.push((chunk, bolt11.to_string(), amount_msat));
+                return Ok(());
+            }
+        };
         self.in_flight.insert(
             hash,
             InFlight {

@@ -56,6 +56,8 @@ impl Default for HarnessOptions {
 }
 
 pub struct Harness {
+    /// How long the last server start took (store, node, model load, gRPC serving).
+    pub server_start: Duration,
     pub config: Config,
     server: Option<RunningServer>,
     /// The paying client wallet, with a funded channel to the server.
@@ -124,7 +126,9 @@ impl Harness {
             .map_err(|e| HarnessError::Setup(e.to_string()))?;
         config.models = opts.models.clone();
 
+        let t = Instant::now();
         let server = server::start(config.clone()).await?;
+        let server_start = t.elapsed();
         let payer_listen = format!("127.0.0.1:{}", free_port());
         let payer_dir = root.join("payer");
         let payer = {
@@ -143,6 +147,7 @@ impl Harness {
         let mut h = Harness {
             config,
             server: Some(server),
+            server_start,
             payer,
             bitcoind,
             _tmp: tmp,
@@ -322,7 +327,9 @@ impl Harness {
         if let Some(s) = self.server.take() {
             s.stop().await;
         }
+        let t = Instant::now();
         self.server = Some(server::start(self.config.clone()).await?);
+        self.server_start = t.elapsed();
         let id = crate::lightning::parse_node_id(&self.server_node_id())?;
         let addr = crate::lightning::parse_address(&self.server_ln_address())?;
         let node = self.payer.node.clone();

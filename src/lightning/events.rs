@@ -200,6 +200,7 @@ fn notify_or_fail(
         payment_hash: *hash,
         received_msat: amount_msat,
         claim_deadline_height: deadline,
+        at: std::time::Instant::now(),
     };
     match ln.take_listener(hash) {
         Some(tx) if tx.send(held).is_ok() => Ok(()),

@@ -42,6 +42,8 @@ pub struct HeldHtlc {
     pub payment_hash: [u8; 32],
     pub received_msat: u64,
     pub claim_deadline_height: Option<u32>,
+    /// When the event loop handled the payment event (for payment → tokens latency).
+    pub at: std::time::Instant,
 }
 
 /// Node-level happenings other parts may want to wait for (channel life, payments).

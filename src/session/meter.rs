@@ -153,6 +153,9 @@ async fn run_session(
         spent_msat: 0,
     };
     let mut finished: Option<FinishReason> = None;
+    let started = Instant::now();
+    let mut paused_since: Option<Instant> = None;
+    let mut paused = Duration::ZERO;
     let far = Duration::from_secs(365 * 24 * 3600);
     let end = loop {
         if let Some(r) = &finished {
@@ -183,6 +186,9 @@ async fn run_session(
             }
             ev = gen.events.recv(), if finished.is_none() => match ev {
                 Some(TokenEvent::Token { text, .. }) => {
+                    if let Some(t) = paused_since.take() {
+                        paused += t.elapsed();
+                    }
                     m.current.text.push_str(&text);
                     m.current.tokens += 1;
                     if m.current.tokens == m.spec.price.chunk_tokens {
@@ -192,6 +198,7 @@ async fn run_session(
                     }
                 }
                 Some(TokenEvent::Paused { generated }) => {
+                    paused_since = Some(Instant::now());
                     tracing::debug!(generated, "engine paused: window full, waiting for payment");
                 }
                 Some(TokenEvent::Finished { reason, completion_tokens }) => {
@@ -220,8 +227,18 @@ async fn run_session(
             }
         }
     };
+    let halt_at = Instant::now();
+    let generated = gen.handle.generated();
     gen.handle.cancel();
     drop(gen);
+    if let End::Halt(proto::HaltReason::PaymentTimeout, _) = &end {
+        app.metrics
+            .halt(generated.saturating_sub(m.paid_tokens), halt_at.elapsed());
+    }
+    if let Some(t) = paused_since {
+        paused += t.elapsed();
+    }
+    app.metrics.session(started.elapsed(), paused);
     m.finish(end).await;
     if m.spec.mode == Mode::Keysend {
         app.lightning.unregister_keysend_session(&sid);
@@ -353,7 +370,9 @@ impl Meter {
                     format!("claim of chunk {k} failed: {e}"),
                 )
             })?;
-        self.deliver(u, gen).await
+        self.deliver(u, gen).await?;
+        self.app.metrics.payment_to_tokens(h.at.elapsed());
+        Ok(())
     }
 
     async fn deliver(&mut self, u: Unpaid, gen: &Generation) -> Result<(), End> {

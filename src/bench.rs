@@ -1,0 +1,450 @@
+//! `satstream bench`: the performance goals measured side by side in one run, on the regtest
+//! harness (real bitcoind, real ldk-node channel, the real engine), printed as one Markdown
+//! table and written to `docs/benchmarks.md`.
+//!
+//! Every figure comes from this run: the raw engine rate is measured on the same loaded
+//! engine, prompt and sampling as the paid stream it is compared with.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tonic::transport::Channel;
+
+use crate::client::{self, ClientError, Summary};
+use crate::config::ModelConfig;
+use crate::engine::{ChatMessage as EngineMessage, GenerateParams, Prompt, TokenEvent};
+use crate::grpc::proto::{
+    generate_event::Event as Ev, inference_client::InferenceClient, ChatMessage, GenerateRequest,
+    PaymentMode, SamplingParams,
+};
+use crate::harness::{Harness, HarnessError, HarnessOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Harness(#[from] HarnessError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub struct BenchOptions {
+    /// The model under test (its `chunk_tokens` is varied by the benchmark).
+    pub model: ModelConfig,
+    /// Tokens per paid stream in the ratio and stall runs.
+    pub tokens: u32,
+    /// Tokens per stream in the concurrency runs.
+    pub concurrent_tokens: u32,
+}
+
+const PROMPT: &str =
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.";
+
+fn messages() -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: PROMPT.into(),
+    }]
+}
+
+fn request(model: &str, max_tokens: u32, window: u32) -> GenerateRequest {
+    GenerateRequest {
+        model: model.into(),
+        messages: messages(),
+        max_tokens,
+        mode: PaymentMode::Bolt11 as i32,
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        window_chunks: Some(window),
+        ..Default::default()
+    }
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn connect(h: &Harness) -> Result<InferenceClient<Channel>, BenchError> {
+    InferenceClient::connect(format!("http://{}", h.server().grpc_addr))
+        .await
+        .map_err(|e| BenchError::Failed(format!("connect: {e}")))
+}
+
+/// Raw engine rate: the same prompt and sampling, straight from the loaded engine.
+async fn raw_rate(h: &Harness, model: &str, tokens: u32) -> Result<f64, BenchError> {
+    let prompt = Prompt::Chat(vec![EngineMessage {
+        role: "user".into(),
+        content: PROMPT.into(),
+    }]);
+    let started = Instant::now();
+    let mut g = h
+        .server()
+        .app
+        .engine
+        .generate(model, GenerateParams::new(prompt, tokens))
+        .await
+        .map_err(|e| BenchError::Failed(format!("raw generation: {e}")))?;
+    let mut n = 0u32;
+    while let Some(ev) = g.events.recv().await {
+        match ev {
+            TokenEvent::Token { .. } => n += 1,
+            TokenEvent::Finished { .. } => break,
+            TokenEvent::Paused { .. } => {}
+        }
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn paid(h: &Harness, model: &str, tokens: u32, window: u32) -> Result<Summary, BenchError> {
+    let mut c = connect(h).await?;
+    let s = client::generate(
+        &mut c,
+        &h.payer,
+        request(model, tokens, window),
+        None,
+        |_| {},
+    )
+    .await?;
+    if s.tokens == 0 || s.outcome.starts_with("halted") {
+        return Err(BenchError::Failed(format!("paid stream failed: {s:?}")));
+    }
+    Ok(s)
+}
+
+async fn set_chunk(h: &mut Harness, chunk: u32, timeout_secs: u64) -> Result<(), BenchError> {
+    h.config.models[0].chunk_tokens = chunk;
+    h.config.payments.payment_timeout_secs = timeout_secs;
+    h.restart_server().await?;
+    Ok(())
+}
+
+/// Pays the first `paid_chunks` invoices, then stops paying and waits for the halt.
+async fn halt_once(h: &Harness, model: &str, paid_chunks: usize) -> Result<(), BenchError> {
+    let mut c = connect(h).await?;
+    let mut s = c
+        .generate(request(model, 1_000, 2))
+        .await
+        .map_err(ClientError::from)?
+        .into_inner();
+    let mut invoices = 0;
+    loop {
+        let ev = s.message().await.map_err(ClientError::from)?;
+        match ev.and_then(|e| e.event) {
+            Some(Ev::Invoice(inv)) => {
+                if invoices < paid_chunks {
+                    h.payer.send(&inv.bolt11)?;
+                }
+                invoices += 1;
+            }
+            Some(Ev::Halted(_)) => return Ok(()),
+            Some(Ev::Done(_)) | None => {
+                return Err(BenchError::Failed("expected a halt".into()));
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+struct Concurrency {
+    streams: usize,
+    completed: usize,
+    errors: usize,
+    tok_s: f64,
+    payments_s: f64,
+    exact_ledger: bool,
+    pay_ms_p50: f64,
+    pay_ms_max: f64,
+}
+
+async fn concurrent(h: &Harness, model: &str, n: usize, tokens: u32) -> Concurrency {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let addr = format!("http://{}", h.server().grpc_addr);
+        let model = model.to_string();
+        let payer = &h.payer;
+        tasks.push(async move {
+            let mut c = InferenceClient::connect(addr)
+                .await
+                .map_err(|e| BenchError::Failed(e.to_string()))?;
+            let mut pay_ms = Vec::new();
+            let s = client::generate(&mut c, payer, request(&model, tokens, 2), None, |e| {
+                if let client::ClientEvent::Paid { ms, .. } = e {
+                    pay_ms.push(*ms);
+                }
+            })
+            .await?;
+            Ok::<_, BenchError>((s, pay_ms))
+        });
+    }
+    let results = futures_join_all(tasks).await;
+    let wall = started.elapsed().as_secs_f64();
+    let (mut completed, mut errors, mut tokens_total, mut payments, mut exact) =
+        (0, 0, 0u64, 0u64, true);
+    let mut pay_ms = Vec::new();
+    for r in results {
+        match r {
+            Ok((s, ms)) if s.outcome == "length" || s.outcome == "stop" => {
+                completed += 1;
+                tokens_total += s.tokens as u64;
+                payments += s.payments as u64;
+                pay_ms.extend(ms);
+                let sid: Option<[u8; 16]> = hex::decode(&s.session_id)
+                    .ok()
+                    .and_then(|b| b.try_into().ok());
+                let audit = sid.and_then(|sid| h.server().app.store.audit_session(&sid).ok());
+                exact &= matches!(audit, Some(a) if a.claimed_msat == a.delivered_msat
+                    && a.unresolved_invoices == 0
+                    && s.spent_msat == a.claimed_msat);
+            }
+            Ok((s, _)) => {
+                tracing::warn!(?s, "stream did not complete");
+                errors += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stream failed");
+                errors += 1;
+            }
+        }
+    }
+    Concurrency {
+        streams: n,
+        completed,
+        errors,
+        tok_s: tokens_total as f64 / wall,
+        payments_s: payments as f64 / wall,
+        exact_ledger: exact,
+        pay_ms_p50: pct(&pay_ms, 0.5),
+        pay_ms_max: pct(&pay_ms, 1.0),
+    }
+}
+
+/// Polls a set of futures to completion concurrently (on this task), keeping their order.
+async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let mut fs: Vec<_> = fs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = fs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in fs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("all ready")).collect()
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cpu}, {cores} cores")
+}
+
+/// Runs everything and returns the Markdown report.
+pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
+    let id = opts.model.id.clone();
+    let mut model = opts.model.clone();
+    model.max_concurrent = 40;
+    model.max_queue = 64;
+    model.chunk_tokens = 16;
+    let mut h = Harness::start(HarnessOptions {
+        models: vec![model],
+        sets: vec!["limits.max_sessions=64".into()],
+        ..HarnessOptions::default()
+    })
+    .await?;
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut row = |what: &str, value: String, goal: &str| {
+        tracing::info!(what, value = %value, "measured");
+        rows.push((what.into(), value, goal.into()));
+    };
+
+    // Cold start: the server alone (store, node, model load, gRPC serving).
+    set_chunk(&mut h, 16, 30).await?;
+    let ready = h.server_start;
+    row(
+        "Cold start to ready (store, node, model, gRPC)",
+        format!("{:.2} s", ready.as_secs_f64()),
+        "≤ 5 s",
+    );
+
+    // Paid vs raw, chunk 16, window 2: alternate to share the machine's state fairly.
+    h.server().app.metrics.take();
+    let (mut raw, mut paid_rates) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        raw.push(raw_rate(&h, &id, opts.tokens).await?);
+        paid_rates.push(paid(&h, &id, opts.tokens, 2).await?.tokens_per_sec);
+    }
+    let (raw_best, paid_best) = (
+        raw.iter().cloned().fold(0.0, f64::max),
+        paid_rates.iter().cloned().fold(0.0, f64::max),
+    );
+    row(
+        "Paid ÷ raw tok/s (chunk 16, window 2)",
+        format!(
+            "{:.3} ({paid_best:.1} ÷ {raw_best:.1} tok/s, {} tokens)",
+            paid_best / raw_best,
+            opts.tokens
+        ),
+        "≥ 0.97",
+    );
+    let m = h.server().app.metrics.take();
+    let mut p2t = m.payment_to_tokens_ms.clone();
+
+    // Stall share by chunk size and window.
+    for chunk in [8u32, 16, 32] {
+        set_chunk(&mut h, chunk, 30).await?;
+        for window in [1u32, 2] {
+            h.server().app.metrics.take();
+            paid(&h, &id, opts.tokens, window).await?;
+            let m = h.server().app.metrics.take();
+            p2t.extend(m.payment_to_tokens_ms);
+            row(
+                &format!("Stall share, chunk {chunk}, window {window}"),
+                format!("{:.1} %", 100.0 * m.paused_ms / m.session_ms.max(1e-9)),
+                "≤ 2 %",
+            );
+        }
+    }
+    row(
+        "Stall share, window 0",
+        "n/a: the server requires window ≥ 1 (a chunk is priced once it exists)".into(),
+        "",
+    );
+    row(
+        "Payment event → first token on the wire, p50 / p99",
+        format!(
+            "{:.2} / {:.2} ms (n = {})",
+            pct(&p2t, 0.5),
+            pct(&p2t, 0.99),
+            p2t.len()
+        ),
+        "≤ 1 / ≤ 5 ms",
+    );
+
+    // Halt precision: pay two chunks, then stop paying (timeout 1 s).
+    set_chunk(&mut h, 16, 1).await?;
+    h.server().app.metrics.take();
+    for _ in 0..3 {
+        halt_once(&h, &id, 2).await?;
+    }
+    let m = h.server().app.metrics.take();
+    row(
+        "Tokens generated after the payer stops (window 2 × chunk 16)",
+        format!(
+            "max {:?} over {} halts",
+            m.halt_overrun_tokens.iter().max(),
+            m.halt_overrun_tokens.len()
+        ),
+        "≤ window × chunk + 2 = 34",
+    );
+    row(
+        "Timeout → engine free",
+        format!("max {:.3} ms", pct(&m.halt_to_free_ms, 1.0)),
+        "",
+    );
+
+    // Concurrency on one channel.
+    set_chunk(&mut h, 16, 30).await?;
+    let mut best_payments = 0.0f64;
+    for n in [1usize, 8, 40] {
+        let c = concurrent(&h, &id, n, opts.concurrent_tokens).await;
+        best_payments = best_payments.max(c.payments_s);
+        row(
+            &format!("{} concurrent paid streams ({} tokens each)", c.streams, opts.concurrent_tokens),
+            format!(
+                "{}/{} complete, {} errors, {:.1} tok/s aggregate, {:.1} payments/s, ledger {}; pay → settled p50 {:.0} ms, max {:.0} ms",
+                c.completed,
+                c.streams,
+                c.errors,
+                c.tok_s,
+                c.payments_s,
+                if c.exact_ledger { "exact" } else { "NOT exact" },
+                c.pay_ms_p50,
+                c.pay_ms_max
+            ),
+            "all complete, exact ledger",
+        );
+    }
+    row(
+        "Highest sustained chunk payments/s (invoice issued and settled)",
+        format!("{best_payments:.1} /s"),
+        "",
+    );
+    row(
+        "Peak RSS (whole process: server, engine, client wallet)",
+        format!("{:.0} MB", peak_rss_mb()),
+        "≤ 600 MB",
+    );
+    h.stop().await;
+
+    let mut md = String::new();
+    md.push_str(&format!(
+        "| Measurement ({id}) | Result | Goal |\n|---|---|---|\n"
+    ));
+    for (w, v, g) in rows {
+        md.push_str(&format!("| {w} | {v} | {g} |\n"));
+    }
+    md.push_str(&format!(
+        "\nMachine: {}. Date: {}. Model file: `{}`.\n",
+        machine(),
+        chrono_like_now(),
+        opts.model.path.display()
+    ));
+    Ok(md)
+}
+
+fn chrono_like_now() -> String {
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Where the report is written by default.
+pub fn default_report_path() -> PathBuf {
+    PathBuf::from("docs/benchmarks.md")
+}
