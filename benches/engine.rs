@@ -190,16 +190,7 @@ async fn main() {
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
     );
 
-    let cfg = ModelConfig {
-        id: "smollm2".into(),
-        path: path.clone(),
-        context_length: 0,
-        msat_per_token: 1000,
-        msat_per_prompt_token: 0,
-        chunk_tokens: 16,
-        max_concurrent: 4,
-        max_queue: 16,
-    };
+    let cfg = ModelConfig::new("smollm2", path.clone(), 1000);
     let t = Instant::now();
     let engine = Engine::load(&[cfg]).await.expect("load");
     println!(

@@ -39,6 +39,23 @@ pub struct ModelConfig {
     pub max_queue: u32,
 }
 
+impl ModelConfig {
+    /// A model with the file's own context length, the config file's defaults for chunking
+    /// and admission, and `msat_per_token` per output token (prompts free).
+    pub fn new(id: impl Into<String>, path: impl Into<PathBuf>, msat_per_token: u64) -> Self {
+        ModelConfig {
+            id: id.into(),
+            path: path.into(),
+            context_length: 0,
+            msat_per_token,
+            msat_per_prompt_token: 0,
+            chunk_tokens: default_chunk_tokens(),
+            max_concurrent: default_max_concurrent(),
+            max_queue: default_max_queue(),
+        }
+    }
+}
+
 fn default_chunk_tokens() -> u32 {
     16
 }

@@ -247,23 +247,8 @@ async fn bench(cli: &Cli, a: &BenchArgs) -> Result<()> {
     }
     if a.model == "tiny" || a.model == "all" {
         let path = satstream::engine::tiny_model::write_tiny_model(tmp.path())?;
-        let mut m =
-            base.models
-                .first()
-                .cloned()
-                .unwrap_or_else(|| satstream::config::ModelConfig {
-                    id: String::new(),
-                    path: PathBuf::new(),
-                    context_length: 0,
-                    msat_per_token: 1000,
-                    msat_per_prompt_token: 0,
-                    chunk_tokens: 16,
-                    max_concurrent: 4,
-                    max_queue: 16,
-                });
-        m.id = "tiny".into();
-        m.context_length = 0;
-        m.path = path;
+        let msat = base.models.first().map_or(1000, |m| m.msat_per_token);
+        let m = satstream::config::ModelConfig::new("tiny", path, msat);
         runs.push(BenchOptions {
             model: m,
             tokens: 1024,

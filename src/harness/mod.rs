@@ -183,13 +183,7 @@ impl Harness {
             .new_address()
             .map_err(LightningError::from)?
             .to_string();
-        let payer_addr = self
-            .payer
-            .node
-            .onchain_payment()
-            .new_address()
-            .map_err(LightningError::from)?
-            .to_string();
+        let payer_addr = self.payer.new_address()?;
         self.bitcoind.mine_to(1, &payer_addr)?;
         self.bitcoind.mine_to(1, &server_addr)?;
         let tip = self.bitcoind.mine_to(100, &payer_addr)?;
@@ -247,13 +241,7 @@ impl Harness {
 
     /// Mines `n` blocks and waits for both nodes to see them.
     pub async fn mine(&self, n: u32) -> Result<u32, HarnessError> {
-        let addr = self
-            .payer
-            .node
-            .onchain_payment()
-            .new_address()
-            .map_err(LightningError::from)?
-            .to_string();
+        let addr = self.payer.new_address()?;
         let tip = self.bitcoind.mine_to(n, &addr)?;
         self.wait_synced(tip).await?;
         Ok(tip)
