@@ -45,9 +45,38 @@ pub fn find_bitcoind() -> Result<PathBuf, HarnessError> {
     }
 }
 
-/// A port the OS just gave us and we released. Another process could take it in between,
-/// which on a test machine is rare enough; bitcoind fails loudly if it happens.
+/// A free loopback port for a listener we start next.
+///
+/// Not `bind(:0)`: that hands out ports from the ephemeral range, which is also where every
+/// outgoing connection takes its local port. With several nodes polling bitcoind's RPC, one
+/// of those connections can grab the port before our listener binds it (seen in CI as
+/// bitcoind's "Unable to start HTTP server"). So we pick a random port below the ephemeral
+/// range that is free right now; only another listener picking the same port could race us,
+/// and `Bitcoind::start` retries when that happens.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (base, span) = if low > 12_000 {
+        (10_000u16, low - 10_000)
+    } else {
+        // An unusual range: fall back to the OS's choice.
+        return bind_any();
+    };
+    for _ in 0..200 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = base + (h.finish() % u64::from(span)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    bind_any()
+}
+
+fn bind_any() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -56,6 +85,26 @@ pub fn free_port() -> u16 {
 
 impl Bitcoind {
     pub fn start() -> Result<Bitcoind, HarnessError> {
+        // A port picked by `free_port` can still be taken by another listener before
+        // bitcoind binds it; that is the one start failure worth another try.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once() {
+                Err(HarnessError::Setup(e))
+                    if attempt < 5 && e.contains("Unable to start HTTP server") =>
+                {
+                    tracing::warn!(
+                        attempt,
+                        "bitcoind could not bind its RPC port; retrying on another"
+                    );
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn start_once() -> Result<Bitcoind, HarnessError> {
         let exe = find_bitcoind()?;
         let cli = exe.with_file_name("bitcoin-cli");
         let datadir = tempfile::Builder::new()
