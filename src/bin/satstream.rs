@@ -169,6 +169,20 @@ enum WalletCmd {
         #[arg(long, default_value_t = 100_000)]
         sats: u64,
     },
+    /// Pay BOLT11 invoices as they appear in the output of a command, which is copied to
+    /// stdout: `satstream wallet pay --max-sats 50 -- grpcurl … Generate`. The command starts
+    /// once the wallet's channel is usable. Without a command: `--invoice`s, else stdin.
+    Pay {
+        /// Spend at most this much (invoice amounts); invoices beyond it are refused.
+        #[arg(long)]
+        max_sats: u64,
+        /// An invoice to pay (repeatable).
+        #[arg(long = "invoice")]
+        invoices: Vec<String>,
+        /// The command whose output carries the invoices (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -370,6 +384,9 @@ async fn demo(cli: &Cli, r: &Request) -> Result<()> {
     result.map(|_| ())
 }
 
+/// How long a client waits for its channel to be re-established after the wallet starts.
+const CHANNEL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl WalletConn {
     fn chain(&self) -> Result<ChainConfig> {
         let mut c = ChainConfig::default();
@@ -400,20 +417,46 @@ impl WalletConn {
         })
     }
 
-    async fn open(&self) -> Result<(Wallet, InferenceClient<Channel>)> {
+    async fn open_wallet(&self) -> Result<Wallet> {
         let (dir, network, listen, chain) = (
             self.wallet_dir.clone(),
             self.network()?,
             self.listen.clone(),
             self.chain()?,
         );
-        let wallet =
+        Ok(
             tokio::task::spawn_blocking(move || Wallet::start(&dir, network, &listen, &chain))
-                .await??;
-        let client = InferenceClient::connect(self.server.clone())
+                .await??,
+        )
+    }
+
+    async fn connect(&self) -> Result<InferenceClient<Channel>> {
+        InferenceClient::connect(self.server.clone())
             .await
-            .with_context(|| format!("cannot reach the server at {}", self.server))?;
-        Ok((wallet, client))
+            .with_context(|| format!("cannot reach the server at {}", self.server))
+    }
+
+    /// The wallet, ready to pay (a usable channel), and the server.
+    async fn open(&self) -> Result<(Wallet, InferenceClient<Channel>)> {
+        let wallet = self.open_wallet().await?;
+        let client = match self.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                wallet.stop();
+                return Err(e);
+            }
+        };
+        match wallet.wait_usable(CHANNEL_WAIT).await {
+            Ok(true) => Ok((wallet, client)),
+            Ok(false) => {
+                wallet.stop();
+                bail!("the wallet has no channel: `satstream wallet open-channel --sats N` first")
+            }
+            Err(e) => {
+                wallet.stop();
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -500,9 +543,9 @@ async fn chat_loop(
 }
 
 async fn wallet(a: &WalletArgs) -> Result<()> {
-    let (wallet, mut client) = a.conn.open().await?;
+    let wallet = a.conn.open_wallet().await?;
     let result = async {
-        match a.cmd {
+        match &a.cmd {
             WalletCmd::Address => println!("{}", wallet.new_address()?),
             WalletCmd::Balance => {
                 let node = wallet.node.clone();
@@ -514,20 +557,32 @@ async fn wallet(a: &WalletArgs) -> Result<()> {
                 );
             }
             WalletCmd::OpenChannel { sats } => {
+                let mut client = a.conn.connect().await?;
                 let model = first_model(&mut client).await?;
+                // Quote is where a server names its node; any small request will do.
                 let q = client
                     .quote(QuoteRequest {
                         model,
+                        prompt: "hi".into(),
                         max_tokens: 1,
                         ..Default::default()
                     })
                     .await?
                     .into_inner();
-                wallet.open_channel(&q.node_id, &q.node_address, sats)?;
+                let txid = wallet
+                    .open_channel(&q.node_id, &q.node_address, *sats)
+                    .await?;
                 println!(
-                    "opening a {sats} sat channel to {}@{}; it is usable after confirmations",
+                    "opened a {sats} sat channel to {}@{} (funding tx {txid}); it is usable after 6 confirmations",
                     q.node_id, q.node_address
                 );
+            }
+            WalletCmd::Pay {
+                max_sats,
+                invoices,
+                command,
+            } => {
+                pay(&wallet, a.conn.network()?, *max_sats, invoices, command).await?;
             }
         }
         anyhow::Ok(())
@@ -535,6 +590,80 @@ async fn wallet(a: &WalletArgs) -> Result<()> {
     .await;
     wallet.stop();
     result
+}
+
+/// `satstream wallet pay`: every invoice in a command's output, the invoices given, or those
+/// piped through stdin.
+async fn pay(
+    wallet: &Wallet,
+    network: Network,
+    max_sats: u64,
+    invoices: &[String],
+    command: &[String],
+) -> Result<()> {
+    use satstream::client::pipe::{pay_lines, PipeEvent};
+    use tokio::io::BufReader;
+    // The server refuses a generation it could not be paid for, so a command that starts
+    // one must wait until this wallet's channel is back up.
+    if !wallet.wait_usable(CHANNEL_WAIT).await? {
+        bail!("the wallet has no channel: `satstream wallet open-channel --sats N` first");
+    }
+    let report = |e: &PipeEvent| match e {
+        PipeEvent::Sent { amount_msat } => eprintln!("[wallet] paying {amount_msat} msat"),
+        PipeEvent::Paid {
+            amount_msat,
+            fee_msat,
+        } => eprintln!("[wallet] paid {amount_msat} msat (fee {fee_msat} msat)"),
+        PipeEvent::Failed {
+            amount_msat,
+            reason,
+        } => eprintln!("[wallet] payment of {amount_msat} msat failed: {reason}"),
+        PipeEvent::Refused { reason, .. } => eprintln!("[wallet] not paying an invoice: {reason}"),
+    };
+    let budget = max_sats * 1000;
+    let settle = std::time::Duration::from_secs(60);
+    let out = tokio::io::stdout();
+    let (s, status) = if let Some((program, args)) = command.split_first() {
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot run {program:?}"))?;
+        let output = BufReader::new(child.stdout.take().context("the command's stdout")?);
+        let s = pay_lines(wallet, network, output, out, budget, settle, report).await?;
+        (s, Some(child.wait().await?))
+    } else if !invoices.is_empty() {
+        let text = invoices.join("\n");
+        let input = BufReader::new(text.as_bytes());
+        let s = pay_lines(
+            wallet,
+            network,
+            input,
+            tokio::io::sink(),
+            budget,
+            settle,
+            report,
+        );
+        (s.await?, None)
+    } else {
+        let input = BufReader::new(tokio::io::stdin());
+        (
+            pay_lines(wallet, network, input, out, budget, settle, report).await?,
+            None,
+        )
+    };
+    eprintln!(
+        "[wallet] summary: paid={} paid_msat={} fees_msat={} failed={} refused={} unresolved={}",
+        s.paid, s.paid_msat, s.fees_msat, s.failed, s.refused, s.unresolved
+    );
+    if let Some(status) = status.filter(|s| !s.success()) {
+        bail!("the command failed ({status})");
+    }
+    if s.failed + s.unresolved > 0 {
+        bail!("not every payment succeeded");
+    }
+    Ok(())
 }
 
 async fn regtest(cli: &Cli) -> Result<()> {
@@ -545,28 +674,31 @@ async fn regtest(cli: &Cli) -> Result<()> {
     let h = Harness::start(HarnessOptions {
         models: base.models.clone(),
         sets,
+        bitcoind_rpc_port: Some(base.chain.bitcoind_rpc_port),
         ..HarnessOptions::default()
     })
     .await?;
     let addr = h.server().grpc_addr;
     let token = &h.server().admin_token;
+    let model = base.models.first().map_or("MODEL", |m| m.id.as_str());
+    let rpc = h.bitcoind.rpc_port;
     println!(
         "\nsatstream is running on regtest.\n\
          gRPC:          {addr}\n\
          server node:   {}@{}\n\
-         payer node:    {}\n\
-         bitcoind RPC:  127.0.0.1:{} (user/password satstream)\n\n\
-         Try (grpcurl needs no .proto files, reflection is on):\n\
+         bitcoind RPC:  127.0.0.1:{rpc} (user/password satstream)\n\n\
+         In another terminal (`source scripts/env.sh` puts satstream, bitcoin-cli and grpcurl on PATH):\n\
          \x20 grpcurl -plaintext {addr} list\n\
          \x20 grpcurl -plaintext {addr} describe satstream.v1.Inference\n\
-         \x20 grpcurl -plaintext -H 'authorization: Bearer {token}' {addr} satstream.v1.Admin/GetInfo\n\
-         \x20 grpcurl -plaintext -H 'authorization: Bearer {token}' {addr} satstream.v1.Admin/ListChannels\n\
-         \x20 grpcurl -plaintext -H 'authorization: Bearer {token}' -d '{{\"page_size\": 10}}' {addr} satstream.v1.Admin/ListInvoices\n\n\
+         \x20 grpcurl -plaintext {addr} satstream.v1.Inference/ListModels\n\
+         \x20 grpcurl -plaintext -H 'authorization: Bearer {token}' {addr} satstream.v1.Admin/GetInfo\n\n\
+         Pay from a wallet of your own (its data goes to ./satstream-client):\n\
+         \x20 mine() {{ bitcoin-cli -regtest -rpcport={rpc} -rpcuser=satstream -rpcpassword=satstream generatetoaddress \"$1\" \"$(satstream wallet address)\" >/dev/null; }}\n\
+         \x20 mine 101 && satstream wallet --server http://{addr} open-channel --sats 200000 && mine 6\n\
+         \x20 satstream wallet pay --max-sats 100 -- grpcurl -plaintext -d '{{\"model\":\"{model}\",\"max_tokens\":48,\"messages\":[{{\"role\":\"user\",\"content\":\"Tell me about Lightning\"}}]}}' {addr} satstream.v1.Inference/Generate\n\n\
          Ctrl-C stops everything.",
         h.server_node_id(),
         h.server_ln_address(),
-        h.payer.node_id(),
-        h.bitcoind.rpc_port,
     );
     let stop = CancellationToken::new();
     satstream::shutdown::cancel_on_signal(stop.clone()).await;

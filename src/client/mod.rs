@@ -6,8 +6,11 @@
 //! - [`stream`]: one Generate call, paid chunk by chunk within a budget: BOLT11 invoices,
 //!   ATOMIC chunks decrypted with the preimage the payment reveals, KEYSEND top-ups.
 //! - [`console`]: live text + status line, or JSON lines, and the summary.
+//! - [`pipe`]: pays the invoices in any text piped through it (`grpcurl … | satstream wallet
+//!   pay`), within a budget.
 
 pub mod console;
+pub mod pipe;
 pub mod stream;
 pub mod wallet;
 

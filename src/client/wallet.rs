@@ -189,15 +189,106 @@ impl Wallet {
         )
     }
 
-    /// Opens a channel of `sats` to `node_id@address` (as Quote reports them).
-    pub fn open_channel(&self, node_id: &str, address: &str, sats: u64) -> Result<(), ClientError> {
+    /// Opens a channel of `sats` to `node_id@address` (as Quote reports them). Returns once the
+    /// funding transaction is queued for broadcast (ChannelPending), so the process may exit after it;
+    /// the channel is usable after confirmations.
+    pub async fn open_channel(
+        &self,
+        node_id: &str,
+        address: &str,
+        sats: u64,
+    ) -> Result<String, ClientError> {
         let pk = crate::lightning::parse_node_id(node_id)?;
         let addr = ldk_node::lightning::ln::msgs::SocketAddress::from_str(address)
             .map_err(|_| ClientError::Wallet(format!("bad node address {address:?}")))?;
-        self.node
+        // The on-chain balance must be current, or a freshly funded wallet has nothing to spend.
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || node.sync_wallets())
+            .await
+            .map_err(|e| ClientError::Wallet(e.to_string()))?
+            .map_err(|e| ClientError::Wallet(format!("sync: {e}")))?;
+        let spendable = self.node.list_balances().spendable_onchain_balance_sats;
+        if spendable <= sats {
+            return Err(ClientError::Wallet(format!(
+                "{spendable} sat spendable on-chain is not enough for a {sats} sat channel \
+                 plus fees: fund `satstream wallet address` (coinbase needs 100 blocks to mature)"
+            )));
+        }
+        let mut events = self.subscribe();
+        let id = self
+            .node
             .open_channel(pk, addr, sats, None, None)
             .map_err(|e| ClientError::Wallet(format!("open channel: {e}")))?;
-        Ok(())
+        let wait = async {
+            loop {
+                match events.recv().await {
+                    Ok(Event::ChannelPending {
+                        user_channel_id,
+                        funding_txo,
+                        ..
+                    }) if user_channel_id == id => return Ok(funding_txo.txid),
+                    Ok(Event::ChannelClosed {
+                        user_channel_id,
+                        reason,
+                        ..
+                    }) if user_channel_id == id => {
+                        return Err(ClientError::Wallet(format!(
+                            "the channel was refused or closed: {reason:?}"
+                        )))
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(ClientError::Wallet("the wallet stopped".into()))
+                    }
+                }
+            }
+        };
+        // LDK queues the funding transaction for broadcast before it emits ChannelPending, and
+        // ldk-node's broadcaster sends it as soon as it is queued.
+        let txid = tokio::time::timeout(Duration::from_secs(60), wait)
+            .await
+            .map_err(|_| ClientError::Timeout("the channel's funding transaction"))??;
+        Ok(txid.to_string())
+    }
+
+    /// Waits until the wallet can pay over one of its channels. After a start, a channel is
+    /// usable only once its peer is reconnected and the channel re-established, and ldk-node
+    /// redials persisted peers on its own schedule, so this dials them now. Ok(false): the
+    /// wallet has no channel at all (open one first).
+    pub async fn wait_usable(&self, timeout: Duration) -> Result<bool, ClientError> {
+        let peers: Vec<_> = self
+            .node
+            .list_channels()
+            .iter()
+            .map(|c| c.counterparty_node_id)
+            .collect();
+        if peers.is_empty() {
+            return Ok(false);
+        }
+        for p in self.node.list_peers() {
+            if peers.contains(&p.node_id) && !p.is_connected {
+                let node = self.node.clone();
+                let (id, addr) = (p.node_id, p.address.clone());
+                // A failed dial is not fatal: ldk-node retries, and the wait below is bounded.
+                let r = tokio::task::spawn_blocking(move || node.connect(id, addr, true)).await;
+                if let Ok(Err(e)) = r {
+                    tracing::debug!(peer = %p.node_id, error = %e, "reconnect");
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        // ldk-node has no event for "re-established", so poll the channel list.
+        while self.outbound_msat() == 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Wallet(format!(
+                    "no usable channel after {} s: is it confirmed (6 blocks) and is its peer \
+                     reachable?",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(true)
     }
 
     pub fn stop(&self) {

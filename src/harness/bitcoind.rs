@@ -84,13 +84,24 @@ fn bind_any() -> u16 {
 }
 
 impl Bitcoind {
-    pub fn start() -> Result<Bitcoind, HarnessError> {
+    /// Starts on RPC port `rpc_port`, or (None) on a free one.
+    pub fn start(rpc_port: Option<u16>) -> Result<Bitcoind, HarnessError> {
+        if let Some(port) = rpc_port {
+            return Self::start_once(port).map_err(|e| match e {
+                HarnessError::Setup(e) if e.contains("Unable to start HTTP server") => {
+                    HarnessError::Setup(format!(
+                        "bitcoind cannot listen on RPC port {port}: is another bitcoind running? ({e})"
+                    ))
+                }
+                e => e,
+            });
+        }
         // A port picked by `free_port` can still be taken by another listener before
         // bitcoind binds it; that is the one start failure worth another try.
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::start_once() {
+            match Self::start_once(free_port()) {
                 Err(HarnessError::Setup(e))
                     if attempt < 5 && e.contains("Unable to start HTTP server") =>
                 {
@@ -104,14 +115,13 @@ impl Bitcoind {
         }
     }
 
-    fn start_once() -> Result<Bitcoind, HarnessError> {
+    fn start_once(rpc_port: u16) -> Result<Bitcoind, HarnessError> {
         let exe = find_bitcoind()?;
         let cli = exe.with_file_name("bitcoin-cli");
         let datadir = tempfile::Builder::new()
             .prefix("satstream-bitcoind-")
             .tempdir()
             .map_err(|e| HarnessError::Setup(format!("temp dir: {e}")))?;
-        let rpc_port = free_port();
         let p2p_port = free_port();
         let mut cmd = Command::new(&exe);
         cmd.arg("-regtest")

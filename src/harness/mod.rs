@@ -42,6 +42,9 @@ pub struct HarnessOptions {
     pub sets: Vec<String>,
     /// Where the server and payer keep their data (None: a temp dir removed on drop).
     pub data_dir: Option<std::path::PathBuf>,
+    /// bitcoind's RPC port (None: any free port). `satstream regtest` uses the standard
+    /// 18443 so that copy-pasted commands (bitcoin-cli, the client's default) find it.
+    pub bitcoind_rpc_port: Option<u16>,
 }
 
 impl Default for HarnessOptions {
@@ -51,6 +54,7 @@ impl Default for HarnessOptions {
             channel_sat: 1_000_000,
             sets: Vec::new(),
             data_dir: None,
+            bitcoind_rpc_port: None,
         }
     }
 }
@@ -92,7 +96,7 @@ impl Harness {
     /// Starts bitcoind, the server and the payer; funds both nodes; opens the channel and
     /// waits until it is usable. Call on a multi-thread tokio runtime.
     pub async fn start(opts: HarnessOptions) -> Result<Harness, HarnessError> {
-        let bitcoind = Bitcoind::start()?;
+        let bitcoind = Bitcoind::start(opts.bitcoind_rpc_port)?;
         let (tmp, root) = match &opts.data_dir {
             Some(d) => (None, d.clone()),
             None => {

@@ -78,7 +78,7 @@ pub struct Lightning {
     keysend_tlv_type: u64,
 }
 
-fn ldk_network(n: Network) -> ldk_node::bitcoin::Network {
+pub fn ldk_network(n: Network) -> ldk_node::bitcoin::Network {
     match n {
         Network::Regtest => ldk_node::bitcoin::Network::Regtest,
         Network::Signet => ldk_node::bitcoin::Network::Signet,

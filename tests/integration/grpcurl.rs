@@ -187,3 +187,123 @@ async fn grpcurl_generate_bolt11_paid_from_the_payer_node() {
         Err(_) => panic!("the harness is still shared"),
     }
 }
+
+/// The README's grpcurl walkthrough, command for command: a fresh client wallet (the real
+/// `satstream wallet` binary) is funded, opens a channel to the server from Quote's node
+/// address, and pays `grpcurl … Generate` by running it under `satstream wallet pay`, which
+/// pays each invoice in grpcurl's output as it is printed. A second run with a budget below the price shows the wallet
+/// refusing the rest, and the server halting after exactly what was paid for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readme_walkthrough_grpcurl_generate_paid_by_satstream_wallet_pay() {
+    super::support::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = satstream::config::ModelConfig::new(
+        "tiny",
+        satstream::engine::tiny_model::write_tiny_model(dir.path()).unwrap(),
+        1000,
+    );
+    model.chunk_tokens = 4;
+    let h = Harness::start(HarnessOptions {
+        models: vec![model],
+        channel_sat: 0,
+        // The budget run ends by the server's payment timeout: keep it short.
+        sets: vec!["payments.payment_timeout_secs=8".into()],
+        ..HarnessOptions::default()
+    })
+    .await
+    .unwrap();
+    let addr = h.server().grpc_addr.to_string();
+    let wallet_dir = dir.path().join("client");
+    let conn = [
+        "--server".to_string(),
+        format!("http://{addr}"),
+        "--wallet-dir".into(),
+        wallet_dir.display().to_string(),
+        "--bitcoind-rpc".into(),
+        format!("127.0.0.1:{}", h.bitcoind.rpc_port),
+        "--listen".into(),
+        format!("127.0.0.1:{}", satstream::harness::free_port()),
+    ];
+    let wallet = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_satstream"))
+            .arg("wallet")
+            .args(&conn)
+            .args(args)
+            .output()
+            .expect("run satstream wallet");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "wallet {args:?}:\n{stdout}\n{stderr}");
+        stdout
+    };
+
+    let address = wallet(&["address"]);
+    h.bitcoind.mine_to(101, address.trim()).unwrap();
+    let opened = wallet(&["open-channel", "--sats", "200000"]);
+    assert!(opened.contains(&h.server_node_id()), "{opened}");
+    let height = h.bitcoind.mine_to(6, address.trim()).unwrap();
+    h.wait_synced(height).await.unwrap();
+
+    // satstream wallet pay --max-sats N -- grpcurl … Generate
+    let paid_run = |max_sats: &str| {
+        let request = r#"{"model": "tiny", "max_tokens": 10, "sampling": {"temperature": 0},
+            "messages": [{"role": "user", "content": "hi"}]}"#;
+        let pay = Command::new(env!("CARGO_BIN_EXE_satstream"))
+            .arg("wallet")
+            .args(&conn)
+            .args(["pay", "--max-sats", max_sats, "--"])
+            .arg(super::support::grpcurl())
+            .args(["-plaintext", "-d", request, &addr])
+            .arg("satstream.v1.Inference/Generate")
+            .output()
+            .expect("run satstream wallet pay");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&pay.stdout).into_owned(),
+            String::from_utf8_lossy(&pay.stderr).into_owned(),
+        );
+        assert!(pay.status.success(), "wallet pay:\n{stdout}\n{stderr}");
+        // grpcurl's output passes through unchanged.
+        let events: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&stdout)
+            .into_iter()
+            .map(|e| e.expect("grpcurl's JSON passes through"))
+            .collect();
+        let summary = stderr
+            .lines()
+            .find(|l| l.starts_with("[wallet] summary:"))
+            .unwrap_or_else(|| panic!("no summary in:\n{stderr}"))
+            .to_string();
+        (events, summary)
+    };
+    let text = |events: &[serde_json::Value]| -> String {
+        events
+            .iter()
+            .filter_map(|e| e["tokens"]["text"].as_str())
+            .collect()
+    };
+
+    let (events, summary) = paid_run("100");
+    assert_eq!(text(&events), "abcdefghij");
+    assert_eq!(events.last().unwrap()["done"]["paidMsat"], "10000");
+    assert_eq!(
+        summary,
+        "[wallet] summary: paid=3 paid_msat=10000 fees_msat=0 failed=0 refused=0 unresolved=0"
+    );
+
+    // 5 sat buys the first chunk (4 000 msat); the second (4 000) and, once the first is paid
+    // and the window moves, the third (2 000) are refused.
+    let (events, summary) = paid_run("5");
+    assert_eq!(text(&events), "abcd");
+    let halted = &events.last().unwrap()["halted"];
+    assert_eq!(
+        halted["reason"], "HALT_REASON_PAYMENT_TIMEOUT",
+        "{events:?}"
+    );
+    assert_eq!(halted["paidMsat"], "4000");
+    assert_eq!(
+        summary,
+        "[wallet] summary: paid=1 paid_msat=4000 fees_msat=0 failed=0 refused=2 unresolved=0"
+    );
+    h.stop().await;
+}
