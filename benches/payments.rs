@@ -64,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
         to_held.push(start.elapsed().as_secs_f64() * 1e3);
         assert_eq!(held.payment_hash, hash);
         let claim_at = Instant::now();
-        ln.claim(&hash)?;
+        ln.claim(&hash, None)?;
         match h
             .payer
             .wait_outcome(events, hash, Duration::from_secs(30))

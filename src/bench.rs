@@ -227,6 +227,114 @@ async fn concurrent(h: &Harness, model: &str, n: usize, tokens: u32) -> Concurre
     }
 }
 
+/// One long paid stream on a fresh regtest world whose two ldk-node stores (server and
+/// payer) use the given journal mode: how often LDK's persistence stalls payments.
+pub struct StoreRun {
+    pub wal: bool,
+    pub payments: usize,
+    pub seconds: f64,
+    pub pay_ms: Vec<f64>,
+    pub claim_ms: Vec<f64>,
+    pub paused_share: f64,
+}
+
+impl StoreRun {
+    /// Payments that took over a second (LDK's monitor rewrites), and the time they lost
+    /// against the median.
+    fn stalls(&self) -> (usize, f64) {
+        let p50 = pct(&self.pay_ms, 0.5);
+        let slow: Vec<f64> = self
+            .pay_ms
+            .iter()
+            .copied()
+            .filter(|&ms| ms >= 1000.0)
+            .collect();
+        (
+            slow.len(),
+            slow.iter().map(|ms| ms - p50).sum::<f64>() / 1e3,
+        )
+    }
+
+    fn describe(&self) -> String {
+        let (n, lost) = self.stalls();
+        format!(
+            "{} payments in {:.1} s ({:.1}/s); pay → settled p50 {:.0} / p99 {:.0} / max {:.0} ms; \
+             {n} payments ≥ 1 s losing {lost:.1} s; claim p50 {:.2} ms; engine paused {:.0} %",
+            self.payments,
+            self.seconds,
+            self.payments as f64 / self.seconds,
+            pct(&self.pay_ms, 0.5),
+            pct(&self.pay_ms, 0.99),
+            pct(&self.pay_ms, 1.0),
+            pct(&self.claim_ms, 0.5),
+            100.0 * self.paused_share,
+        )
+    }
+}
+
+/// `tokens` tokens in chunks of `chunk` on `model`, window 2, one stream.
+pub async fn store_run(
+    model: &ModelConfig,
+    wal: bool,
+    tokens: u32,
+    chunk: u32,
+) -> Result<StoreRun, BenchError> {
+    let mut model = model.clone();
+    model.chunk_tokens = chunk;
+    let id = model.id.clone();
+    let h = Harness::start(HarnessOptions {
+        models: vec![model],
+        sets: vec![format!("lightning.store_wal={wal}")],
+        ..HarnessOptions::default()
+    })
+    .await?;
+    let mut c = connect(&h).await?;
+    let mut pay_ms = Vec::new();
+    h.server().app.metrics.take();
+    let started = Instant::now();
+    let s = client::generate(&mut c, &h.payer, request(&id, tokens, 2), None, |e| {
+        if let client::ClientEvent::Paid { ms, .. } = e {
+            pay_ms.push(*ms);
+        }
+    })
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let m = h.server().app.metrics.take();
+    h.stop().await;
+    if s.tokens != tokens {
+        return Err(BenchError::Failed(format!("store run incomplete: {s:?}")));
+    }
+    Ok(StoreRun {
+        wal,
+        payments: s.payments as usize,
+        seconds,
+        pay_ms,
+        claim_ms: m.claim_ms,
+        paused_share: m.paused_ms / m.session_ms.max(1e-9),
+    })
+}
+
+/// The LDK store comparison as Markdown rows: rollback journal (ldk-node's default) first,
+/// then WAL (ours).
+pub async fn store_comparison(model: &ModelConfig) -> Result<String, BenchError> {
+    let (tokens, chunk) = (400, 2);
+    let mut md = format!(
+        "| ldk-node SQLite store ({} tokens, chunk {chunk}, window 2, one stream, model {}) | Result |\n|---|---|\n",
+        tokens, model.id
+    );
+    for wal in [false, true] {
+        let r = store_run(model, wal, tokens, chunk).await?;
+        tracing::info!(wal = r.wal, result = %r.describe(), "store run");
+        let name = if r.wal {
+            "WAL (`lightning.store_wal = true`, the default)"
+        } else {
+            "rollback journal (ldk-node's own default)"
+        };
+        md.push_str(&format!("| {name} | {} |\n", r.describe()));
+    }
+    Ok(md)
+}
+
 /// Polls a set of futures to completion concurrently (on this task), keeping their order.
 async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
     let mut fs: Vec<_> = fs.into_iter().map(Box::pin).collect();
@@ -251,17 +359,27 @@ async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> 
     out.into_iter().map(|o| o.expect("all ready")).collect()
 }
 
-fn peak_rss_mb() -> f64 {
+/// A line of /proc/self/status, in MB: "VmHWM" (peak RSS) or "VmRSS" (now).
+fn status_mb(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// "now N MB, peak M MB" for the RSS profile.
+fn rss() -> String {
+    format!(
+        "now {:.0} MB, peak {:.0} MB",
+        status_mb("VmRSS"),
+        status_mb("VmHWM")
+    )
 }
 
 fn machine() -> String {
@@ -283,6 +401,7 @@ fn machine() -> String {
 /// Runs everything and returns the Markdown report.
 pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
     let id = opts.model.id.clone();
+    let mut rss_profile = vec![("before the regtest world starts", rss())];
     let mut model = opts.model.clone();
     model.max_concurrent = 40;
     model.max_queue = 64;
@@ -302,6 +421,10 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
     // Cold start: the server alone (store, node, model load, gRPC serving).
     set_chunk(&mut h, 16, 30).await?;
     let ready = h.server_start;
+    rss_profile.push((
+        "ready (bitcoind is a separate process; server node, engine with the model, client wallet)",
+        rss(),
+    ));
     row(
         "Cold start to ready (store, node, model, gRPC)",
         format!("{:.2} s", ready.as_secs_f64()),
@@ -328,8 +451,10 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
         ),
         "≥ 0.97",
     );
+    rss_profile.push(("after single paid and raw streams", rss()));
     let m = h.server().app.metrics.take();
     let mut p2t = m.payment_to_tokens_ms.clone();
+    let mut parts = (m.notice_ms, m.claim_ms, m.deliver_ms);
 
     // Stall share by chunk size and window.
     for chunk in [8u32, 16, 32] {
@@ -339,6 +464,9 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
             paid(&h, &id, opts.tokens, window).await?;
             let m = h.server().app.metrics.take();
             p2t.extend(m.payment_to_tokens_ms);
+            parts.0.extend(m.notice_ms);
+            parts.1.extend(m.claim_ms);
+            parts.2.extend(m.deliver_ms);
             row(
                 &format!("Stall share, chunk {chunk}, window {window}"),
                 format!("{:.1} %", 100.0 * m.paused_ms / m.session_ms.max(1e-9)),
@@ -360,6 +488,16 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
             p2t.len()
         ),
         "≤ 1 / ≤ 5 ms",
+    );
+    row(
+        "… its parts, p50: notice to the session / claim (LDK + one ledger commit) / write to the stream",
+        format!(
+            "{:.2} / {:.2} / {:.2} ms",
+            pct(&parts.0, 0.5),
+            pct(&parts.1, 0.5),
+            pct(&parts.2, 0.5)
+        ),
+        "",
     );
 
     // Halt precision: pay two chunks, then stop paying (timeout 1 s).
@@ -389,6 +527,14 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
     let mut best_payments = 0.0f64;
     for n in [1usize, 8, 40] {
         let c = concurrent(&h, &id, n, opts.concurrent_tokens).await;
+        rss_profile.push((
+            match n {
+                1 => "after 1 stream",
+                8 => "after 8 concurrent streams",
+                _ => "after 40 concurrent streams",
+            },
+            rss(),
+        ));
         best_payments = best_payments.max(c.payments_s);
         row(
             &format!("{} concurrent paid streams ({} tokens each)", c.streams, opts.concurrent_tokens),
@@ -412,8 +558,8 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
         "",
     );
     row(
-        "Peak RSS (whole process: server, engine, client wallet)",
-        format!("{:.0} MB", peak_rss_mb()),
+        "Peak RSS (whole process: server, engine, client wallet; profile below)",
+        format!("{:.0} MB", status_mb("VmHWM")),
         "≤ 600 MB",
     );
     h.stop().await;
@@ -424,6 +570,12 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
     ));
     for (w, v, g) in rows {
         md.push_str(&format!("| {w} | {v} | {g} |\n"));
+    }
+    md.push_str(&format!(
+        "\nRSS of the bench process ({id} run; peaks include earlier runs in the same process):\n\n"
+    ));
+    for (when, v) in rss_profile {
+        md.push_str(&format!("- {when}: {v}\n"));
     }
     md.push_str(&format!(
         "\nMachine: {}. Date: {}. Model file: `{}`.\n",

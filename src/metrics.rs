@@ -9,6 +9,12 @@ use std::time::Duration;
 pub struct Snapshot {
     /// PaymentClaimable handled by the event loop → that chunk's Tokens written to the stream.
     pub payment_to_tokens_ms: Vec<f64>,
+    /// Its parts: the held notice reaching the session; the claim (LDK's `claim_for_hash`,
+    /// which persists a channel-monitor update, plus one ledger commit of the claim and the
+    /// delivery); the write to the stream.
+    pub notice_ms: Vec<f64>,
+    pub claim_ms: Vec<f64>,
+    pub deliver_ms: Vec<f64>,
     /// Sum over sessions of the time their engine was paused waiting for payment.
     pub paused_ms: f64,
     /// Sum over sessions of their whole duration.
@@ -29,8 +35,15 @@ impl Metrics {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    pub fn payment_to_tokens(&self, d: Duration) {
-        self.with(|s| s.payment_to_tokens_ms.push(d.as_secs_f64() * 1e3));
+    pub fn payment_to_tokens(&self, notice: Duration, claim: Duration, deliver: Duration) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        self.with(|s| {
+            s.payment_to_tokens_ms
+                .push(ms(notice) + ms(claim) + ms(deliver));
+            s.notice_ms.push(ms(notice));
+            s.claim_ms.push(ms(claim));
+            s.deliver_ms.push(ms(deliver));
+        });
     }
 
     pub fn session(&self, total: Duration, paused: Duration) {

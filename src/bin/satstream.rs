@@ -60,7 +60,8 @@ enum Cmd {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// smollm2 (the configured default model), tiny (generated), or all.
+    /// smollm2 (the configured default model), tiny (generated), all, or store (only the
+    /// ldk-node store comparison, on tiny; all includes it).
     #[arg(long, default_value = "smollm2")]
     model: String,
     /// Where to write the report.
@@ -259,25 +260,40 @@ async fn bench(cli: &Cli, a: &BenchArgs) -> Result<()> {
             concurrent_tokens: 32,
         });
     }
-    if a.model == "tiny" || a.model == "all" {
+    let tiny_model = || -> Result<satstream::config::ModelConfig> {
         let path = satstream::engine::tiny_model::write_tiny_model(tmp.path())?;
         let msat = base.models.first().map_or(1000, |m| m.msat_per_token);
-        let m = satstream::config::ModelConfig::new("tiny", path, msat);
+        Ok(satstream::config::ModelConfig::new("tiny", path, msat))
+    };
+    let mut tiny = (a.model == "store").then(tiny_model).transpose()?;
+    if a.model == "tiny" || a.model == "all" {
+        let m = tiny_model()?;
         runs.push(BenchOptions {
             model: m,
             tokens: 1024,
             concurrent_tokens: 128,
         });
     }
-    if runs.is_empty() {
-        bail!("--model {:?}: use smollm2, tiny or all", a.model);
+    if runs.is_empty() && tiny.is_none() {
+        bail!("--model {:?}: use smollm2, tiny, all or store", a.model);
     }
     let mut report = String::from(BENCH_HEADER);
     for r in runs {
         let id = r.model.id.clone();
+        if id == "tiny" {
+            tiny = Some(r.model.clone());
+        }
         let table = run(r).await?;
         println!("{table}");
         report.push_str(&format!("\n## {id}\n\n{table}"));
+    }
+    // LDK's persistence is model-independent; the tiny model makes the stream payment-bound.
+    if let Some(tiny) = tiny {
+        let table = satstream::bench::store_comparison(&tiny).await?;
+        println!("{table}");
+        report.push_str(&format!(
+            "\n## LDK persistence stalls\n\n{STORE_NOTE}\n\n{table}"
+        ));
     }
     if let Some(dir) = a.out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -287,8 +303,13 @@ async fn bench(cli: &Cli, a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+const STORE_NOTE: &str = "Every ~100 channel-monitor updates (~20 payments) ldk-node \
+rewrites a channel's full monitor and removes the stale updates, one store write each, and \
+payments wait meanwhile. Each run below is a fresh regtest world whose server and payer \
+stores use the journal mode named; everything else is equal.";
+
 const BENCH_HEADER: &str = "# Benchmarks\n\n\
-Written by `satstream bench --model all` (rerun: `scripts/bench.sh`). Every number comes from \
+Written by `satstream bench --model all` (rerun: `scripts/bench.sh`, ~15 min). Every number comes from \
 one run on the regtest harness: a real bitcoind, the server in process with its ldk-node, a \
 client wallet node paying over a real channel, and the real engine. Definitions:\n\n\
 - *Paid ÷ raw*: a paid BOLT11 stream (request to Done, client side) against the same engine \
@@ -296,7 +317,8 @@ generating the same prompt greedily without payment, in the same run (best of 2 
 - *Stall share*: time the engine sat paused at its allowance waiting for payment (pause to \
 the next token, so a resume's prefill counts), over the sessions' total time.\n\
 - *Payment event → first token*: the server's event loop handling PaymentClaimable to the \
-chunk's Tokens being written to the stream (claim in LDK and both SQLite commits included).\n\
+chunk's Tokens being written to the stream (LDK's claim and the ledger commit included), \
+and its parts.\n\
 - *Tokens after the payer stops*: generated beyond what was paid when the payment timeout \
 halts the session.\n\
 - *Pay → settled*: client side, from sending a payment to PaymentSuccessful.\n";
@@ -425,8 +447,10 @@ impl WalletConn {
             self.chain()?,
         );
         Ok(
-            tokio::task::spawn_blocking(move || Wallet::start(&dir, network, &listen, &chain))
-                .await??,
+            tokio::task::spawn_blocking(move || {
+                Wallet::start(&dir, network, &listen, &chain, true)
+            })
+            .await??,
         )
     }
 

@@ -30,17 +30,27 @@ pub struct Wallet {
 }
 
 impl Wallet {
-    /// Builds and starts a node in `dir` (its seed is kept there). Blocking: call from a
-    /// multi-thread runtime, via `spawn_blocking` in async code.
+    /// Builds and starts a node in `dir` (its seed is kept there); `store_wal` as the
+    /// server's `lightning.store_wal`. Blocking: call from a multi-thread runtime, via
+    /// `spawn_blocking` in async code.
     pub fn start(
         dir: &std::path::Path,
         network: Network,
         listen: &str,
         chain: &ChainConfig,
+        store_wal: bool,
     ) -> Result<Wallet, ClientError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| ClientError::Wallet(format!("{}: {e}", dir.display())))?;
-        let node = build_node(dir, network, listen, Some("satstream-client"), None, chain)?;
+        let node = build_node(
+            dir,
+            network,
+            listen,
+            Some("satstream-client"),
+            None,
+            chain,
+            store_wal,
+        )?;
         node.start()
             .map_err(crate::lightning::LightningError::from)?;
         let node = Arc::new(node);

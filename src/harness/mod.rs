@@ -137,12 +137,16 @@ impl Harness {
         let payer_dir = root.join("payer");
         let payer = {
             let chain = chain.clone();
+            // The payer's store is set up like the server's, so a benchmark of either
+            // setting measures both ends of the channel.
+            let wal = config.lightning.store_wal;
             tokio::task::spawn_blocking(move || {
                 Wallet::start(
                     &payer_dir,
                     crate::config::Network::Regtest,
                     &payer_listen,
                     &chain,
+                    wal,
                 )
             })
             .await

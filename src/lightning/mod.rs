@@ -96,6 +96,7 @@ pub fn build_node(
     alias: Option<&str>,
     seed_file: Option<&std::path::Path>,
     chain: &crate::config::ChainConfig,
+    store_wal: bool,
 ) -> Result<Node, LightningError> {
     let addr = SocketAddress::from_str(listen).map_err(|_| LightningError::Invalid {
         what: "listen address",
@@ -135,7 +136,32 @@ pub fn build_node(
     std::fs::create_dir_all(storage_dir).map_err(|e| {
         LightningError::Build(format!("cannot create {}: {e}", storage_dir.display()))
     })?;
+    set_store_journal(storage_dir, store_wal)?;
     b.build().map_err(|e| LightningError::Build(e.to_string()))
+}
+
+/// ldk-node opens its SQLite store with SQLite's defaults: a rollback journal, so every
+/// write (each channel-monitor update, each stale-update removal) costs several fsyncs. The
+/// journal mode is a property of the database file, so setting WAL here, before ldk-node
+/// opens it, makes each write one fsync (synchronous stays FULL: still durable). This is
+/// what shortens the claim on the payment path and LDK's periodic monitor rewrites.
+fn set_store_journal(storage_dir: &std::path::Path, wal: bool) -> Result<(), LightningError> {
+    let path = storage_dir.join(ldk_node::io::sqlite_store::SQLITE_DB_FILE_NAME);
+    let mode = if wal { "WAL" } else { "DELETE" };
+    let err = |e: rusqlite::Error| {
+        LightningError::Build(format!("{}: journal_mode={mode}: {e}", path.display()))
+    };
+    let conn = rusqlite::Connection::open(&path).map_err(err)?;
+    let now: String = conn
+        .query_row(&format!("PRAGMA journal_mode={mode}"), [], |r| r.get(0))
+        .map_err(err)?;
+    if !now.eq_ignore_ascii_case(mode) {
+        return Err(LightningError::Build(format!(
+            "{}: journal_mode is {now}, not {mode}",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 pub fn parse_node_id(s: &str) -> Result<PublicKey, LightningError> {
@@ -165,6 +191,7 @@ impl Lightning {
             Some(&config.lightning.alias),
             seed,
             &config.chain,
+            config.lightning.store_wal,
         )?;
         node.start()?;
         let (notices, _) = broadcast::channel(256);
@@ -266,10 +293,15 @@ impl Lightning {
         }
     }
 
-    /// Claims a held HTLC: the funds become ours and the payer learns the preimage.
-    /// LDK first, then the commit: if we crash in between, LDK's PaymentReceived (persisted,
-    /// replayed) records the claim.
-    pub fn claim(&self, hash: &[u8; 32]) -> Result<Invoice, LightningError> {
+    /// Claims a held HTLC (the funds become ours and the payer learns the preimage) and
+    /// records the delivery of its chunk, if any, which the caller sends right after, in the
+    /// same commit. LDK first, then the commit: if we crash in between, LDK's PaymentReceived
+    /// (persisted, replayed) records the claim.
+    pub fn claim(
+        &self,
+        hash: &[u8; 32],
+        delivery: Option<&crate::store::ChunkDelivery>,
+    ) -> Result<Invoice, LightningError> {
         let inv = self
             .store
             .invoice(hash)?
@@ -279,7 +311,12 @@ impl Lightning {
             })?;
         match inv.state {
             InvoiceState::Held => {}
-            InvoiceState::Claimed => return Ok(inv),
+            InvoiceState::Claimed => {
+                if let Some(d) = delivery {
+                    self.store.deliver_chunk(d)?;
+                }
+                return Ok(inv);
+            }
             s => return Err(LightningError::NotHeld(hex::encode(hash), s)),
         }
         self.node.bolt11_payment().claim_for_hash(
@@ -287,9 +324,7 @@ impl Lightning {
             inv.received_msat.unwrap_or(inv.amount_msat),
             PaymentPreimage(inv.preimage),
         )?;
-        let t = self
-            .store
-            .transition_invoice(hash, InvoiceState::Claimed, None, "claimed")?;
+        let t = self.store.claim_and_deliver(hash, delivery)?;
         Ok(t.invoice().clone())
     }
 

@@ -361,7 +361,10 @@ impl Meter {
         let u = self.unpaid.remove(&k).expect("indexed chunk");
         let ln = self.app.lightning.clone();
         let hash = h.payment_hash;
-        tokio::task::spawn_blocking(move || ln.claim(&hash))
+        let notice = h.at.elapsed();
+        let claiming = Instant::now();
+        let delivery = self.delivery(&u);
+        tokio::task::spawn_blocking(move || ln.claim(&hash, Some(&delivery)))
             .await
             .map_err(|e| End::Halt(proto::HaltReason::PaymentFailed, e.to_string()))?
             .map_err(|e| {
@@ -370,24 +373,38 @@ impl Meter {
                     format!("claim of chunk {k} failed: {e}"),
                 )
             })?;
-        self.deliver(u, gen).await?;
-        self.app.metrics.payment_to_tokens(h.at.elapsed());
+        let claim = claiming.elapsed();
+        let delivering = Instant::now();
+        self.release(u, gen).await?;
+        self.app
+            .metrics
+            .payment_to_tokens(notice, claim, delivering.elapsed());
         Ok(())
     }
 
+    fn delivery(&self, u: &Unpaid) -> ChunkDelivery {
+        ChunkDelivery {
+            session_id: self.sid(),
+            chunk_index: u.chunk.index,
+            first_token: u.chunk.first_token,
+            tokens: u.chunk.tokens,
+            price_msat: u.price_msat,
+            payment_hash: u.payment_hash,
+        }
+    }
+
+    /// Records the chunk's delivery, then sends it.
     async fn deliver(&mut self, u: Unpaid, gen: &Generation) -> Result<(), End> {
-        let c = &u.chunk;
         self.app
             .store
-            .deliver_chunk(&ChunkDelivery {
-                session_id: self.sid(),
-                chunk_index: c.index,
-                first_token: c.first_token,
-                tokens: c.tokens,
-                price_msat: u.price_msat,
-                payment_hash: u.payment_hash,
-            })
+            .deliver_chunk(&self.delivery(&u))
             .map_err(|e| End::Halt(proto::HaltReason::EngineError, format!("store: {e}")))?;
+        self.release(u, gen).await
+    }
+
+    /// Sends a chunk whose delivery is recorded, and lets the engine go one chunk further.
+    async fn release(&mut self, u: Unpaid, gen: &Generation) -> Result<(), End> {
+        let c = &u.chunk;
         self.paid_tokens += c.tokens;
         self.paid_chunks += 1;
         self.allow(gen);

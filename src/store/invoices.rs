@@ -245,71 +245,26 @@ impl Store {
     ) -> Result<Transition, StoreError> {
         let mut c = self.lock();
         let tx = c.transaction()?;
-        let inv = get_in(&tx, hash)?.ok_or_else(|| StoreError::NotFound {
-            what: "invoice",
-            id: hex::encode(hash),
-        })?;
-        if inv.state == to {
-            return Ok(Transition::Already(inv));
-        }
-        if !inv.state.can_become(to) {
-            return Err(StoreError::IllegalTransition {
-                hash: hex::encode(hash),
-                from: inv.state,
-                to,
-            });
-        }
-        let now = now_unix() as i64;
-        let (kind, amount): (&str, i64) = match to {
-            InvoiceState::Held => {
-                let got = received_msat.unwrap_or(inv.amount_msat);
-                tx.execute(
-                    "UPDATE invoices SET state = 'held', received_msat = ?2, held_at = ?3
-                     WHERE payment_hash = ?1",
-                    params![hash.as_slice(), got as i64, now],
-                )?;
-                ("htlc_held", 0)
-            }
-            InvoiceState::Claimed => {
-                let got = inv.received_msat.unwrap_or(inv.amount_msat) as i64;
-                tx.execute(
-                    "UPDATE invoices SET state = 'claimed', paid_at = ?2, resolved_at = ?2
-                     WHERE payment_hash = ?1",
-                    params![hash.as_slice(), now],
-                )?;
-                if let Some(sid) = &inv.session_id {
-                    tx.execute(
-                        "UPDATE sessions SET paid_msat = paid_msat + ?2 WHERE id = ?1",
-                        params![sid.as_slice(), got],
-                    )?;
-                }
-                ("invoice_claimed", got)
-            }
-            InvoiceState::Failed | InvoiceState::Expired | InvoiceState::Canceled => {
-                tx.execute(
-                    "UPDATE invoices SET state = ?2, resolved_at = ?3 WHERE payment_hash = ?1",
-                    params![hash.as_slice(), to.as_str(), now],
-                )?;
-                match to {
-                    InvoiceState::Failed => ("htlc_failed", 0),
-                    InvoiceState::Expired => ("invoice_expired", 0),
-                    _ => ("invoice_canceled", 0),
-                }
-            }
-            InvoiceState::Open => unreachable!("no edge leads back to open"),
-        };
-        ledger::append(
-            &tx,
-            kind,
-            inv.session_id.as_ref(),
-            Some(hash),
-            amount,
-            detail,
-        )?;
-        let updated =
-            get_in(&tx, hash)?.ok_or_else(|| StoreError::Corrupt("invoice vanished".into()))?;
+        let t = transition_in(&tx, hash, to, received_msat, detail)?;
         tx.commit()?;
-        Ok(Transition::Applied(updated))
+        Ok(t)
+    }
+
+    /// Claims a held invoice and records the delivery of its chunk, if any, in one commit
+    /// (one fsync on the payment path instead of two).
+    pub fn claim_and_deliver(
+        &self,
+        hash: &[u8; 32],
+        delivery: Option<&super::ChunkDelivery>,
+    ) -> Result<Transition, StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let t = transition_in(&tx, hash, InvoiceState::Claimed, None, "claimed")?;
+        if let Some(d) = delivery {
+            super::sessions::deliver_in(&tx, d)?;
+        }
+        tx.commit()?;
+        Ok(t)
     }
 
     /// Records that an HTLC for a payment hash we cannot honour (unknown, or its invoice is
@@ -373,6 +328,80 @@ impl Store {
         let rows = st.query_map([], from_row)?.collect::<Result<_, _>>()?;
         Ok(rows)
     }
+}
+
+/// The state change of one invoice, inside the caller's transaction.
+fn transition_in(
+    tx: &rusqlite::Transaction,
+    hash: &[u8; 32],
+    to: InvoiceState,
+    received_msat: Option<u64>,
+    detail: &str,
+) -> Result<Transition, StoreError> {
+    let inv = get_in(tx, hash)?.ok_or_else(|| StoreError::NotFound {
+        what: "invoice",
+        id: hex::encode(hash),
+    })?;
+    if inv.state == to {
+        return Ok(Transition::Already(inv));
+    }
+    if !inv.state.can_become(to) {
+        return Err(StoreError::IllegalTransition {
+            hash: hex::encode(hash),
+            from: inv.state,
+            to,
+        });
+    }
+    let now = now_unix() as i64;
+    let (kind, amount): (&str, i64) = match to {
+        InvoiceState::Held => {
+            let got = received_msat.unwrap_or(inv.amount_msat);
+            tx.execute(
+                "UPDATE invoices SET state = 'held', received_msat = ?2, held_at = ?3
+                     WHERE payment_hash = ?1",
+                params![hash.as_slice(), got as i64, now],
+            )?;
+            ("htlc_held", 0)
+        }
+        InvoiceState::Claimed => {
+            let got = inv.received_msat.unwrap_or(inv.amount_msat) as i64;
+            tx.execute(
+                "UPDATE invoices SET state = 'claimed', paid_at = ?2, resolved_at = ?2
+                     WHERE payment_hash = ?1",
+                params![hash.as_slice(), now],
+            )?;
+            if let Some(sid) = &inv.session_id {
+                tx.execute(
+                    "UPDATE sessions SET paid_msat = paid_msat + ?2 WHERE id = ?1",
+                    params![sid.as_slice(), got],
+                )?;
+            }
+            ("invoice_claimed", got)
+        }
+        InvoiceState::Failed | InvoiceState::Expired | InvoiceState::Canceled => {
+            tx.execute(
+                "UPDATE invoices SET state = ?2, resolved_at = ?3 WHERE payment_hash = ?1",
+                params![hash.as_slice(), to.as_str(), now],
+            )?;
+            match to {
+                InvoiceState::Failed => ("htlc_failed", 0),
+                InvoiceState::Expired => ("invoice_expired", 0),
+                _ => ("invoice_canceled", 0),
+            }
+        }
+        InvoiceState::Open => unreachable!("no edge leads back to open"),
+    };
+    ledger::append(
+        tx,
+        kind,
+        inv.session_id.as_ref(),
+        Some(hash),
+        amount,
+        detail,
+    )?;
+    let updated =
+        get_in(tx, hash)?.ok_or_else(|| StoreError::Corrupt("invoice vanished".into()))?;
+    Ok(Transition::Applied(updated))
 }
 
 #[cfg(test)]

@@ -206,45 +206,9 @@ impl Store {
     pub fn deliver_chunk(&self, d: &ChunkDelivery) -> Result<bool, StoreError> {
         let mut c = self.lock();
         let tx = c.transaction()?;
-        let inserted = tx.execute(
-            "INSERT OR IGNORE INTO chunks(session_id, chunk_index, first_token, tokens, price_msat,
-                 payment_hash, delivered_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                d.session_id.as_slice(),
-                d.chunk_index,
-                d.first_token,
-                d.tokens,
-                d.price_msat as i64,
-                d.payment_hash.as_ref().map(|h| h.as_slice()),
-                now_unix() as i64
-            ],
-        )?;
-        if inserted == 0 {
-            return Ok(false);
-        }
-        let n = tx.execute(
-            "UPDATE sessions SET completion_tokens = completion_tokens + ?2,
-                 chunks_delivered = chunks_delivered + 1, spent_msat = spent_msat + ?3
-             WHERE id = ?1",
-            params![d.session_id.as_slice(), d.tokens, d.price_msat as i64],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "session",
-                id: hex::encode(d.session_id),
-            });
-        }
-        ledger::append(
-            &tx,
-            "chunk_delivered",
-            Some(&d.session_id),
-            d.payment_hash.as_ref(),
-            -(d.price_msat as i64),
-            &format!("chunk {} ({} tokens)", d.chunk_index, d.tokens),
-        )?;
+        let new = deliver_in(&tx, d)?;
         tx.commit()?;
-        Ok(true)
+        Ok(new)
     }
 
     /// Charges the prompt price (once) to the session.
@@ -349,6 +313,51 @@ impl Store {
     }
 }
 
+/// Records one delivered chunk inside the caller's transaction; false if it already was.
+pub(super) fn deliver_in(
+    tx: &rusqlite::Transaction,
+    d: &ChunkDelivery,
+) -> Result<bool, StoreError> {
+    let inserted = tx.execute(
+        "INSERT OR IGNORE INTO chunks(session_id, chunk_index, first_token, tokens, price_msat,
+                 payment_hash, delivered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            d.session_id.as_slice(),
+            d.chunk_index,
+            d.first_token,
+            d.tokens,
+            d.price_msat as i64,
+            d.payment_hash.as_ref().map(|h| h.as_slice()),
+            now_unix() as i64
+        ],
+    )?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    let n = tx.execute(
+        "UPDATE sessions SET completion_tokens = completion_tokens + ?2,
+                 chunks_delivered = chunks_delivered + 1, spent_msat = spent_msat + ?3
+             WHERE id = ?1",
+        params![d.session_id.as_slice(), d.tokens, d.price_msat as i64],
+    )?;
+    if n == 0 {
+        return Err(StoreError::NotFound {
+            what: "session",
+            id: hex::encode(d.session_id),
+        });
+    }
+    ledger::append(
+        tx,
+        "chunk_delivered",
+        Some(&d.session_id),
+        d.payment_hash.as_ref(),
+        -(d.price_msat as i64),
+        &format!("chunk {} ({} tokens)", d.chunk_index, d.tokens),
+    )?;
+    Ok(true)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -392,6 +401,52 @@ pub(crate) mod tests {
         assert_eq!(sess.paid_msat, 16_500);
         assert_eq!(sess.refundable_msat(), 16_500, "nothing delivered yet");
         assert_eq!(s.total_refundable_msat().unwrap(), 16_500);
+    }
+
+    #[test]
+    fn claim_and_delivery_commit_together_or_not_at_all() {
+        let (s, _d) = test_store();
+        s.insert_session(&new_session(1)).unwrap();
+        let chunk = |hash: [u8; 32], index: u32| {
+            s.insert_invoice(&NewInvoice {
+                payment_hash: hash,
+                preimage: [8; 32],
+                bolt11: "lnbcrt".into(),
+                amount_msat: 16_000,
+                session_id: Some([1; 16]),
+                chunk_index: Some(index),
+                purpose: InvoicePurpose::Chunk,
+                expires_at_unix: now_unix() + 60,
+            })
+            .unwrap();
+            s.transition_invoice(&hash, InvoiceState::Held, Some(16_000), "")
+                .unwrap();
+            ChunkDelivery {
+                session_id: [1; 16],
+                chunk_index: index,
+                first_token: index * 16,
+                tokens: 16,
+                price_msat: 16_000,
+                payment_hash: Some(hash),
+            }
+        };
+        let d0 = chunk([7; 32], 0);
+        s.claim_and_deliver(&[7; 32], Some(&d0)).unwrap();
+        let a = s.audit_session(&[1; 16]).unwrap();
+        assert_eq!((a.claimed_msat, a.delivered_msat), (16_000, 16_000));
+        assert_eq!(s.session(&[1; 16]).unwrap().unwrap().refundable_msat(), 0);
+
+        // A delivery that cannot be recorded (no such session) rolls the claim back too.
+        let mut d1 = chunk([9; 32], 1);
+        d1.session_id = [2; 16];
+        assert!(s.claim_and_deliver(&[9; 32], Some(&d1)).is_err());
+        assert_eq!(
+            s.invoice(&[9; 32]).unwrap().unwrap().state,
+            InvoiceState::Held,
+            "the claim was not committed without its delivery"
+        );
+        let a = s.audit_session(&[1; 16]).unwrap();
+        assert_eq!((a.claimed_msat, a.delivered_msat), (16_000, 16_000));
     }
 
     #[test]

@@ -45,7 +45,7 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
         store.invoice(&hash).unwrap().unwrap().state,
         InvoiceState::Held
     );
-    ln.claim(&hash).unwrap();
+    ln.claim(&hash, None).unwrap();
     match h.payer.wait_outcome(events, hash, T).await.unwrap() {
         PayOutcome::Succeeded { preimage, .. } => {
             assert_eq!(
@@ -174,7 +174,7 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
         .await
         .unwrap()
         .unwrap();
-    ln.claim(&hash4).unwrap();
+    ln.claim(&hash4, None).unwrap();
     assert!(matches!(
         h.payer.wait_outcome(events, hash4, T).await.unwrap(),
         PayOutcome::Succeeded { .. }
