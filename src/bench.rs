@@ -38,6 +38,9 @@ pub struct BenchOptions {
     pub concurrent_tokens: u32,
 }
 
+/// Runs of each side in the paid ÷ raw comparison (the machine's rate drifts by ~10 %).
+const RATIO_RUNS: usize = 5;
+
 const PROMPT: &str =
     "Write a short story about a lighthouse keeper who finds a message in a bottle.";
 
@@ -239,31 +242,15 @@ pub struct StoreRun {
 }
 
 impl StoreRun {
-    /// Payments that took over a second (LDK's monitor rewrites), and the time they lost
-    /// against the median.
-    fn stalls(&self) -> (usize, f64) {
-        let p50 = pct(&self.pay_ms, 0.5);
-        let slow: Vec<f64> = self
-            .pay_ms
-            .iter()
-            .copied()
-            .filter(|&ms| ms >= 1000.0)
-            .collect();
-        (
-            slow.len(),
-            slow.iter().map(|ms| ms - p50).sum::<f64>() / 1e3,
-        )
-    }
-
     fn describe(&self) -> String {
-        let (n, lost) = self.stalls();
         format!(
-            "{} payments in {:.1} s ({:.1}/s); pay → settled p50 {:.0} / p99 {:.0} / max {:.0} ms; \
-             {n} payments ≥ 1 s losing {lost:.1} s; claim p50 {:.2} ms; engine paused {:.0} %",
+            "{} payments in {:.1} s ({:.1}/s); pay → settled p50 {:.0} / p90 {:.0} / p99 {:.0} / \
+             max {:.0} ms; claim p50 {:.2} ms; engine paused {:.0} %",
             self.payments,
             self.seconds,
             self.payments as f64 / self.seconds,
             pct(&self.pay_ms, 0.5),
+            pct(&self.pay_ms, 0.9),
             pct(&self.pay_ms, 0.99),
             pct(&self.pay_ms, 1.0),
             pct(&self.claim_ms, 0.5),
@@ -408,7 +395,10 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
     model.chunk_tokens = 16;
     let mut h = Harness::start(HarnessOptions {
         models: vec![model],
-        sets: vec!["limits.max_sessions=64".into()],
+        sets: vec![
+            "limits.max_sessions=64".into(),
+            "payments.window_chunks=4".into(),
+        ],
         ..HarnessOptions::default()
     })
     .await?;
@@ -433,21 +423,23 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
 
     // Paid vs raw, chunk 16, window 2: alternate to share the machine's state fairly.
     h.server().app.metrics.take();
+    // One untimed stream first, so that neither side gets a cold prefix cache.
+    raw_rate(&h, &id, opts.tokens).await?;
     let (mut raw, mut paid_rates) = (Vec::new(), Vec::new());
-    for _ in 0..2 {
+    for _ in 0..RATIO_RUNS {
         raw.push(raw_rate(&h, &id, opts.tokens).await?);
         paid_rates.push(paid(&h, &id, opts.tokens, 2).await?.tokens_per_sec);
     }
-    let (raw_best, paid_best) = (
-        raw.iter().cloned().fold(0.0, f64::max),
-        paid_rates.iter().cloned().fold(0.0, f64::max),
-    );
+    let (raw_mid, paid_mid) = (pct(&raw, 0.5), pct(&paid_rates, 0.5));
     row(
         "Paid ÷ raw tok/s (chunk 16, window 2)",
         format!(
-            "{:.3} ({paid_best:.1} ÷ {raw_best:.1} tok/s, {} tokens)",
-            paid_best / raw_best,
-            opts.tokens
+            "{:.3} (medians of {RATIO_RUNS} alternated runs: {paid_mid:.1} ÷ {raw_mid:.1} tok/s, \
+             {} tokens; raw runs {:.1}–{:.1})",
+            paid_mid / raw_mid,
+            opts.tokens,
+            pct(&raw, 0.0),
+            pct(&raw, 1.0),
         ),
         "≥ 0.97",
     );
@@ -456,10 +448,48 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
     let mut p2t = m.payment_to_tokens_ms.clone();
     let mut parts = (m.notice_ms, m.claim_ms, m.deliver_ms);
 
+    // Concurrency on one channel (before any restart, so that the RSS profile shows one
+    // engine).
+    let mut best_payments = 0.0f64;
+    for n in [1usize, 8, 40] {
+        let c = concurrent(&h, &id, n, opts.concurrent_tokens).await;
+        rss_profile.push((
+            match n {
+                1 => "after 1 stream",
+                8 => "after 8 concurrent streams",
+                _ => "after 40 concurrent streams",
+            },
+            rss(),
+        ));
+        best_payments = best_payments.max(c.payments_s);
+        row(
+            &format!("{} concurrent paid streams ({} tokens each)", c.streams, opts.concurrent_tokens),
+            format!(
+                "{}/{} complete, {} errors, {:.1} tok/s aggregate, {:.1} payments/s, ledger {}; pay → settled p50 {:.0} ms, max {:.0} ms",
+                c.completed,
+                c.streams,
+                c.errors,
+                c.tok_s,
+                c.payments_s,
+                if c.exact_ledger { "exact" } else { "NOT exact" },
+                c.pay_ms_p50,
+                c.pay_ms_max
+            ),
+            "all complete, exact ledger",
+        );
+    }
+    row(
+        "Highest sustained chunk payments/s (invoice issued and settled)",
+        format!("{best_payments:.1} /s"),
+        "",
+    );
+
     // Stall share by chunk size and window.
     for chunk in [8u32, 16, 32] {
         set_chunk(&mut h, chunk, 30).await?;
-        for window in [1u32, 2] {
+        // Window 4 at chunk 8 keeps the default's 32-token lookahead: window sizing in tokens.
+        let windows: &[u32] = if chunk == 8 { &[1, 2, 4] } else { &[1, 2] };
+        for &window in windows {
             h.server().app.metrics.take();
             paid(&h, &id, opts.tokens, window).await?;
             let m = h.server().app.metrics.take();
@@ -522,41 +552,10 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
         "",
     );
 
-    // Concurrency on one channel.
-    set_chunk(&mut h, 16, 30).await?;
-    let mut best_payments = 0.0f64;
-    for n in [1usize, 8, 40] {
-        let c = concurrent(&h, &id, n, opts.concurrent_tokens).await;
-        rss_profile.push((
-            match n {
-                1 => "after 1 stream",
-                8 => "after 8 concurrent streams",
-                _ => "after 40 concurrent streams",
-            },
-            rss(),
-        ));
-        best_payments = best_payments.max(c.payments_s);
-        row(
-            &format!("{} concurrent paid streams ({} tokens each)", c.streams, opts.concurrent_tokens),
-            format!(
-                "{}/{} complete, {} errors, {:.1} tok/s aggregate, {:.1} payments/s, ledger {}; pay → settled p50 {:.0} ms, max {:.0} ms",
-                c.completed,
-                c.streams,
-                c.errors,
-                c.tok_s,
-                c.payments_s,
-                if c.exact_ledger { "exact" } else { "NOT exact" },
-                c.pay_ms_p50,
-                c.pay_ms_max
-            ),
-            "all complete, exact ledger",
-        );
-    }
-    row(
-        "Highest sustained chunk payments/s (invoice issued and settled)",
-        format!("{best_payments:.1} /s"),
-        "",
-    );
+    rss_profile.push((
+        "after the stall and halt runs (each restarts the server in this process)",
+        rss(),
+    ));
     row(
         "Peak RSS (whole process: server, engine, client wallet; profile below)",
         format!("{:.0} MB", status_mb("VmHWM")),

@@ -309,11 +309,13 @@ payments wait meanwhile. Each run below is a fresh regtest world whose server an
 stores use the journal mode named; everything else is equal.";
 
 const BENCH_HEADER: &str = "# Benchmarks\n\n\
-Written by `satstream bench --model all` (rerun: `scripts/bench.sh`, ~15 min). Every number comes from \
+Written by `satstream bench --model all` (rerun: `scripts/bench.sh`, ~7 min). Every number comes from \
 one run on the regtest harness: a real bitcoind, the server in process with its ldk-node, a \
-client wallet node paying over a real channel, and the real engine. Definitions:\n\n\
+client wallet node paying over a real channel, and the real engine. The analysis (where the \
+time goes, which goals this hardware cannot meet and why) is in docs/performance.md. \
+Definitions:\n\n\
 - *Paid ÷ raw*: a paid BOLT11 stream (request to Done, client side) against the same engine \
-generating the same prompt greedily without payment, in the same run (best of 2 each).\n\
+generating the same prompt greedily without payment, in the same run (medians of 5 alternated runs each, after one warm-up stream).\n\
 - *Stall share*: time the engine sat paused at its allowance waiting for payment (pause to \
 the next token, so a resume's prefill counts), over the sessions' total time.\n\
 - *Payment event → first token*: the server's event loop handling PaymentClaimable to the \
