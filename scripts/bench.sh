@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs `satstream bench` (default: --model all, ~7 min on 2 cores): the performance goals on
+# Runs `satstream bench` (default: --model all, ~10 min on 2 cores): the performance goals on
 # the regtest harness, printed as tables and written to docs/benchmarks.md. Installs what it
 # needs like the demo (idempotent, cached). Extra arguments go to the bench, e.g.
 # `scripts/bench.sh --model tiny --out /tmp/bench.md`.

@@ -163,8 +163,10 @@ struct Concurrency {
     tok_s: f64,
     payments_s: f64,
     exact_ledger: bool,
-    pay_ms_p50: f64,
-    pay_ms_max: f64,
+    payments: u64,
+    seconds: f64,
+    /// Every payment's pay → settled time, all streams.
+    pay_ms: Vec<f64>,
 }
 
 async fn concurrent(h: &Harness, model: &str, n: usize, tokens: u32) -> Concurrency {
@@ -225,15 +227,17 @@ async fn concurrent(h: &Harness, model: &str, n: usize, tokens: u32) -> Concurre
         tok_s: tokens_total as f64 / wall,
         payments_s: payments as f64 / wall,
         exact_ledger: exact,
-        pay_ms_p50: pct(&pay_ms, 0.5),
-        pay_ms_max: pct(&pay_ms, 1.0),
+        payments,
+        seconds: wall,
+        pay_ms,
     }
 }
 
-/// One long paid stream on a fresh regtest world whose two ldk-node stores (server and
-/// payer) use the given journal mode: how often LDK's persistence stalls payments.
+/// Paid streams on a fresh regtest world whose two ldk-node stores (server and payer) use
+/// the given journal mode: how LDK's persistence paces payments.
 pub struct StoreRun {
     pub wal: bool,
+    pub streams: usize,
     pub payments: usize,
     pub seconds: f64,
     pub pay_ms: Vec<f64>,
@@ -259,15 +263,17 @@ impl StoreRun {
     }
 }
 
-/// `tokens` tokens in chunks of `chunk` on `model`, window 2, one stream.
+/// `streams` concurrent streams of `tokens` tokens in chunks of `chunk` on `model`, window 2.
 pub async fn store_run(
     model: &ModelConfig,
     wal: bool,
+    streams: usize,
     tokens: u32,
     chunk: u32,
 ) -> Result<StoreRun, BenchError> {
     let mut model = model.clone();
     model.chunk_tokens = chunk;
+    model.max_concurrent = streams as u32;
     let id = model.id.clone();
     let h = Harness::start(HarnessOptions {
         models: vec![model],
@@ -275,27 +281,22 @@ pub async fn store_run(
         ..HarnessOptions::default()
     })
     .await?;
-    let mut c = connect(&h).await?;
-    let mut pay_ms = Vec::new();
     h.server().app.metrics.take();
-    let started = Instant::now();
-    let s = client::generate(&mut c, &h.payer, request(&id, tokens, 2), None, |e| {
-        if let client::ClientEvent::Paid { ms, .. } = e {
-            pay_ms.push(*ms);
-        }
-    })
-    .await?;
-    let seconds = started.elapsed().as_secs_f64();
+    let c = concurrent(&h, &id, streams, tokens).await;
     let m = h.server().app.metrics.take();
     h.stop().await;
-    if s.tokens != tokens {
-        return Err(BenchError::Failed(format!("store run incomplete: {s:?}")));
+    if c.completed != streams || !c.exact_ledger {
+        return Err(BenchError::Failed(format!(
+            "store run: {}/{streams} streams complete, ledger exact: {}",
+            c.completed, c.exact_ledger
+        )));
     }
     Ok(StoreRun {
         wal,
-        payments: s.payments as usize,
-        seconds,
-        pay_ms,
+        streams,
+        payments: c.payments as usize,
+        seconds: c.seconds,
+        pay_ms: c.pay_ms,
         claim_ms: m.claim_ms,
         paused_share: m.paused_ms / m.session_ms.max(1e-9),
     })
@@ -304,20 +305,27 @@ pub async fn store_run(
 /// The LDK store comparison as Markdown rows: rollback journal (ldk-node's default) first,
 /// then WAL (ours).
 pub async fn store_comparison(model: &ModelConfig) -> Result<String, BenchError> {
-    let (tokens, chunk) = (400, 2);
+    let chunk = 2;
     let mut md = format!(
-        "| ldk-node SQLite store ({} tokens, chunk {chunk}, window 2, one stream, model {}) | Result |\n|---|---|\n",
-        tokens, model.id
+        "| ldk-node SQLite store (model {}, chunk {chunk}, window 2) | Result |\n|---|---|\n",
+        model.id
     );
-    for wal in [false, true] {
-        let r = store_run(model, wal, tokens, chunk).await?;
-        tracing::info!(wal = r.wal, result = %r.describe(), "store run");
-        let name = if r.wal {
-            "WAL (`lightning.store_wal = true`, the default)"
-        } else {
-            "rollback journal (ldk-node's own default)"
-        };
-        md.push_str(&format!("| {name} | {} |\n", r.describe()));
+    // One stream (400 tokens) and eight at once (128 tokens each) on one channel.
+    for (streams, tokens) in [(1usize, 400u32), (8, 128)] {
+        for wal in [false, true] {
+            let r = store_run(model, wal, streams, tokens, chunk).await?;
+            tracing::info!(wal = r.wal, result = %r.describe(), "store run");
+            let name = if r.wal {
+                "WAL (`lightning.store_wal = true`, the default)"
+            } else {
+                "rollback journal (ldk-node's own default)"
+            };
+            md.push_str(&format!(
+                "| {name}, {} × {tokens} tokens | {} |\n",
+                r.streams,
+                r.describe()
+            ));
+        }
     }
     Ok(md)
 }
@@ -472,8 +480,8 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
                 c.tok_s,
                 c.payments_s,
                 if c.exact_ledger { "exact" } else { "NOT exact" },
-                c.pay_ms_p50,
-                c.pay_ms_max
+                pct(&c.pay_ms, 0.5),
+                pct(&c.pay_ms, 1.0)
             ),
             "all complete, exact ledger",
         );

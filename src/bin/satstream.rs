@@ -309,7 +309,7 @@ payments wait meanwhile. Each run below is a fresh regtest world whose server an
 stores use the journal mode named; everything else is equal.";
 
 const BENCH_HEADER: &str = "# Benchmarks\n\n\
-Written by `satstream bench --model all` (rerun: `scripts/bench.sh`, ~7 min). Every number comes from \
+Written by `satstream bench --model all` (rerun: `scripts/bench.sh`, ~10 min). Every number comes from \
 one run on the regtest harness: a real bitcoind, the server in process with its ldk-node, a \
 client wallet node paying over a real channel, and the real engine. The analysis (where the \
 time goes, which goals this hardware cannot meet and why) is in docs/performance.md. \

@@ -138,7 +138,7 @@ impl Console {
         let _ = writeln!(
             out,
             "summary: outcome={} tokens={} chunks={} paid_msat={} payments={} fees_msat={} \
-             refundable_msat={} tok/s={:.1} waiting_for_payment_ms={} elapsed_ms={}",
+             refundable_msat={} tok/s={:.1} waiting_for_payment_ms={} stream_ms={} elapsed_ms={}",
             s.outcome,
             s.tokens,
             s.chunks,
@@ -148,6 +148,7 @@ impl Console {
             s.refundable_msat,
             s.tokens_per_sec,
             s.waiting_for_payment_ms,
+            s.stream_ms,
             s.elapsed_ms
         );
         if !s.message.is_empty() {

@@ -92,9 +92,13 @@ pub struct Summary {
     /// The server's own totals (Done/Halted); 0 when the client hung up first.
     pub server_paid_msat: u64,
     pub refundable_msat: u64,
+    /// Request to the stream's end (the last token, Done or Halted): what the user waits.
+    pub stream_ms: u64,
+    /// Also waiting for the last payments' outcomes after the stream ended.
     pub elapsed_ms: u64,
     /// Wall time with at least one payment sent and not yet settled.
     pub waiting_for_payment_ms: u64,
+    /// Tokens over `stream_ms`.
     pub tokens_per_sec: f64,
 }
 
@@ -187,6 +191,7 @@ pub async fn generate(
             }
         }
     }
+    let stream_ms = started.elapsed().as_millis() as u64;
     // Hanging up here (dropping the stream) is what halts a budget-limited generation.
     drop(stream);
     // The server claims before it delivers, so payments still in flight are settling now:
@@ -214,8 +219,9 @@ pub async fn generate(
         run.waiting_ms += since.elapsed().as_secs_f64() * 1e3;
     }
     s.waiting_for_payment_ms = run.waiting_ms.round() as u64;
-    s.tokens_per_sec = if s.elapsed_ms > 0 {
-        s.tokens as f64 * 1e3 / s.elapsed_ms as f64
+    s.stream_ms = stream_ms;
+    s.tokens_per_sec = if stream_ms > 0 {
+        s.tokens as f64 * 1e3 / stream_ms as f64
     } else {
         0.0
     };
