@@ -5,11 +5,7 @@
 # `scripts/bench.sh --model tiny --out /tmp/bench.md`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/env.sh
-scripts/apt-install.sh protobuf-compiler cmake pkg-config libboost-dev libevent-dev g++ make python3-pip unzip
-BITCOIND_EXE="$(scripts/setup-bitcoind.sh | tail -n1)"; export BITCOIND_EXE
-scripts/setup-model.sh >/dev/null
-cargo build --release --locked --bin satstream
+source scripts/prepare.sh
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--model all)
 exec "$CARGO_TARGET_DIR/release/satstream" --config config/satstream.toml bench "${args[@]}"

@@ -377,24 +377,29 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn claimed_overpayment_becomes_refundable() {
-        let (s, _d) = test_store();
-        s.insert_session(&new_session(1)).unwrap();
-        let hash = [7; 32];
+    /// A 16 000 msat invoice for chunk `index` of session [1; 16], held with `received_msat`.
+    fn held_chunk_invoice(s: &Store, hash: [u8; 32], index: u32, received_msat: u64) {
         s.insert_invoice(&NewInvoice {
             payment_hash: hash,
             preimage: [8; 32],
             bolt11: "lnbcrt".into(),
             amount_msat: 16_000,
             session_id: Some([1; 16]),
-            chunk_index: Some(0),
+            chunk_index: Some(index),
             purpose: InvoicePurpose::Chunk,
             expires_at_unix: now_unix() + 60,
         })
         .unwrap();
-        s.transition_invoice(&hash, InvoiceState::Held, Some(16_500), "")
+        s.transition_invoice(&hash, InvoiceState::Held, Some(received_msat), "")
             .unwrap();
+    }
+
+    #[test]
+    fn claimed_overpayment_becomes_refundable() {
+        let (s, _d) = test_store();
+        s.insert_session(&new_session(1)).unwrap();
+        let hash = [7; 32];
+        held_chunk_invoice(&s, hash, 0, 16_500);
         s.transition_invoice(&hash, InvoiceState::Claimed, None, "")
             .unwrap();
         let sess = s.session(&[1; 16]).unwrap().unwrap();
@@ -408,19 +413,7 @@ pub(crate) mod tests {
         let (s, _d) = test_store();
         s.insert_session(&new_session(1)).unwrap();
         let chunk = |hash: [u8; 32], index: u32| {
-            s.insert_invoice(&NewInvoice {
-                payment_hash: hash,
-                preimage: [8; 32],
-                bolt11: "lnbcrt".into(),
-                amount_msat: 16_000,
-                session_id: Some([1; 16]),
-                chunk_index: Some(index),
-                purpose: InvoicePurpose::Chunk,
-                expires_at_unix: now_unix() + 60,
-            })
-            .unwrap();
-            s.transition_invoice(&hash, InvoiceState::Held, Some(16_000), "")
-                .unwrap();
+            held_chunk_invoice(&s, hash, index, 16_000);
             ChunkDelivery {
                 session_id: [1; 16],
                 chunk_index: index,
