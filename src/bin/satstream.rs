@@ -408,6 +408,9 @@ async fn demo(cli: &Cli, r: &Request) -> Result<()> {
     result.map(|_| ())
 }
 
+const NO_CHANNEL: &str =
+    "the wallet has no channel: `satstream wallet open-channel --sats N` first";
+
 /// How long a client waits for its channel to be re-established after the wallet starts.
 const CHANNEL_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -476,7 +479,7 @@ impl WalletConn {
             Ok(true) => Ok((wallet, client)),
             Ok(false) => {
                 wallet.stop();
-                bail!("the wallet has no channel: `satstream wallet open-channel --sats N` first")
+                bail!(NO_CHANNEL)
             }
             Err(e) => {
                 wallet.stop();
@@ -632,7 +635,7 @@ async fn pay(
     // The server refuses a generation it could not be paid for, so a command that starts
     // one must wait until this wallet's channel is back up.
     if !wallet.wait_usable(CHANNEL_WAIT).await? {
-        bail!("the wallet has no channel: `satstream wallet open-channel --sats N` first");
+        bail!(NO_CHANNEL);
     }
     let report = |e: &PipeEvent| match e {
         PipeEvent::Sent { amount_msat } => eprintln!("[wallet] paying {amount_msat} msat"),
