@@ -62,6 +62,17 @@ struct Run {
 }
 
 impl Run {
+    /// From the request's start, the first and last token's times (no token: all at `last`).
+    fn timed(start: Instant, first: Option<Instant>, last: Instant, tokens: u32) -> Run {
+        let first = first.unwrap_or(last);
+        Run {
+            ttft: first - start,
+            decode: last - first,
+            tokens,
+            total: start.elapsed(),
+        }
+    }
+
     fn decode_tps(&self) -> f64 {
         if self.tokens < 2 {
             return f64::NAN;
@@ -86,13 +97,7 @@ async fn drain(start: Instant, ev: &mut EventStream) -> Run {
             TokenEvent::Finished { .. } => break,
         }
     }
-    let first = first.unwrap_or(last);
-    Run {
-        ttft: first - start,
-        decode: last - first,
-        tokens,
-        total: start.elapsed(),
-    }
+    Run::timed(start, first, last, tokens)
 }
 
 async fn engine_run(engine: &Engine, prompt: &str, max_tokens: u32) -> Run {
@@ -165,13 +170,7 @@ async fn raw_run(model: &mistralrs::Model, prompt: &str, max_tokens: u32) -> Run
             break;
         }
     }
-    let first = first.unwrap_or(last);
-    Run {
-        ttft: first - start,
-        decode: last - first,
-        tokens,
-        total: start.elapsed(),
-    }
+    Run::timed(start, first, last, tokens)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
