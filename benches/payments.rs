@@ -46,14 +46,17 @@ async fn main() -> anyhow::Result<()> {
     let (mut to_held, mut to_paid) = (Vec::new(), Vec::new());
     for i in 0..n {
         let inv = ln.create_hold_invoice(
-            16_000,
-            "bench",
-            600,
-            InvoicePurpose::Test,
-            None,
-            Some(i as u32),
-            None,
-            tx.clone(),
+            &satstream::lightning::invoices::HoldInvoice {
+                amount_msat: 16_000,
+                description: "bench".into(),
+                expiry_secs: 600,
+                purpose: InvoicePurpose::Test,
+                session_id: None,
+                account_id: None,
+                chunk_index: Some(i as u32),
+                preimage: None,
+            },
+            Some(tx.clone()),
         )?;
         let events = h.payer.subscribe();
         let start = Instant::now();
@@ -64,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
         to_held.push(start.elapsed().as_secs_f64() * 1e3);
         assert_eq!(held.payment_hash, hash);
         let claim_at = Instant::now();
-        ln.claim(&hash, None)?;
+        ln.claim(&[hash], None)?;
         match h
             .payer
             .wait_outcome(events, hash, Duration::from_secs(30))

@@ -1,7 +1,7 @@
 # Sourced by demo.sh and bench.sh: installs what a run of satstream needs (idempotent,
 # cached) and builds it in release mode. Exports BITCOIND_EXE and the cache paths.
 source scripts/env.sh
-scripts/apt-install.sh protobuf-compiler cmake pkg-config libboost-dev libevent-dev g++ make python3-pip unzip
+scripts/apt-install.sh protobuf-compiler cmake pkg-config libboost-dev libevent-dev g++ make python3-pip unzip libclang-dev
 BITCOIND_EXE="$(scripts/setup-bitcoind.sh | tail -n1)"; export BITCOIND_EXE
 scripts/setup-grpcurl.sh >/dev/null
 scripts/setup-model.sh >/dev/null

@@ -87,6 +87,36 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Bearer token for the Admin service; created (0600) on first start. Empty: `<data_dir>/admin.token`.
     pub admin_token_file: PathBuf,
+    /// Longest a shutdown waits for streams and sessions to end before it stops the node
+    /// anyway (held HTLCs are failed back before that).
+    pub shutdown_timeout_secs: u64,
+    /// TLS on the gRPC listener: `auto` (on, unless the listen address is loopback), `on`,
+    /// or `off`.
+    pub tls: TlsMode,
+    /// PEM certificate (chain) and key. Empty: a certificate is generated in
+    /// `<data_dir>/tls/` on first start, for `tls_hosts`.
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    /// Host names and IP addresses the generated certificate is valid for.
+    pub tls_hosts: Vec<String>,
+    /// Serve plaintext on a non-loopback address (never Admin). Off: the server refuses to.
+    pub allow_plaintext: bool,
+    /// Prometheus metrics (`/metrics`) on their own listener, host:port. Empty: off.
+    pub metrics_listen: String,
+    /// HTTP/2 keepalive pings to idle clients (dead connections are dropped).
+    pub http2_keepalive_secs: u64,
+    /// Concurrent streams one connection may open.
+    pub max_streams_per_connection: u32,
+    /// Deadline of unary requests (Quote, TopUp, Refund, Admin...).
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -154,6 +184,23 @@ pub struct PaymentsConfig {
     pub invoice_expiry_secs: u32,
     /// Custom TLV record carrying the session id in KEYSEND mode (odd, ≥ 65536).
     pub keysend_tlv_type: u64,
+    /// Deadline of a session's first payment (its prompt's, or its first chunk's): an unpaid
+    /// client's slot is freed sooner than a paying client's would be.
+    pub first_payment_timeout_secs: u64,
+    /// Longest a write to a client may wait for it to read; a client that stops reading is
+    /// halted (anything held is failed back).
+    pub client_send_timeout_secs: u64,
+    /// A claim LDK has not reported completed after this long is checked against LDK's
+    /// records (and, if LDK never made it, written off).
+    pub claim_confirm_timeout_secs: u64,
+    /// Refunds: the operator pays routing fees up to max(this, amount × refund_fee_ppm).
+    pub refund_max_fee_msat: u64,
+    pub refund_fee_ppm: u64,
+    /// TopUp amounts accepted.
+    pub topup_min_msat: u64,
+    pub topup_max_msat: u64,
+    /// Attempts at handling an LDK event before it is parked (Admin ListParkedEvents).
+    pub event_max_attempts: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +210,11 @@ pub struct LimitsConfig {
     pub max_sessions: u32,
     /// Prompt tokens accepted (0: only the model's context bounds it).
     pub max_prompt_tokens: u32,
+    /// Prompt bytes accepted, checked before tokenizing (a prompt this long cannot be cheap).
+    pub max_prompt_bytes: u32,
+    /// Live sessions one client address may hold before its first payment (an unpaid
+    /// session holds an engine slot for up to `payments.first_payment_timeout_secs`).
+    pub max_unpaid_sessions_per_client: u32,
 }
 
 impl Default for ServerConfig {
@@ -171,6 +223,16 @@ impl Default for ServerConfig {
             grpc_listen: "127.0.0.1:50051".into(),
             data_dir: "satstream-data".into(),
             admin_token_file: PathBuf::new(),
+            shutdown_timeout_secs: 15,
+            tls: TlsMode::Auto,
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+            tls_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            allow_plaintext: false,
+            metrics_listen: String::new(),
+            http2_keepalive_secs: 30,
+            max_streams_per_connection: 32,
+            request_timeout_secs: 150,
         }
     }
 }
@@ -210,6 +272,14 @@ impl Default for PaymentsConfig {
             window_chunks: 2,
             invoice_expiry_secs: 600,
             keysend_tlv_type: 5_482_373_485,
+            first_payment_timeout_secs: 15,
+            client_send_timeout_secs: 10,
+            claim_confirm_timeout_secs: 60,
+            refund_max_fee_msat: 10_000,
+            refund_fee_ppm: 10_000,
+            topup_min_msat: 1_000,
+            topup_max_msat: 100_000_000,
+            event_max_attempts: 5,
         }
     }
 }
@@ -218,7 +288,9 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_sessions: 64,
-            max_prompt_tokens: 0,
+            max_prompt_tokens: 4096,
+            max_prompt_bytes: 262_144,
+            max_unpaid_sessions_per_client: 8,
         }
     }
 }
@@ -334,6 +406,55 @@ impl Config {
                 ),
             ));
         }
+        for (key, v) in [
+            ("payments.first_payment_timeout_secs", p.first_payment_timeout_secs),
+            ("payments.client_send_timeout_secs", p.client_send_timeout_secs),
+            ("payments.claim_confirm_timeout_secs", p.claim_confirm_timeout_secs),
+            ("server.shutdown_timeout_secs", self.server.shutdown_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(err(key, "must be at least 1"));
+            }
+        }
+        let sv = &self.server;
+        if sv.tls_cert_file.as_os_str().is_empty() != sv.tls_key_file.as_os_str().is_empty() {
+            return Err(err(
+                "server.tls_cert_file",
+                "set both tls_cert_file and tls_key_file, or neither (a certificate is then generated)",
+            ));
+        }
+        if sv.tls_hosts.is_empty() && sv.tls_cert_file.as_os_str().is_empty() {
+            return Err(err(
+                "server.tls_hosts",
+                "the generated certificate needs at least one host name",
+            ));
+        }
+        if !sv.metrics_listen.is_empty() {
+            addr("server.metrics_listen", &sv.metrics_listen)?;
+        }
+        if self.plaintext() && !self.grpc_addr().ip().is_loopback() && !sv.allow_plaintext {
+            return Err(err(
+                "server.tls",
+                format!(
+                    "plaintext gRPC on the non-loopback address {} would send tokens, invoices and \
+                     chunk keys in the clear: use tls = \"auto\" or \"on\" (a certificate is \
+                     generated when none is configured), or set server.allow_plaintext = true",
+                    sv.grpc_listen
+                ),
+            ));
+        }
+        if self.limits.max_unpaid_sessions_per_client == 0 {
+            return Err(err("limits.max_unpaid_sessions_per_client", "must be at least 1"));
+        }
+        if p.topup_min_msat == 0 || p.topup_min_msat > p.topup_max_msat {
+            return Err(err(
+                "payments.topup_min_msat",
+                "must be at least 1 and at most payments.topup_max_msat",
+            ));
+        }
+        if p.event_max_attempts == 0 {
+            return Err(err("payments.event_max_attempts", "must be at least 1"));
+        }
         if p.invoice_expiry_secs < 60 {
             return Err(err("payments.invoice_expiry_secs", "must be at least 60"));
         }
@@ -388,6 +509,20 @@ impl Config {
             &self.server.data_dir,
             "admin.token",
         )
+    }
+
+    /// Whether the gRPC listener serves plaintext (TLS `off`, or `auto` on loopback).
+    pub fn plaintext(&self) -> bool {
+        match self.server.tls {
+            TlsMode::On => false,
+            TlsMode::Off => true,
+            TlsMode::Auto => self
+                .server
+                .grpc_listen
+                .parse::<SocketAddr>()
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or(false),
+        }
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {

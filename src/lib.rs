@@ -9,17 +9,27 @@
 //! - [`app`]: the state every handler shares.
 //! - [`grpc`]: the edge. Generated types, `auth` (admin bearer token), one file per RPC under
 //!   `grpc::admin` and `grpc::inference`, and the error → `tonic::Status` mapping.
-//! - [`lightning`]: the embedded ldk-node: hold invoices, claim/fail, and `lightning::events`,
-//!   the single event loop that commits each event's effect before acknowledging it.
+//! - [`lightning`]: the embedded ldk-node and every money decision: hold invoices and the
+//!   crash-safe claim protocol (`lightning::invoices`), refunds, channel closures, and
+//!   `lightning::events`, the single event loop that commits each event's effect before
+//!   acknowledging it. [`node`]: building an ldk-node, shared with the client's wallet.
+//! - [`wire`]: what crosses the wire, shared by server and client: the generated gRPC types
+//!   and ATOMIC's chunk cipher.
+//! - [`fault`]: test-only fault injection (`SATSTREAM_FAULT`) for the crash tests.
+//! - [`tls`]: the listener's certificate (configured, or generated on first start);
+//!   [`files`]: private data dir and secrets (0700/0600, refused when exposed).
 //! - [`session`]: the meter, one task per Generate stream: chunks, invoices or balance,
 //!   claim-then-deliver, engine allowance, halting. [`pricing`]: every price computed once.
-//! - [`store`]: all SQL. Sessions, invoices (an explicit state machine), keysend credits, and
-//!   the append-only ledger; WAL mode, versioned migrations.
+//! - [`store`]: all SQL. Sessions, invoices (an explicit state machine), keysend credits,
+//!   prepaid accounts, refunds, losses and the append-only ledger; WAL mode, versioned
+//!   migrations.
 //! - [`engine`]: inference behind a small backend interface (mistral.rs first): loading,
 //!   admission, a never-blocking pump, exact token accounting, pause/resume by allowance.
 //! - [`client`]: the paying client: its own ldk-node [`client::Wallet`] and the loop that
 //!   runs a Generate stream and pays each chunk (BOLT11, ATOMIC decrypt, KEYSEND) in budget.
-//! - [`metrics`]: in-process measurements (payment → tokens, pause share, halt precision).
+//! - [`logging`]: tracing setup, with known library noise classified for what it is.
+//! - [`metrics`]: Prometheus export and the bench's in-process samples (payment → tokens,
+//!   pause share, halt precision, money).
 //! - [`bench`]: `satstream bench`, the performance goals measured in one run on the harness.
 //! - [`harness`]: a real regtest world (Bitcoin Core, the server, a payer node, a channel) for
 //!   tests, benchmarks and the demo.
@@ -29,12 +39,18 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod fault;
+pub mod files;
 pub mod grpc;
 pub mod harness;
 pub mod lightning;
+pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod pricing;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
+pub mod wire;

@@ -39,6 +39,17 @@ pub enum ServerError {
     Engine(#[from] crate::engine::EngineError),
     #[error("reflection: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    Exposed(#[from] crate::files::ExposedSecret),
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 pub struct RunningServer {
@@ -46,32 +57,69 @@ pub struct RunningServer {
     /// Where gRPC actually listens (the config may say port 0).
     pub grpc_addr: SocketAddr,
     pub admin_token: String,
+    /// The certificate clients should trust, when TLS is on.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// Where Prometheus metrics are served, when on.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     events_stop: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     events: JoinHandle<()>,
+    watchdog: JoinHandle<()>,
 }
 
 /// Starts everything; returns once gRPC is accepting connections.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+    lock_down(&config)?;
     let store_path = config.store_path();
     let store = Store::open(&store_path).map_err(|source| ServerError::Store {
         path: store_path.display().to_string(),
         source,
     })?;
+    for f in ["", "-wal", "-shm"] {
+        let p = std::path::PathBuf::from(format!("{}{f}", store_path.display()));
+        crate::files::make_private(&p).map_err(|source| ServerError::DataDir {
+            path: p.display().to_string(),
+            source,
+        })?;
+    }
     let token_path = config.admin_token_path();
     let admin_token = load_or_create_token(&token_path).map_err(|source| ServerError::Token {
         path: token_path.display().to_string(),
         source,
     })?;
+    store.record_start().map_err(|source| ServerError::Store {
+        path: store_path.display().to_string(),
+        source,
+    })?;
+    let faults = Arc::new(crate::fault::Faults::from_env());
     let lightning = {
         let (config, store) = (config.clone(), store.clone());
         // ldk-node's start blocks (chain sync, block_on): keep it off the async workers.
-        tokio::task::spawn_blocking(move || Lightning::start(&config, store))
+        tokio::task::spawn_blocking(move || Lightning::start(&config, store, faults))
             .await
             .expect("Lightning start panicked")?
     };
     tracing::info!(node_id = %lightning.node_id(), "Lightning node started");
+    // ldk-node creates its files with the process umask: make the seed and its store private.
+    let ldk = config.ldk_dir();
+    let seed = if config.lightning.seed_file.as_os_str().is_empty() {
+        ldk.join("keys_seed")
+    } else {
+        config.lightning.seed_file.clone()
+    };
+    let private = crate::files::private_dir(&ldk)
+        .and_then(|_| crate::files::make_private(&seed))
+        .and_then(|_| {
+            crate::files::make_private(&ldk.join(ldk_node::io::sqlite_store::SQLITE_DB_FILE_NAME))
+        });
+    if let Err(source) = private {
+        lightning.stop();
+        return Err(ServerError::DataDir {
+            path: ldk.display().to_string(),
+            source,
+        });
+    }
 
     let engine = match Engine::load(&config.models).await {
         Ok(e) => e,
@@ -86,7 +134,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     // Sessions stop first (they fail back what they hold), then the event loop.
     let sessions_stop = shutdown.child_token();
     let events_stop = CancellationToken::new();
-    let events = tokio::spawn(events::run(lightning.clone(), events_stop.clone()));
+    let retry = events::Retry {
+        max_attempts: config.payments.event_max_attempts,
+        ..Default::default()
+    };
+    let events = tokio::spawn(events::run(lightning.clone(), events_stop.clone(), retry));
+    let watchdog = tokio::spawn(watchdog(
+        lightning.clone(),
+        events_stop.clone(),
+        std::time::Duration::from_secs(config.payments.claim_confirm_timeout_secs),
+    ));
 
     let app = Arc::new(App {
         config: config.clone(),
@@ -97,6 +154,26 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         shutdown: sessions_stop,
         metrics: Default::default(),
     });
+
+    let metrics_addr = match config.server.metrics_listen.as_str() {
+        "" => None,
+        a => Some(
+            crate::metrics::prometheus::install(a).map_err(|e| ServerError::Metrics(e.to_string()))?,
+        ),
+    };
+    let tls = if config.plaintext() {
+        None
+    } else {
+        let t = crate::tls::load_or_create(&config).map_err(|e| ServerError::Tls(e.to_string()))?;
+        tracing::info!(fingerprint = %t.fingerprint, trust = %t.trust_path.display(), "TLS on: clients trust this certificate");
+        Some(t)
+    };
+    // Admin is never served in plaintext off loopback (its bearer token would cross the
+    // network in the clear).
+    let serve_admin = tls.is_some() || config.grpc_addr().ip().is_loopback();
+    if !serve_admin {
+        tracing::warn!("plaintext on a public address: the Admin service is not served");
+    }
 
     let listener = tokio::net::TcpListener::bind(&config.server.grpc_listen)
         .await
@@ -127,32 +204,134 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let auth = AdminAuth::new(admin_token.clone());
-    let admin =
-        AdminServer::with_interceptor(AdminService::new(app.clone()), move |r| auth.check(r));
+    let admin = serve_admin.then(|| {
+        AdminServer::with_interceptor(AdminService::new(app.clone()), move |r| auth.check(r))
+    });
     let inference = InferenceServer::new(InferenceService::new(app.clone()));
 
+    let sv = &config.server;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(sv.http2_keepalive_secs)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .max_concurrent_streams(Some(sv.max_streams_per_connection))
+        .timeout(std::time::Duration::from_secs(sv.request_timeout_secs))
+        .tcp_nodelay(true);
+    if let Some(t) = &tls {
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem),
+            ))
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
     let stop = shutdown.clone();
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(health_svc)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(inference)
-            .add_service(admin)
+            .add_optional_service(admin)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 stop.cancelled().await
             }),
     );
-    tracing::info!(%grpc_addr, "gRPC serving");
+    tracing::info!(%grpc_addr, tls = tls.is_some(), "gRPC serving");
+    if metrics_addr.is_some() {
+        tokio::spawn(refresh_gauges(app.clone(), events_stop.clone()));
+    }
     Ok(RunningServer {
         app,
         grpc_addr,
         admin_token,
+        tls,
+        metrics_addr,
         shutdown,
         events_stop,
         grpc,
         events,
+        watchdog,
     })
+}
+
+/// Keeps the exported gauges (invoices by state, liquidity, queue...) current.
+async fn refresh_gauges(app: Arc<App>, stop: CancellationToken) {
+    loop {
+        let a = app.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let counts = a.store.invoice_counts().unwrap_or_default();
+            let (mut queued, mut running) = (0, 0);
+            for m in a.engine.models() {
+                if let Some(s) = a.engine.stats(&m.id) {
+                    queued += s.queued;
+                    running += s.running;
+                }
+            }
+            crate::metrics::set_gauges(&crate::metrics::Gauges {
+                invoices_by_state: counts.into_iter().map(|(s, n)| (s.as_str(), n)).collect(),
+                inbound_liquidity_msat: a.lightning.inbound_liquidity_msat(),
+                refundable_msat: a.store.total_refundable_msat().unwrap_or(0),
+                live_sessions: a.live.count(),
+                engine_queue_depth: queued,
+                engine_running: running,
+            });
+        })
+        .await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// The data dir is private (0700), and no secret that exists is readable by others: the
+/// server refuses to start, saying what to chmod.
+fn lock_down(config: &Config) -> Result<(), ServerError> {
+    let dir = &config.server.data_dir;
+    crate::files::private_dir(dir).map_err(|source| ServerError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    crate::files::check_private(&config.admin_token_path(), "the admin token")?;
+    let seed = if config.lightning.seed_file.as_os_str().is_empty() {
+        config.ldk_dir().join("keys_seed")
+    } else {
+        config.lightning.seed_file.clone()
+    };
+    crate::files::check_private(&seed, "the Lightning node's seed")?;
+    if !config.server.tls_key_file.as_os_str().is_empty() {
+        crate::files::check_private(&config.server.tls_key_file, "the TLS key")?;
+    }
+    Ok(())
+}
+
+/// Periodic reconciliation with LDK: decided claims LDK never completed, and force-closed
+/// channels whose claims can now be classified.
+async fn watchdog(ln: Arc<Lightning>, stop: CancellationToken, confirm_timeout: std::time::Duration) {
+    let every = (confirm_timeout / 4).clamp(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let ln = ln.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let claims = ln.confirm_claims()?;
+            let closures = ln.resolve_closures()?;
+            Ok::<_, LightningError>((claims, closures))
+        })
+        .await;
+        match r {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((claims, closures))) => {
+                tracing::info!(claims, closures, "reconciled with LDK")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "reconciling with LDK"),
+            Err(e) => tracing::warn!(error = %e, "reconciliation task failed"),
+        }
+    }
 }
 
 impl RunningServer {
@@ -166,20 +345,35 @@ impl RunningServer {
         self.shutdown.cancelled().await
     }
 
+    /// Stops in order, within `server.shutdown_timeout_secs` whatever clients do: sessions
+    /// halt (failing back what they hold), gRPC stops, the event loop finishes its event.
     pub async fn stop(self) {
         self.shutdown.cancel();
-        match self.grpc.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-            Err(e) => tracing::warn!(error = %e, "gRPC task failed"),
-            Ok(Ok(())) => {}
+        let limit = std::time::Duration::from_secs(self.app.config.server.shutdown_timeout_secs);
+        let deadline = tokio::time::Instant::now() + limit;
+        let grpc_abort = self.grpc.abort_handle();
+        match tokio::time::timeout_at(deadline, self.grpc).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "gRPC task failed"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => {
+                tracing::warn!(?limit, "streams still open at the shutdown deadline: closing them");
+                grpc_abort.abort();
+            }
         }
-        // Let halting sessions commit and fail back their HTLCs before the loop stops.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.app.live.count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // Let halting sessions commit and fail back their HTLCs before the loop stops. A
+        // session ends within its send timeout; the deadline bounds it anyway.
+        let ended = self.app.live.wait_empty();
+        let at_least = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        if tokio::time::timeout_at(deadline.max(at_least), ended)
+            .await
+            .is_err()
+        {
+            tracing::warn!(live = self.app.live.count(), "sessions still live at the shutdown deadline");
         }
         self.events_stop.cancel();
         let _ = self.events.await;
+        let _ = self.watchdog.await;
         let app = self.app.clone();
         let _ = tokio::task::spawn_blocking(move || app.lightning.stop()).await;
         if let Err(e) = self.app.store.checkpoint() {

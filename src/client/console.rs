@@ -138,13 +138,16 @@ impl Console {
         let _ = writeln!(
             out,
             "summary: outcome={} tokens={} chunks={} paid_msat={} payments={} fees_msat={} \
-             refundable_msat={} tok/s={:.1} waiting_for_payment_ms={} stream_ms={} elapsed_ms={}",
+             server_paid_msat={} refunded_msat={} refundable_msat={} tok/s={:.1} \
+             waiting_for_payment_ms={} stream_ms={} elapsed_ms={}",
             s.outcome,
             s.tokens,
             s.chunks,
             s.spent_msat,
             s.payments,
             s.fees_msat,
+            s.server_paid_msat,
+            s.refunded_msat,
             s.refundable_msat,
             s.tokens_per_sec,
             s.waiting_for_payment_ms,

@@ -1,10 +1,12 @@
 //! Paying invoices as they scroll past: `grpcurl … Generate | satstream wallet pay`.
 //!
 //! Every line read is passed through unchanged (so the stream stays on screen), and every
-//! BOLT11 invoice in it is paid at once, without waiting for the previous one, within a
-//! budget. It knows nothing of satstream's protocol, so it checks what it can on its own:
-//! the invoice must be for this network, carry an amount, not be seen before and fit the
-//! budget.
+//! invoice a Generate event carries (grpcurl's `"bolt11": "…"` field), or a line that is
+//! nothing but an invoice (`--invoice`, stdin), is paid at once, without waiting for the
+//! previous one, within a budget. An invoice anywhere else, such as inside generated text
+//! (`"text": "… lnbc… "`), is never paid: a model must not be able to spend the wallet. It
+//! knows nothing else of satstream's protocol, so it checks what it can on its own: the
+//! invoice must be for this network, carry an amount, not be seen before and fit the budget.
 
 use ldk_node::lightning_invoice::Bolt11Invoice;
 use std::collections::HashMap;
@@ -51,14 +53,27 @@ pub struct PipeSummary {
 /// BOLT11 human-readable prefixes: mainnet, testnet, signet, regtest.
 const PREFIXES: [&str; 4] = ["lnbc", "lntb", "lntbs", "lnbcrt"];
 
-/// The invoice-looking words of `line` (bech32 is alphanumeric, so words split on the rest).
+fn looks_like_invoice(w: &str) -> bool {
+    w.len() > 20
+        && w.chars().all(|c| c.is_ascii_alphanumeric() && !c.is_ascii_uppercase())
+        && PREFIXES.iter().any(|p| w.starts_with(p))
+}
+
+/// The invoice a line carries as a Generate event's field (`"bolt11": "lnbc…"`, as grpcurl
+/// prints it), or as the whole line; None for anything else.
 pub fn invoices_in(line: &str) -> Vec<&str> {
-    line.split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|w| {
-            let lower = w.len() > 20 && w.chars().all(|c| !c.is_ascii_uppercase());
-            lower && PREFIXES.iter().any(|p| w.starts_with(p))
-        })
-        .collect()
+    let t = line.trim();
+    if looks_like_invoice(t) {
+        return vec![t];
+    }
+    let Some(rest) = t.strip_prefix("\"bolt11\":") else {
+        return Vec::new();
+    };
+    let v = rest.trim().trim_end_matches(',').trim();
+    match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inv) if looks_like_invoice(inv) => vec![inv],
+        _ => Vec::new(),
+    }
 }
 
 /// Copies `input` to `output` line by line, paying each new invoice found, spending at most
@@ -78,7 +93,7 @@ pub async fn pay_lines(
     let mut in_flight: HashMap<[u8; 32], u64> = HashMap::new();
     let mut committed_msat = 0u64;
     let mut lines = input.lines();
-    let expected = crate::lightning::ldk_network(network);
+    let expected = crate::node::ldk_network(network);
     let mut input_open = true;
     while input_open {
         tokio::select! {
@@ -223,5 +238,11 @@ mod tests {
             invoices_in(r#""paymentHash": "LNBCRT10U1PN9XYZPP5QQQSYQCYQ5RQWZQFQQQ""#).is_empty()
         );
         assert!(invoices_in(r#""nodeId": "02abc…""#).is_empty());
+        // An invoice inside generated text is never paid.
+        let inv = "lnbcrt10u1pn9xyzpp5qqqsyqcyq5rqwzqfqqqsyqcyq5rqwzqfqqqsyqcyq5rqwzqfqypq";
+        assert!(invoices_in(&format!(r#"    "text": "pay {inv} now","#)).is_empty());
+        assert!(invoices_in(&format!(r#"    "text": "{inv}","#)).is_empty());
+        // A bare invoice line (stdin, --invoice) is.
+        assert_eq!(invoices_in(&format!("  {inv}  ")), vec![inv]);
     }
 }

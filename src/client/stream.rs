@@ -20,10 +20,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::transport::Channel;
 
 use super::{ClientError, Wallet};
-use crate::grpc::proto::{
+use crate::wire::proto::{
     generate_event::Event as Ev, inference_client::InferenceClient, GenerateRequest, PaymentMode,
 };
-use crate::session::cipher;
+use crate::wire::cipher;
 
 /// What happened, in order: for a caller that prints (`--json` prints these as they come).
 #[derive(Debug, Clone, Serialize)]
@@ -77,6 +77,11 @@ pub enum ClientEvent {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
     pub session_id: String,
+    /// The session's owner secret (for Refund); never printed.
+    #[serde(skip)]
+    pub session_token: String,
+    /// What the server recorded as refunded to this client afterwards (KEYSEND leftovers).
+    pub refunded_msat: u64,
     /// "stop", "length", "stop_string" (Done); "halted: <reason>"; or "budget" (the client
     /// stopped paying and hung up).
     pub outcome: String,
@@ -92,6 +97,8 @@ pub struct Summary {
     /// The server's own totals (Done/Halted); 0 when the client hung up first.
     pub server_paid_msat: u64,
     pub refundable_msat: u64,
+    /// PREPAID: the account's balance left (otherwise = refundable_msat).
+    pub balance_msat: u64,
     /// Request to the stream's end (the last token, Done or Halted): what the user waits.
     pub stream_ms: u64,
     /// Also waiting for the last payments' outcomes after the stream ended.
@@ -100,6 +107,15 @@ pub struct Summary {
     pub waiting_for_payment_ms: u64,
     /// Tokens over `stream_ms`.
     pub tokens_per_sec: f64,
+}
+
+/// The payment rules a session accepted: what every invoice is checked against.
+#[derive(Default)]
+struct Terms {
+    node_id: String,
+    msat_per_token: u64,
+    chunk_tokens: u32,
+    prompt_price_msat: u64,
 }
 
 struct InFlight {
@@ -127,7 +143,7 @@ struct Run {
     summary: Summary,
     budget_msat: Option<u64>,
     budget_hit: bool,
-    msat_per_token: u64,
+    terms: Terms,
     chunk_price_msat: u64,
     in_flight: HashMap<[u8; 32], InFlight>,
     waiting_since: Option<Instant>,
@@ -142,7 +158,7 @@ struct Run {
     keysend: Option<Keysend>,
     /// Invoices the wallet could not send yet (e.g. the channel's HTLC slots are all in use
     /// by other streams): retried whenever one of our payments resolves.
-    retry: Vec<(u32, String, u64)>,
+    retry: Vec<(Option<u32>, String, u64)>,
     /// KEYSEND: sent so far, and the most the request can cost (no top-up beyond it).
     credited_ahead_msat: u64,
     server_credited_msat: u64,
@@ -229,6 +245,55 @@ pub async fn generate(
 }
 
 impl Run {
+    /// The client trusts nothing it did not agree to: an invoice is paid only if it is for
+    /// the accepted price of what it covers (a chunk of at most `chunk_tokens` tokens at the
+    /// accepted rate, or the prompt at its accepted price), its own amount and hash say the
+    /// same, and its payee is the server's node. Returns the amount to pay.
+    fn check_invoice(&self, inv: &crate::wire::proto::Invoice) -> Result<u64, ClientError> {
+        let what = match inv.chunk_index {
+            Some(k) => format!("chunk {k}"),
+            None => "the prompt".to_string(),
+        };
+        let t = &self.terms;
+        let expected = match inv.chunk_index {
+            Some(_) => {
+                if inv.tokens == 0 || inv.tokens > t.chunk_tokens {
+                    return Err(ClientError::Protocol(format!(
+                        "{what}: {} tokens, but chunks were agreed at most {}",
+                        inv.tokens, t.chunk_tokens
+                    )));
+                }
+                inv.tokens as u64 * t.msat_per_token
+            }
+            None => t.prompt_price_msat,
+        };
+        if inv.amount_msat != expected || expected == 0 {
+            return Err(ClientError::Protocol(format!(
+                "{what} costs {} msat but the accepted price is {expected} msat",
+                inv.amount_msat
+            )));
+        }
+        let parsed: ldk_node::lightning_invoice::Bolt11Invoice = inv
+            .bolt11
+            .parse()
+            .map_err(|e| ClientError::Protocol(format!("{what}: bad invoice: {e}")))?;
+        if parsed.amount_milli_satoshis() != Some(expected)
+            || hex::encode(parsed.payment_hash().as_ref() as &[u8]) != inv.payment_hash
+        {
+            return Err(ClientError::Protocol(format!(
+                "{what}: the invoice does not match its amount or payment hash"
+            )));
+        }
+        let payee = parsed.recover_payee_pub_key().to_string();
+        if !t.node_id.is_empty() && payee != t.node_id {
+            return Err(ClientError::Protocol(format!(
+                "{what}: the invoice pays {payee}, not the server's node {}",
+                t.node_id
+            )));
+        }
+        Ok(expected)
+    }
+
     /// Payment outcomes from the wallet. Returns false once the wallet has stopped.
     fn on_wallet_event(
         &mut self,
@@ -315,10 +380,11 @@ impl Run {
         false
     }
 
+    /// Pays chunk `chunk`'s invoice (None: the prompt's).
     fn pay_invoice(
         &mut self,
         wallet: &Wallet,
-        chunk: u32,
+        chunk: Option<u32>,
         bolt11: &str,
         amount_msat: u64,
         on_event: &mut impl FnMut(&ClientEvent),
@@ -332,7 +398,7 @@ impl Run {
                 // Usually the channel's HTLC slots are all taken by other streams; a slot frees
                 // when any payment of this wallet resolves, and the server's payment timeout
                 // bounds the wait.
-                tracing::debug!(chunk, error = %e, "cannot send yet; retrying when a payment resolves");
+                tracing::debug!(?chunk, error = %e, "cannot send yet; retrying when a payment resolves");
                 self.retry.push((chunk, bolt11.to_string(), amount_msat));
                 return Ok(());
             }
@@ -340,17 +406,16 @@ impl Run {
         self.in_flight.insert(
             hash,
             InFlight {
-                chunk: Some(chunk),
+                chunk,
                 amount_msat,
                 sent: Instant::now(),
             },
         );
-        self.owed.insert(chunk, ());
+        if let Some(k) = chunk {
+            self.owed.insert(k, ());
+        }
         self.update_waiting();
-        on_event(&ClientEvent::Paying {
-            chunk: Some(chunk),
-            amount_msat,
-        });
+        on_event(&ClientEvent::Paying { chunk, amount_msat });
         Ok(())
     }
 
@@ -370,7 +435,8 @@ impl Run {
             .credited_ahead_msat
             .saturating_sub(self.server_credited_msat);
         let amount = self.chunk_price_msat;
-        let most = self.max_tokens as u64 * self.msat_per_token;
+        let most = self.max_tokens as u64 * self.terms.msat_per_token
+            + self.terms.prompt_price_msat;
         if available_msat + uncredited >= amount
             || (most > 0 && self.credited_ahead_msat >= most)
             || !self.affordable(amount, on_event)
@@ -482,9 +548,15 @@ impl Run {
     ) -> Result<bool, ClientError> {
         match ev {
             Ev::Accepted(a) => {
-                self.msat_per_token = a.msat_per_token;
+                self.terms = Terms {
+                    node_id: a.node_id.clone(),
+                    msat_per_token: a.msat_per_token,
+                    chunk_tokens: a.chunk_tokens,
+                    prompt_price_msat: a.prompt_price_msat,
+                };
                 self.chunk_price_msat = a.chunk_tokens as u64 * a.msat_per_token;
                 self.summary.session_id = a.session_id.clone();
+                self.summary.session_token = a.session_token.clone();
                 self.summary.prompt_tokens = a.prompt_tokens;
                 on_event(&ClientEvent::Accepted {
                     session_id: a.session_id,
@@ -499,29 +571,8 @@ impl Run {
                 });
             }
             Ev::Invoice(inv) => {
-                let chunk = inv.chunk_index.ok_or_else(|| {
-                    ClientError::Protocol("a chunk invoice without a chunk index".into())
-                })?;
-                // Never pay more than the accepted rate, whatever the server asks.
-                let expected = inv.tokens as u64 * self.msat_per_token;
-                if inv.amount_msat != expected {
-                    return Err(ClientError::Protocol(format!(
-                        "chunk {chunk} costs {} msat but {} tokens at {} msat/token are {expected}",
-                        inv.amount_msat, inv.tokens, self.msat_per_token
-                    )));
-                }
-                let parsed: ldk_node::lightning_invoice::Bolt11Invoice =
-                    inv.bolt11.parse().map_err(|e| {
-                        ClientError::Protocol(format!("chunk {chunk}: bad invoice: {e}"))
-                    })?;
-                if parsed.amount_milli_satoshis() != Some(expected)
-                    || hex::encode(parsed.payment_hash().as_ref() as &[u8]) != inv.payment_hash
-                {
-                    return Err(ClientError::Protocol(format!(
-                        "chunk {chunk}: the invoice does not match its amount or payment hash"
-                    )));
-                }
-                self.pay_invoice(wallet, chunk, &inv.bolt11, inv.amount_msat, on_event)?;
+                let amount = self.check_invoice(&inv)?;
+                self.pay_invoice(wallet, inv.chunk_index, &inv.bolt11, amount, on_event)?;
             }
             Ev::Tokens(t) => self.text(t.chunk_index, t.first_token, t.tokens, t.text, on_event),
             Ev::EncryptedChunk(c) => {
@@ -568,7 +619,7 @@ impl Run {
             }
             Ev::Done(d) => {
                 let s = &mut self.summary;
-                s.outcome = match crate::grpc::proto::FinishReason::try_from(d.finish_reason) {
+                s.outcome = match crate::wire::proto::FinishReason::try_from(d.finish_reason) {
                     Ok(r) => r
                         .as_str_name()
                         .trim_start_matches("FINISH_REASON_")
@@ -577,11 +628,12 @@ impl Run {
                 };
                 s.server_paid_msat = d.paid_msat;
                 s.refundable_msat = d.refundable_msat;
+                s.balance_msat = d.balance_msat;
                 return Ok(true);
             }
             Ev::Halted(h) => {
                 let s = &mut self.summary;
-                s.outcome = match crate::grpc::proto::HaltReason::try_from(h.reason) {
+                s.outcome = match crate::wire::proto::HaltReason::try_from(h.reason) {
                     Ok(r) => format!(
                         "halted: {}",
                         r.as_str_name()
@@ -593,6 +645,7 @@ impl Run {
                 s.message = h.message;
                 s.server_paid_msat = h.paid_msat;
                 s.refundable_msat = h.refundable_msat;
+                s.balance_msat = h.balance_msat;
                 return Ok(true);
             }
         }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ClientError;
 use crate::config::{ChainConfig, Network};
-use crate::lightning::build_node;
+use crate::node::{build_node, parse_node_id};
 
 /// How an outgoing payment ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +52,7 @@ impl Wallet {
             store_wal,
         )?;
         node.start()
-            .map_err(crate::lightning::LightningError::from)?;
+            .map_err(|e| ClientError::Wallet(format!("cannot start the wallet's node: {e}")))?;
         let node = Arc::new(node);
         let (events, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
@@ -71,6 +71,25 @@ impl Wallet {
 
     pub fn node_id(&self) -> String {
         self.node.node_id().to_string()
+    }
+
+    /// An invoice of this wallet (refunds are paid to it); None: amountless.
+    pub fn receive_invoice(
+        &self,
+        amount_msat: Option<u64>,
+        description: &str,
+    ) -> Result<String, ClientError> {
+        use ldk_node::lightning_invoice::{Bolt11InvoiceDescription, Description};
+        let d = Description::new(description.to_string())
+            .map_err(|e| ClientError::Wallet(format!("invoice description: {e}")))?;
+        let d = Bolt11InvoiceDescription::Direct(d);
+        let pay = self.node.bolt11_payment();
+        match amount_msat {
+            Some(a) => pay.receive(a, &d, 3600),
+            None => pay.receive_variable_amount(&d, 3600),
+        }
+        .map(|i| i.to_string())
+        .map_err(|e| ClientError::Wallet(format!("cannot create an invoice: {e}")))
     }
 
     /// Starts paying `bolt11`; returns the payment hash without waiting.
@@ -111,7 +130,7 @@ impl Wallet {
         amount_msat: u64,
         tlvs: Vec<(u64, Vec<u8>)>,
     ) -> Result<[u8; 32], ClientError> {
-        let pk = crate::lightning::parse_node_id(node_id)?;
+        let pk = parse_node_id(node_id)?;
         let records = tlvs
             .into_iter()
             .map(|(type_num, value)| CustomTlvRecord { type_num, value })
@@ -208,7 +227,7 @@ impl Wallet {
         address: &str,
         sats: u64,
     ) -> Result<String, ClientError> {
-        let pk = crate::lightning::parse_node_id(node_id)?;
+        let pk = parse_node_id(node_id)?;
         let addr = ldk_node::lightning::ln::msgs::SocketAddress::from_str(address)
             .map_err(|_| ClientError::Wallet(format!("bad node address {address:?}")))?;
         // The on-chain balance must be current, or a freshly funded wallet has nothing to spend.

@@ -49,7 +49,11 @@ impl MistralBackend {
             .with_token_source(TokenSource::None)
             .with_force_cpu()
             .with_max_num_seqs(max_num_seqs.max(1))
-            .with_prefix_cache_n(Some(16));
+            // mistral.rs 0.8.1's prefix cacher only ever evicts caches held on a GPU: on the
+            // CPU every finished sequence's KV cache is kept forever (~11 MB per SmolLM2
+            // generation with distinct prompts; an OOM kill is a crash). Off: memory stays
+            // flat, and a resume re-prefills (the llama.cpp backend pauses for real).
+            .with_prefix_cache_n(None);
         // A panic while loading (mistral.rs asserts on odd files) must not take the server down.
         let model = tokio::spawn(builder.build())
             .await
@@ -84,6 +88,7 @@ impl Backend for MistralBackend {
                         .collect(),
                 ),
                 Prompt::Text(t) => Either::Right(t),
+                Prompt::Tokens(ids) => return Ok(ids),
             };
             let (tx, mut rx) = mpsc::channel(1);
             // These are exactly the flags mistral.rs uses when it tokenizes a chat/completion

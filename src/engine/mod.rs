@@ -44,6 +44,8 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// Used verbatim (the tokenizer's special-token rules apply).
     Text(String),
+    /// Already tokenized by [`Engine::tokenize`] (a request is tokenized once).
+    Tokens(Vec<u32>),
 }
 
 impl Prompt {
@@ -51,8 +53,17 @@ impl Prompt {
         match self {
             Prompt::Text(t) => t.is_empty(),
             Prompt::Chat(m) => m.iter().all(|m| m.content.is_empty()),
+            Prompt::Tokens(t) => t.is_empty(),
         }
     }
+}
+
+/// A generation slot taken on a model ([`Engine::admit`]); started with [`Engine::start`].
+/// Dropping it frees the slot.
+#[derive(Debug)]
+pub struct Admission {
+    model: String,
+    permit: OwnedSemaphorePermit,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +173,7 @@ struct LoadedModel {
 struct Inner {
     models: Vec<Arc<LoadedModel>>,
     by_id: HashMap<String, Arc<LoadedModel>>,
+    /// Also the count of generations started (ids start at 1).
     next_id: AtomicU64,
 }
 
@@ -226,6 +238,11 @@ impl Engine {
         })
     }
 
+    /// Generations started (prefill run) since the engine loaded.
+    pub fn generations_started(&self) -> u64 {
+        self.inner.next_id.load(Ordering::Relaxed) - 1
+    }
+
     pub fn models(&self) -> Vec<ModelInfo> {
         self.inner.models.iter().map(|m| m.info.clone()).collect()
     }
@@ -256,8 +273,48 @@ impl Engine {
         model: &str,
         prompt: &Prompt,
     ) -> Result<u32, EngineError> {
+        Ok(self.tokenize(model, prompt.clone()).await?.len() as u32)
+    }
+
+    /// The prompt's tokens as the model will see them; pass them on as [`Prompt::Tokens`] so
+    /// a request is tokenized once.
+    pub async fn tokenize(&self, model: &str, prompt: Prompt) -> Result<Vec<u32>, EngineError> {
+        tokenize(self.get(model)?, prompt).await
+    }
+
+    /// Checks that a prompt of `prompt_tokens` and `max_tokens` fit the model's context.
+    pub fn check_fits(
+        &self,
+        model: &str,
+        prompt_tokens: u32,
+        max_tokens: u32,
+    ) -> Result<(), EngineError> {
+        let ctx = self.get(model)?.info.context_length;
+        if prompt_tokens >= ctx {
+            return Err(EngineError::PromptTooLong {
+                model: model.to_string(),
+                prompt_tokens,
+                context_length: ctx,
+            });
+        }
+        if prompt_tokens as u64 + max_tokens as u64 > ctx as u64 {
+            return Err(EngineError::InvalidArgument(format!(
+                "max_tokens {max_tokens} + prompt {prompt_tokens} tokens exceeds the context length \
+                 {ctx} of model `{model}`; max_tokens may be at most {}",
+                ctx - prompt_tokens
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes a generation slot on `model` (waits while queued; [`EngineError::Busy`] when the
+    /// queue is full).
+    pub async fn admit(&self, model: &str) -> Result<Admission, EngineError> {
         let m = self.get(model)?;
-        Ok(tokenize(m, prompt.clone()).await?.len() as u32)
+        Ok(Admission {
+            model: model.to_string(),
+            permit: admit(m).await?,
+        })
     }
 
     /// Validates, admits (or refuses with [`EngineError::Busy`]; waits while queued) and starts
@@ -267,6 +324,19 @@ impl Engine {
         model: &str,
         params: GenerateParams,
     ) -> Result<Generation, EngineError> {
+        self.get(model)?;
+        validate(&params)?;
+        let admission = self.admit(model).await?;
+        self.start(admission, params).await
+    }
+
+    /// Starts a generation in a slot taken with [`Engine::admit`].
+    pub async fn start(
+        &self,
+        admission: Admission,
+        params: GenerateParams,
+    ) -> Result<Generation, EngineError> {
+        let model = admission.model.as_str();
         let m = self.get(model)?;
         validate(&params)?;
         let prompt = tokenize(m, params.prompt).await?;
@@ -290,7 +360,7 @@ impl Engine {
                 ctx - prompt_tokens
             )));
         }
-        let permit = admit(m).await?;
+        let permit = admission.permit;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         info!(
             id,
@@ -352,6 +422,9 @@ fn validate(p: &GenerateParams) -> Result<(), EngineError> {
 async fn tokenize(m: &LoadedModel, prompt: Prompt) -> Result<Vec<u32>, EngineError> {
     if prompt.is_empty() {
         return Err(EngineError::InvalidArgument("prompt is empty".into()));
+    }
+    if let Prompt::Tokens(ids) = prompt {
+        return Ok(ids);
     }
     let ids = m
         .backend

@@ -5,14 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod inference;
 
-#[allow(clippy::all, missing_docs)]
-pub mod proto {
-    tonic::include_proto!("satstream.v1");
-
-    /// Encoded descriptors for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("satstream_descriptor");
-}
+pub use crate::wire::proto;
 
 use tonic::Status;
 
@@ -26,11 +19,23 @@ impl From<StoreError> for Status {
             StoreError::BadPageToken => Status::invalid_argument(
                 "page_token: not a token from a previous response; leave it empty for the first page",
             ),
-            StoreError::IllegalTransition { .. } => Status::failed_precondition(e.to_string()),
+            StoreError::IllegalTransition { .. } | StoreError::InsufficientBalance { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
+            StoreError::DuplicateRefund { .. } => Status::already_exists(e.to_string()),
             other => {
                 tracing::error!(error = %other, "store failure");
                 Status::internal("storage failure; see the server log")
             }
+        }
+    }
+}
+
+impl From<crate::node::NodeError> for Status {
+    fn from(e: crate::node::NodeError) -> Status {
+        match e {
+            crate::node::NodeError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            crate::node::NodeError::Build(_) => Status::unavailable(e.to_string()),
         }
     }
 }
@@ -40,9 +45,16 @@ impl From<LightningError> for Status {
         match e {
             LightningError::Invalid { .. } => Status::invalid_argument(e.to_string()),
             LightningError::Store(s) => s.into(),
-            LightningError::NotHeld(..) => Status::failed_precondition(e.to_string()),
+            LightningError::NotHeld(..) | LightningError::ClaimRefused { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
             LightningError::Node(n) => node_status(n),
-            LightningError::Build(_) => Status::unavailable(e.to_string()),
+            LightningError::Setup(crate::node::NodeError::Invalid { .. }) => {
+                Status::invalid_argument(e.to_string())
+            }
+            LightningError::Setup(_) | LightningError::Injected(_) => {
+                Status::unavailable(e.to_string())
+            }
         }
     }
 }

@@ -144,20 +144,7 @@ impl Bitcoind {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        die_with_parent(&mut cmd);
-        let (child_tx, child_rx) = std::sync::mpsc::channel();
-        let (keeper, keeper_rx) = std::sync::mpsc::channel::<()>();
-        std::thread::Builder::new()
-            .name("bitcoind-keeper".into())
-            .spawn(move || {
-                let _ = child_tx.send(cmd.spawn());
-                // Returns when Bitcoind (the sender) is dropped.
-                let _ = keeper_rx.recv();
-            })
-            .map_err(|e| HarnessError::Setup(format!("keeper thread: {e}")))?;
-        let child = child_rx
-            .recv()
-            .map_err(|_| HarnessError::Setup("keeper thread died".into()))?
+        let (child, keeper) = spawn_kept(cmd, "bitcoind-keeper")
             .map_err(|e| HarnessError::Setup(format!("starting {}: {e}", exe.display())))?;
         let mut b = Bitcoind {
             child,
@@ -255,6 +242,28 @@ impl Drop for Bitcoind {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns `cmd` from a keeper thread that lives until the returned sender is dropped, with
+/// PDEATHSIG set: the child is SIGKILLed when that thread (or the whole test process) dies.
+pub(crate) fn spawn_kept(
+    mut cmd: Command,
+    name: &str,
+) -> std::io::Result<(Child, std::sync::mpsc::Sender<()>)> {
+    die_with_parent(&mut cmd);
+    let (child_tx, child_rx) = std::sync::mpsc::channel();
+    let (keeper, keeper_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = child_tx.send(cmd.spawn());
+            // Returns when the owner (the sender) is dropped.
+            let _ = keeper_rx.recv();
+        })?;
+    let child = child_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("keeper thread died"))??;
+    Ok((child, keeper))
 }
 
 /// Asks the kernel to SIGKILL the child when our thread dies, so a crashed or killed test

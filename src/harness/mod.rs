@@ -3,10 +3,13 @@
 //!
 //! Waiting is always for an event or a condition with a deadline, never a fixed sleep.
 
+pub mod audit;
 mod bitcoind;
+pub mod process;
 
 pub use crate::client::{PayOutcome, Wallet};
 pub use bitcoind::{cached_bitcoind, find_bitcoind, free_port, Bitcoind};
+pub use process::ServerProcess;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -28,6 +31,8 @@ pub enum HarnessError {
     #[error(transparent)]
     Lightning(#[from] LightningError),
     #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
+    #[error(transparent)]
     Client(#[from] crate::client::ClientError),
     #[error(transparent)]
     Server(#[from] ServerError),
@@ -38,8 +43,13 @@ pub struct HarnessOptions {
     pub models: Vec<ModelConfig>,
     /// Channel payer → server, in sat (0: no channel).
     pub channel_sat: u64,
+    /// Channel server → payer, in sat (0: none): gives the server outbound liquidity (to pay
+    /// refunds) and the payer inbound (to receive them).
+    pub server_channel_sat: u64,
     /// Extra `--set key=value` overrides for the server's config.
     pub sets: Vec<String>,
+    /// A config file under the overrides (None: built-in defaults).
+    pub config_file: Option<std::path::PathBuf>,
     /// Where the server and payer keep their data (None: a temp dir removed on drop).
     pub data_dir: Option<std::path::PathBuf>,
     /// bitcoind's RPC port (None: any free port). `satstream regtest` uses the standard
@@ -52,6 +62,8 @@ impl Default for HarnessOptions {
         HarnessOptions {
             models: Vec::new(),
             channel_sat: 1_000_000,
+            server_channel_sat: 0,
+            config_file: None,
             sets: Vec::new(),
             data_dir: None,
             bitcoind_rpc_port: None,
@@ -121,14 +133,21 @@ impl Harness {
             format!("server.data_dir={}", root.join("server").display()),
             "server.grpc_listen=127.0.0.1:0".to_string(),
             format!("lightning.listen=127.0.0.1:{}", free_port()),
+            "lightning.network=regtest".to_string(),
+            // Tests and benches open many streams from one address at once.
+            "limits.max_unpaid_sessions_per_client=64".to_string(),
+            "chain.source=bitcoind_rpc".to_string(),
+            "chain.bitcoind_rpc_host=127.0.0.1".to_string(),
             format!("chain.bitcoind_rpc_port={}", bitcoind.rpc_port),
             format!("chain.bitcoind_rpc_user={}", bitcoind.rpc_user),
             format!("chain.bitcoind_rpc_password={}", bitcoind.rpc_password),
         ];
         sets.extend(opts.sets.iter().cloned());
-        let mut config = Config::load(None, Vec::new(), &sets)
+        let mut config = Config::load(opts.config_file.as_deref(), Vec::new(), &sets)
             .map_err(|e| HarnessError::Setup(e.to_string()))?;
-        config.models = opts.models.clone();
+        if !opts.models.is_empty() {
+            config.models = opts.models.clone();
+        }
 
         let t = Instant::now();
         let server = server::start(config.clone()).await?;
@@ -163,6 +182,9 @@ impl Harness {
         h.fund().await?;
         if opts.channel_sat > 0 {
             h.open_channel(opts.channel_sat).await?;
+        }
+        if opts.server_channel_sat > 0 {
+            h.open_server_channel(opts.server_channel_sat).await?;
         }
         Ok(h)
     }
@@ -258,20 +280,34 @@ impl Harness {
     /// Opens a channel payer → server and waits until both sides report it ready and the
     /// payer can send over it.
     pub async fn open_channel(&self, sat: u64) -> Result<(), HarnessError> {
-        let mut server_notices = self.server().app.lightning.subscribe();
-        let mut payer_events = self.payer.subscribe();
         let server_id = crate::lightning::parse_node_id(&self.server_node_id())?;
         let addr = crate::lightning::parse_address(&self.server_ln_address())?;
+        self.open_between(self.payer.node.clone(), server_id, addr, sat)
+            .await
+    }
+
+    /// Opens a channel server → payer (the server's outbound liquidity, for refunds).
+    pub async fn open_server_channel(&self, sat: u64) -> Result<(), HarnessError> {
+        let payer_id = crate::lightning::parse_node_id(&self.payer.node_id())?;
+        let addr = crate::lightning::parse_address(&self.payer.listen)?;
+        let node = self.server().app.lightning.node().clone();
+        self.open_between(node, payer_id, addr, sat).await
+    }
+
+    async fn open_between(
+        &self,
+        opener: std::sync::Arc<ldk_node::Node>,
+        peer: ldk_node::bitcoin::secp256k1::PublicKey,
+        addr: ldk_node::lightning::ln::msgs::SocketAddress,
+        sat: u64,
+    ) -> Result<(), HarnessError> {
+        let mut server_notices = self.server().app.lightning.subscribe();
+        let mut payer_events = self.payer.subscribe();
         let mempool_before = self.bitcoind.mempool_len()?;
-        {
-            let node = self.payer.node.clone();
-            tokio::task::spawn_blocking(move || {
-                node.open_channel(server_id, addr, sat, None, None)
-            })
+        tokio::task::spawn_blocking(move || opener.open_channel(peer, addr, sat, None, None))
             .await
             .map_err(|e| HarnessError::Setup(e.to_string()))?
             .map_err(LightningError::from)?;
-        }
         // The funding transaction is broadcast asynchronously.
         wait_until(
             "funding tx in the mempool",
@@ -311,8 +347,9 @@ impl Harness {
     /// Waits until both ends see a usable channel (after a restart, the new server node
     /// only does once the payer has reconnected and the channel is re-established).
     pub async fn wait_channel_usable(&self) -> Result<(), HarnessError> {
-        self.wait_both("a usable channel", Duration::from_secs(90), |n| {
-            n.list_channels().iter().any(|c| c.is_usable)
+        self.wait_both("usable channels", Duration::from_secs(90), |n| {
+            let chans = n.list_channels();
+            !chans.is_empty() && chans.iter().all(|c| c.is_usable)
         })
         .await
     }

@@ -1,45 +1,110 @@
 //! The one consumer of ldk-node's event queue.
 //!
-//! For every event: commit its effect to SQLite, then `event_handled()`. If the commit fails
-//! the event is not acknowledged and is retried; LDK persists the queue, so after a crash the
-//! same event comes again — every handler is idempotent by payment hash.
+//! For every event: commit its effect to SQLite, then `event_handled()`. The handler runs on a
+//! blocking thread (SQLite with synchronous=FULL and persisting ldk-node calls must not stall
+//! the async workers that drive streams). If it fails, it is retried with backoff; LDK
+//! persists the queue, so after a crash the same event comes again, and every handler is
+//! idempotent by payment hash. An event whose handler keeps failing is parked (recorded for
+//! the operator, Admin ListParkedEvents) and acknowledged, so that one bad event cannot hold
+//! up every later payment; an HTLC in a parked event is failed back first, so no money is
+//! kept that the ledger does not show.
 
-use ldk_node::lightning_types::payment::PaymentHash;
 use ldk_node::Event;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use super::{HeldHtlc, Lightning, LightningError, NodeNotice};
-use crate::store::{InvoiceState, StoreError};
+use super::{Lightning, LightningError, NodeNotice};
 
-/// Runs until `shutdown` is cancelled.
-pub async fn run(ln: Arc<Lightning>, shutdown: CancellationToken) {
+/// How the loop retries a failing handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Attempts before the event is parked (≥ 1).
+    pub max_attempts: u32,
+    /// Wait after the first failure; doubled after each further one.
+    pub first_backoff: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            max_attempts: 5,
+            first_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Runs until `shutdown` is cancelled (the current event is finished first).
+pub async fn run(ln: Arc<Lightning>, shutdown: CancellationToken, retry: Retry) {
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => return,
             e = ln.node.next_event_async() => e,
         };
-        let span = tracing::debug_span!("ln_event", kind = event_kind(&event));
-        let _g = span.enter();
-        match handle(&ln, &event) {
-            Ok(()) => {
-                if let Err(e) = ln.node.event_handled() {
-                    // The effect is committed; a replay is harmless.
-                    tracing::error!(error = %e, "event_handled failed; the event will be replayed");
-                }
+        let kind = event_kind(&event);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = {
+                let (ln, ev) = (ln.clone(), event.clone());
+                tokio::task::spawn_blocking(move || {
+                    let _g = tracing::debug_span!("ln_event", kind).entered();
+                    handle(&ln, &ev)
+                })
+                .await
+                .unwrap_or_else(|e| Err(panicked(e)))
+            };
+            let Err(e) = result else { break };
+            if attempt >= retry.max_attempts.max(1) {
+                park(&ln, &event, attempt, &e).await;
+                break;
             }
-            Err(e) => {
-                // Not acknowledged: next_event_async returns the same event again.
-                tracing::error!(error = %e, ?event, "handling LDK event failed; retrying");
-                drop(_g);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
+            let wait = retry.first_backoff * 2u32.saturating_pow(attempt - 1);
+            tracing::warn!(kind, attempt, error = %e, ?wait, "handling an LDK event failed; retrying");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
+        let node = ln.node.clone();
+        // Persists ldk-node's queue: a blocking write.
+        match tokio::task::spawn_blocking(move || node.event_handled()).await {
+            Ok(Ok(())) => {}
+            // The effect is committed; a replay is harmless.
+            Ok(Err(e)) => {
+                tracing::error!(kind, error = %e, "event_handled failed; the event will be replayed")
+            }
+            Err(e) => tracing::error!(kind, error = %e, "event_handled panicked"),
+        }
     }
+}
+
+fn panicked(e: tokio::task::JoinError) -> LightningError {
+    LightningError::Invalid {
+        what: "event handler",
+        reason: format!("panicked: {e}"),
+    }
+}
+
+/// Gives up on an event: fails back an HTLC it holds, records it, and lets the loop go on.
+async fn park(ln: &Arc<Lightning>, event: &Event, attempts: u32, error: &LightningError) {
+    let kind = event_kind(event);
+    let hash = payment_hash(event);
+    tracing::error!(kind, attempts, error = %error, event = %describe(event), "LDK event parked: its handler keeps failing");
+    let (ln, error, description) = (ln.clone(), error.to_string(), describe(event));
+    let claimable = matches!(event, Event::PaymentClaimable { .. });
+    let _ = tokio::task::spawn_blocking(move || {
+        if let (true, Some(h)) = (claimable, &hash) {
+            ln.fail_in_node(h);
+        }
+        if let Err(e) = ln
+            .store
+            .park_event(kind, hash.as_ref(), attempts, &error, &description)
+        {
+            tracing::error!(kind, error = %e, "cannot even record the parked event");
+        }
+    })
+    .await;
 }
 
 fn event_kind(e: &Event) -> &'static str {
@@ -57,9 +122,46 @@ fn event_kind(e: &Event) -> &'static str {
     }
 }
 
+fn payment_hash(e: &Event) -> Option<[u8; 32]> {
+    match e {
+        Event::PaymentSuccessful { payment_hash, .. }
+        | Event::PaymentReceived { payment_hash, .. }
+        | Event::PaymentClaimable { payment_hash, .. } => Some(payment_hash.0),
+        Event::PaymentFailed { payment_hash, .. } => payment_hash.map(|h| h.0),
+        _ => None,
+    }
+}
+
+/// The event without its secrets (a PaymentSuccessful carries the preimage): for logs and
+/// the parked-events table.
+pub fn describe(e: &Event) -> String {
+    let hash = payment_hash(e).map(hex::encode).unwrap_or_default();
+    match e {
+        Event::PaymentClaimable {
+            claimable_amount_msat,
+            claim_deadline,
+            ..
+        } => format!(
+            "PaymentClaimable {hash} {claimable_amount_msat} msat, deadline {claim_deadline:?}"
+        ),
+        Event::PaymentReceived { amount_msat, .. } => {
+            format!("PaymentReceived {hash} {amount_msat} msat")
+        }
+        Event::PaymentSuccessful { fee_paid_msat, .. } => {
+            format!("PaymentSuccessful {hash} fee {fee_paid_msat:?} msat")
+        }
+        Event::PaymentFailed { reason, .. } => format!("PaymentFailed {hash} {reason:?}"),
+        Event::ChannelClosed {
+            channel_id, reason, ..
+        } => format!("ChannelClosed {channel_id} {reason:?}"),
+        other => event_kind(other).to_string(),
+    }
+}
+
 /// Applies one LDK event's effect, committed to the store. Idempotent: LDK replays an event
 /// that was not acknowledged (e.g. after a crash), and a replay changes nothing. Public so that
 /// tests can replay events and inject HTLCs an ldk-node payer cannot produce (underpayments).
+/// Blocking.
 pub fn handle(ln: &Lightning, event: &Event) -> Result<(), LightningError> {
     match event {
         Event::PaymentClaimable {
@@ -67,20 +169,29 @@ pub fn handle(ln: &Lightning, event: &Event) -> Result<(), LightningError> {
             claimable_amount_msat,
             claim_deadline,
             ..
-        } => on_claimable(ln, &payment_hash.0, *claimable_amount_msat, *claim_deadline),
+        } => {
+            ln.faults.point("event")?;
+            ln.on_claimable(&payment_hash.0, *claimable_amount_msat, *claim_deadline)
+        }
         Event::PaymentReceived {
             payment_hash,
             amount_msat,
             custom_records,
             ..
         } => {
-            on_received(ln, payment_hash, *amount_msat, custom_records)?;
-            let _ = ln.notices.send(NodeNotice::PaymentReceived {
-                payment_hash: payment_hash.0,
-                amount_msat: *amount_msat,
-            });
-            Ok(())
+            ln.faults.point("event")?;
+            ln.on_received(&payment_hash.0, *amount_msat, custom_records)
         }
+        Event::PaymentSuccessful {
+            payment_hash,
+            fee_paid_msat,
+            ..
+        } => ln.on_payment_sent(&payment_hash.0, true, *fee_paid_msat, ""),
+        Event::PaymentFailed {
+            payment_hash: Some(h),
+            reason,
+            ..
+        } => ln.on_payment_sent(&h.0, false, None, &format!("{reason:?}")),
         Event::ChannelPending {
             counterparty_node_id,
             ..
@@ -102,160 +213,14 @@ pub fn handle(ln: &Lightning, event: &Event) -> Result<(), LightningError> {
             Ok(())
         }
         Event::ChannelClosed {
+            channel_id,
             counterparty_node_id,
             reason,
             ..
-        } => {
-            tracing::info!(counterparty = ?counterparty_node_id, ?reason, "channel closed");
-            let _ = ln.notices.send(NodeNotice::ChannelClosed {
-                counterparty: *counterparty_node_id,
-            });
-            Ok(())
-        }
-        Event::PaymentSuccessful {
-            payment_hash,
-            fee_paid_msat,
-            ..
-        } => {
-            tracing::info!(payment_hash = %hex::encode(payment_hash.0), ?fee_paid_msat, "outgoing payment succeeded");
-            Ok(())
-        }
-        Event::PaymentFailed {
-            payment_hash,
-            reason,
-            ..
-        } => {
-            tracing::warn!(payment_hash = ?payment_hash.map(|h| hex::encode(h.0)), ?reason, "outgoing payment failed");
-            Ok(())
-        }
+        } => ln.on_channel_closed(&channel_id.0, *counterparty_node_id, reason),
         other => {
-            tracing::debug!(?other, "ignored event");
+            tracing::debug!(event = %describe(other), "ignored event");
             Ok(())
-        }
-    }
-}
-
-fn on_claimable(
-    ln: &Lightning,
-    hash: &[u8; 32],
-    amount_msat: u64,
-    deadline: Option<u32>,
-) -> Result<(), LightningError> {
-    let hx = hex::encode(hash);
-    let Some(inv) = ln.store.invoice(hash)? else {
-        tracing::warn!(payment_hash = %hx, amount_msat, "HTLC for an unknown invoice: failing back");
-        ln.store
-            .record_rejected_htlc(hash, amount_msat, "unknown invoice")?;
-        ln.fail_in_node(hash);
-        return Ok(());
-    };
-    match inv.state {
-        InvoiceState::Open => {
-            if amount_msat < inv.amount_msat {
-                ln.store
-                    .transition_invoice(hash, InvoiceState::Held, Some(amount_msat), "")?;
-                ln.fail(
-                    hash,
-                    &format!("underpaid: {amount_msat} < {} msat", inv.amount_msat),
-                )?;
-                return Ok(());
-            }
-            ln.store
-                .transition_invoice(hash, InvoiceState::Held, Some(amount_msat), "")?;
-            tracing::info!(payment_hash = %hx, amount_msat, "HTLC held");
-            notify_or_fail(ln, hash, amount_msat, deadline)
-        }
-        // A replay of an event we had already recorded: tell the issuer again if it is
-        // still waiting, else nobody will deliver, so fail.
-        InvoiceState::Held => notify_or_fail(ln, hash, amount_msat, deadline),
-        // We had claimed it (crash before LDK finished): claim again, LDK dedupes.
-        InvoiceState::Claimed => {
-            let _ = ln.node.bolt11_payment().claim_for_hash(
-                PaymentHash(*hash),
-                amount_msat,
-                ldk_node::lightning_types::payment::PaymentPreimage(inv.preimage),
-            );
-            Ok(())
-        }
-        // Halted, finished, expired or cancelled: never keep it.
-        s @ (InvoiceState::Failed | InvoiceState::Expired | InvoiceState::Canceled) => {
-            if s != InvoiceState::Failed {
-                tracing::info!(payment_hash = %hx, state = %s, "late payment: failing back");
-                ln.store
-                    .record_rejected_htlc(hash, amount_msat, &format!("invoice {s}"))?;
-            }
-            ln.fail_in_node(hash);
-            Ok(())
-        }
-    }
-}
-
-fn notify_or_fail(
-    ln: &Lightning,
-    hash: &[u8; 32],
-    amount_msat: u64,
-    deadline: Option<u32>,
-) -> Result<(), LightningError> {
-    let held = HeldHtlc {
-        payment_hash: *hash,
-        received_msat: amount_msat,
-        claim_deadline_height: deadline,
-        at: std::time::Instant::now(),
-    };
-    match ln.take_listener(hash) {
-        Some(tx) if tx.send(held).is_ok() => Ok(()),
-        _ => ln.fail(hash, "no live session for this invoice"),
-    }
-}
-
-fn on_received(
-    ln: &Lightning,
-    hash: &PaymentHash,
-    amount_msat: u64,
-    custom_records: &[ldk_node::CustomTlvRecord],
-) -> Result<(), LightningError> {
-    match ln.store.invoice(&hash.0)? {
-        // One of our hold invoices, now settled. Usually already committed by `claim`.
-        Some(inv) => match inv.state {
-            InvoiceState::Claimed => Ok(()),
-            InvoiceState::Held => {
-                ln.store.transition_invoice(
-                    &hash.0,
-                    InvoiceState::Claimed,
-                    None,
-                    "settled (recorded from PaymentReceived)",
-                )?;
-                Ok(())
-            }
-            s => {
-                // LDK settled something we did not mean to claim. Never lose track of money:
-                // record it loudly as a credit to the invoice's session.
-                tracing::error!(payment_hash = %hash, state = %s, amount_msat, "payment received for an invoice that was not held");
-                ln.store
-                    .record_keysend_credit(&hash.0, inv.session_id, amount_msat)?;
-                Ok(())
-            }
-        },
-        // Spontaneous payment (keysend): credit the session named in our TLV, if any.
-        None => {
-            let session = ln.keysend_session(custom_records);
-            match ln
-                .store
-                .record_keysend_credit(&hash.0, session, amount_msat)
-            {
-                Ok(true) => {
-                    if let Some(sid) = &session {
-                        ln.notify_credit(sid, amount_msat);
-                    }
-                    Ok(())
-                }
-                Ok(false) => Ok(()), // a replay: already credited
-                Err(StoreError::NotFound { .. }) => {
-                    ln.store.record_keysend_credit(&hash.0, None, amount_msat)?;
-                    Ok(())
-                }
-                Err(e) => Err(e.into()),
-            }
         }
     }
 }

@@ -1,13 +1,23 @@
 //! The meter: one task per session.
 //!
-//! Tokens arrive from the engine; every `chunk_tokens` of them (or the rest at the end) form a
-//! chunk, priced exactly. BOLT11: the chunk waits for its hold invoice to be held, is claimed,
-//! then sent. ATOMIC: the chunk is sent at once, encrypted under its invoice's preimage.
-//! KEYSEND: the chunk is sent once the session's balance covers it. The engine's allowance
-//! is always `paid tokens + window × chunk_tokens`, so it never runs further ahead than that.
-//! No payment for the oldest unpaid chunk within `payment_timeout` halts the session.
+//! First the prompt, when it has a price: BOLT11/ATOMIC send a hold invoice for it and start
+//! the engine only once its HTLC is held (it is claimed with the first chunk, or failed back);
+//! KEYSEND waits for enough balance and charges it; PREPAID draws it from the account. An
+//! unpaid client costs no prefill.
+//!
+//! Then tokens arrive from the engine; every `chunk_tokens` of them (or the rest at the end)
+//! form a chunk, priced exactly. BOLT11: the chunk waits for its hold invoice to be held, is
+//! claimed, then sent. ATOMIC: the chunk is sent at once, encrypted under its invoice's
+//! preimage. KEYSEND: the chunk is sent once the session's balance covers it. PREPAID: the
+//! chunk is drawn from the account in the transaction that delivers it and sent at once. The
+//! engine's allowance keeps it at most `window × chunk_tokens` ahead of payment (PREPAID: one
+//! chunk beyond what the balance covers). No payment for the oldest unpaid item within the
+//! timeout (the first payment has its own, shorter one) halts the session.
+//!
+//! Every write to the client is bounded in time: a client that stops reading is halted like
+//! one that stops paying. Store commits and LDK calls run on blocking threads.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -16,19 +26,22 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::app::App;
-use crate::engine::{FinishReason, Generation, TokenEvent};
-use crate::grpc::proto::{self, generate_event::Event as Ev, GenerateEvent};
-use crate::lightning::HeldHtlc;
+use crate::engine::{Admission, FinishReason, GenerateParams, Generation, TokenEvent};
+use crate::lightning::invoices::HoldInvoice;
+use crate::lightning::{HeldHtlc, LightningError, SessionNotice};
 use crate::pricing::Price;
-use crate::store::{ChunkDelivery, InvoicePurpose, SessionState};
+use crate::store::{ChunkDelivery, InvoicePurpose, SessionState, StoreError};
+use crate::wire::cipher;
+use crate::wire::proto::{self, generate_event::Event as Ev, GenerateEvent};
 
-use super::{cipher, LiveGuard};
+use super::LiveGuard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Bolt11,
     Atomic,
     Keysend,
+    Prepaid,
 }
 
 impl Mode {
@@ -37,19 +50,34 @@ impl Mode {
             Mode::Bolt11 => "BOLT11",
             Mode::Atomic => "ATOMIC",
             Mode::Keysend => "KEYSEND",
+            Mode::Prepaid => "PREPAID",
         }
     }
+
 }
 
 pub struct SessionSpec {
     pub session_id: [u8; 16],
     pub mode: Mode,
+    pub model: String,
     pub price: Price,
     /// Chunks the engine may run ahead of payment (≥ 1).
     pub window_chunks: u32,
     pub prompt_tokens: u32,
+    /// The prompt's exact price (0: free).
+    pub prompt_price_msat: u64,
     pub payment_timeout: Duration,
+    /// Deadline of the first payment (the prompt's, or the first chunk's).
+    pub first_payment_timeout: Duration,
+    /// Longest a write to the client may wait for it to read.
+    pub send_timeout: Duration,
+    /// Longest the end of a session waits for LDK to report its last claims.
+    pub settle_timeout: Duration,
     pub invoice_expiry_secs: u32,
+    /// PREPAID: the account drawn on.
+    pub account_id: Option<[u8; 16]>,
+    /// The generation to run (prompt already tokenized); its allowance is set here.
+    pub params: GenerateParams,
 }
 
 struct Chunk {
@@ -67,12 +95,37 @@ struct Unpaid {
     since: Instant,
 }
 
+/// The prompt's payment.
+enum PromptPay {
+    /// Free, or already paid (charged from a balance, or its HTLC held).
+    Done,
+    /// BOLT11/ATOMIC: its hold invoice is out, not yet held.
+    Invoiced { hash: [u8; 32], since: Instant },
+    /// KEYSEND: waiting for enough balance.
+    AwaitingBalance { since: Instant },
+}
+
 type Out = mpsc::Sender<Result<GenerateEvent, Status>>;
 
 enum End {
     Done(FinishReason),
     Halt(proto::HaltReason, String),
     ClientGone,
+    ClientStalled,
+}
+
+impl End {
+    fn halt(reason: proto::HaltReason, msg: impl Into<String>) -> End {
+        End::Halt(reason, msg.into())
+    }
+
+    fn payment(msg: impl Into<String>) -> End {
+        End::halt(proto::HaltReason::PaymentFailed, msg)
+    }
+
+    fn engine(msg: impl Into<String>) -> End {
+        End::halt(proto::HaltReason::EngineError, msg)
+    }
 }
 
 struct Meter {
@@ -87,21 +140,32 @@ struct Meter {
     by_hash: HashMap<[u8; 32], u32>,
     paid_tokens: u32,
     paid_chunks: u32,
-    /// KEYSEND: credited minus spent, msat.
-    available_msat: u64,
+    prompt: PromptPay,
+    /// BOLT11/ATOMIC paid prompt: its held HTLC, claimed with the first chunk.
+    prompt_held: Option<[u8; 32]>,
+    /// KEYSEND / PREPAID mirror of the balance, for Balance events (the store decides).
     credited_msat: u64,
     spent_msat: u64,
+    /// Claims decided whose settlement LDK has not reported yet.
+    unsettled: HashSet<[u8; 32]>,
+    admission: Option<Admission>,
+    gen: Option<Generation>,
+    started: Instant,
+    /// Tokens the engine generated (set when it stops).
+    generated: u32,
+    /// The session's slot; told when the first payment arrives.
+    live: LiveGuard,
 }
 
 fn event(e: Ev) -> Result<GenerateEvent, Status> {
     Ok(GenerateEvent { event: Some(e) })
 }
 
-/// Runs a session to its end. `gen` was started with allowance `window × chunk_tokens`.
+/// Runs a session to its end. `admission` is the engine slot the generation will run in.
 pub async fn run(
     app: Arc<App>,
     spec: SessionSpec,
-    gen: Generation,
+    admission: Admission,
     out: Out,
     shutdown: CancellationToken,
     live: LiveGuard,
@@ -113,25 +177,40 @@ pub async fn run(
         mode = spec.mode.as_str()
     );
     // Instrumented, not entered: the span must follow the task across await points.
-    run_session(app, spec, gen, out, shutdown, live)
+    run_session(app, spec, admission, out, shutdown, live)
         .instrument(span)
         .await
+}
+
+/// Runs blocking work (store commits, LDK calls) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, End> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| End::engine(format!("internal task failed: {e}")))
+}
+
+/// The next engine event, or pending forever while no generation runs.
+async fn next_token(gen: &mut Option<Generation>) -> Option<TokenEvent> {
+    match gen {
+        Some(g) => g.events.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn run_session(
     app: Arc<App>,
     spec: SessionSpec,
-    mut gen: Generation,
+    admission: Admission,
     out: Out,
     shutdown: CancellationToken,
-    _live: LiveGuard,
+    live: LiveGuard,
 ) {
     let sid = spec.session_id;
     let (held_tx, mut held_rx) = mpsc::unbounded_channel();
-    let (credit_tx, mut credit_rx) = mpsc::unbounded_channel();
-    if spec.mode == Mode::Keysend {
-        app.lightning.register_keysend_session(sid, credit_tx);
-    }
+    let (notice_tx, mut notice_rx) = mpsc::unbounded_channel();
+    app.lightning.register_session(sid, notice_tx);
     let mut m = Meter {
         app: app.clone(),
         spec,
@@ -148,89 +227,91 @@ async fn run_session(
         by_hash: HashMap::new(),
         paid_tokens: 0,
         paid_chunks: 0,
-        available_msat: 0,
+        prompt: PromptPay::Done,
+        prompt_held: None,
         credited_msat: 0,
         spent_msat: 0,
+        unsettled: HashSet::new(),
+        admission: Some(admission),
+        gen: None,
+        started: Instant::now(),
+        generated: 0,
+        live,
     };
     let mut finished: Option<FinishReason> = None;
-    let started = Instant::now();
     let mut paused_since: Option<Instant> = None;
     let mut paused = Duration::ZERO;
     let far = Duration::from_secs(365 * 24 * 3600);
-    let end = loop {
-        if let Some(r) = &finished {
-            if m.unpaid.is_empty() && m.current.tokens == 0 {
-                break End::Done(r.clone());
-            }
+    let end = 'session: {
+        if let Err(e) = m.open_prompt().await {
+            break 'session e;
         }
-        let deadline = m
-            .unpaid
-            .values()
-            .map(|u| u.since)
-            .min()
-            .map(|t| t + m.spec.payment_timeout)
-            .unwrap_or_else(|| Instant::now() + far);
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break End::Halt(proto::HaltReason::Shutdown, "the server is shutting down".into()),
-            _ = out.closed() => break End::ClientGone,
-            Some(h) = held_rx.recv() => {
-                if let Err(e) = m.on_held(h, &gen).await {
-                    break e;
+        loop {
+            if let Some(r) = &finished {
+                if m.unpaid.is_empty() && m.current.tokens == 0 {
+                    break End::Done(r.clone());
                 }
             }
-            Some(amount) = credit_rx.recv() => {
-                if let Err(e) = m.on_credit(amount, &gen).await {
-                    break e;
-                }
-            }
-            ev = gen.events.recv(), if finished.is_none() => match ev {
-                Some(TokenEvent::Token { text, .. }) => {
-                    if let Some(t) = paused_since.take() {
-                        paused += t.elapsed();
+            let deadline = m.deadline().unwrap_or_else(|| Instant::now() + far);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break End::halt(proto::HaltReason::Shutdown, "the server is shutting down"),
+                _ = out.closed() => break End::ClientGone,
+                Some(h) = held_rx.recv() => {
+                    if let Err(e) = m.on_held(h).await {
+                        break e;
                     }
-                    m.current.text.push_str(&text);
-                    m.current.tokens += 1;
-                    if m.current.tokens == m.spec.price.chunk_tokens {
-                        if let Err(e) = m.seal(&gen).await {
-                            break e;
+                }
+                Some(n) = notice_rx.recv() => {
+                    if let Err(e) = m.on_notice(n).await {
+                        break e;
+                    }
+                }
+                ev = next_token(&mut m.gen), if finished.is_none() => match ev {
+                    Some(TokenEvent::Token { text, .. }) => {
+                        if let Some(t) = paused_since.take() {
+                            paused += t.elapsed();
                         }
-                    }
-                }
-                Some(TokenEvent::Paused { generated }) => {
-                    paused_since = Some(Instant::now());
-                    tracing::debug!(generated, "engine paused: window full, waiting for payment");
-                }
-                Some(TokenEvent::Finished { reason, completion_tokens }) => {
-                    tracing::debug!(?reason, completion_tokens, "engine finished");
-                    match reason {
-                        FinishReason::Error(e) => break End::Halt(proto::HaltReason::EngineError, e),
-                        FinishReason::Cancelled => break End::Halt(proto::HaltReason::EngineError, "generation was cancelled".into()),
-                        r => {
-                            if m.current.tokens > 0 {
-                                if let Err(e) = m.seal(&gen).await {
-                                    break e;
-                                }
+                        m.current.text.push_str(&text);
+                        m.current.tokens += 1;
+                        if m.current.tokens == m.spec.price.chunk_tokens {
+                            if let Err(e) = m.seal().await {
+                                break e;
                             }
-                            finished = Some(r);
                         }
                     }
-                }
-                None => break End::Halt(proto::HaltReason::EngineError, "the engine stream ended unexpectedly".into()),
-            },
-            _ = tokio::time::sleep_until(deadline) => {
-                let k = m.unpaid.keys().next().copied().unwrap_or(0);
-                break End::Halt(
-                    proto::HaltReason::PaymentTimeout,
-                    format!("chunk {k} was not paid within {} s", m.spec.payment_timeout.as_secs()),
-                );
+                    Some(TokenEvent::Paused { generated }) => {
+                        paused_since = Some(Instant::now());
+                        tracing::debug!(generated, "engine paused: waiting for payment");
+                    }
+                    Some(TokenEvent::Finished { reason, completion_tokens }) => {
+                        tracing::debug!(?reason, completion_tokens, "engine finished");
+                        match reason {
+                            FinishReason::Error(e) => break End::engine(e),
+                            FinishReason::Cancelled => break End::engine("generation was cancelled"),
+                            r => {
+                                if m.current.tokens > 0 {
+                                    if let Err(e) = m.seal().await {
+                                        break e;
+                                    }
+                                }
+                                finished = Some(r);
+                            }
+                        }
+                    }
+                    None => break End::engine("the engine stream ended unexpectedly"),
+                },
+                _ = tokio::time::sleep_until(deadline) => break m.timeout_end(),
             }
         }
     };
     let halt_at = Instant::now();
-    let generated = gen.handle.generated();
-    gen.handle.cancel();
-    drop(gen);
+    let generated = m.gen.as_ref().map(|g| g.handle.generated()).unwrap_or(0);
+    m.generated = generated;
+    if let Some(g) = m.gen.take() {
+        g.handle.cancel();
+    }
+    m.admission = None;
     if let End::Halt(proto::HaltReason::PaymentTimeout, _) = &end {
         app.metrics
             .halt(generated.saturating_sub(m.paid_tokens), halt_at.elapsed());
@@ -238,11 +319,9 @@ async fn run_session(
     if let Some(t) = paused_since {
         paused += t.elapsed();
     }
-    app.metrics.session(started.elapsed(), paused);
-    m.finish(end).await;
-    if m.spec.mode == Mode::Keysend {
-        app.lightning.unregister_keysend_session(&sid);
-    }
+    app.metrics.session(m.started.elapsed(), paused);
+    m.finish(end, &mut notice_rx).await;
+    app.lightning.unregister_session(&sid);
 }
 
 impl Meter {
@@ -250,18 +329,215 @@ impl Meter {
         self.spec.session_id
     }
 
+    /// Writes one event to the client, waiting at most `send_timeout` for it to read.
     async fn send(&self, e: Ev) -> Result<(), End> {
-        self.out.send(event(e)).await.map_err(|_| End::ClientGone)
+        match tokio::time::timeout(self.spec.send_timeout, self.out.send(event(e))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::ClientGone),
+            Err(_) => Err(End::ClientStalled),
+        }
     }
 
-    fn allow(&self, gen: &Generation) {
-        gen.handle.set_allowance(
-            self.paid_tokens + self.spec.window_chunks * self.spec.price.chunk_tokens,
-        );
+    /// Nothing paid yet: the first payment's deadline applies.
+    fn first_payment_pending(&self) -> bool {
+        self.paid_chunks == 0 && self.prompt_held.is_none() && self.spent_msat == 0
     }
 
-    /// Closes the current chunk: price it and ask for payment.
-    async fn seal(&mut self, gen: &Generation) -> Result<(), End> {
+    /// When the oldest thing waiting for payment times out, if anything is.
+    fn deadline(&self) -> Option<Instant> {
+        let first = self.first_payment_pending();
+        let t = |since: Instant| {
+            since
+                + if first {
+                    self.spec.first_payment_timeout
+                } else {
+                    self.spec.payment_timeout
+                }
+        };
+        match &self.prompt {
+            PromptPay::Invoiced { since, .. } | PromptPay::AwaitingBalance { since } => {
+                return Some(since.to_owned() + self.spec.first_payment_timeout)
+            }
+            PromptPay::Done => {}
+        }
+        self.unpaid.values().map(|u| u.since).min().map(t)
+    }
+
+    fn timeout_end(&self) -> End {
+        let secs = |d: Duration| d.as_secs();
+        match &self.prompt {
+            PromptPay::Invoiced { .. } => End::halt(
+                proto::HaltReason::PaymentTimeout,
+                format!(
+                    "the prompt was not paid within {} s",
+                    secs(self.spec.first_payment_timeout)
+                ),
+            ),
+            PromptPay::AwaitingBalance { .. } => End::halt(
+                proto::HaltReason::PaymentTimeout,
+                format!(
+                    "the balance did not cover the prompt ({} msat) within {} s",
+                    self.spec.prompt_price_msat,
+                    secs(self.spec.first_payment_timeout)
+                ),
+            ),
+            PromptPay::Done => {
+                let k = self.unpaid.keys().next().copied().unwrap_or(0);
+                let t = if self.first_payment_pending() {
+                    self.spec.first_payment_timeout
+                } else {
+                    self.spec.payment_timeout
+                };
+                End::halt(
+                    proto::HaltReason::PaymentTimeout,
+                    format!("chunk {k} was not paid within {} s", secs(t)),
+                )
+            }
+        }
+    }
+
+    /// The engine may generate this many tokens in all: paid + the window (PREPAID: what the
+    /// balance covers + one chunk).
+    fn allowance(&self) -> u32 {
+        let chunk = self.spec.price.chunk_tokens;
+        match self.spec.mode {
+            Mode::Prepaid => {
+                let per = self.spec.price.msat_per_token.max(1);
+                let covered = (self.available_msat() / per).min(u32::MAX as u64) as u32;
+                self.paid_tokens.saturating_add(covered).saturating_add(chunk)
+            }
+            _ => self.paid_tokens + self.spec.window_chunks * chunk,
+        }
+    }
+
+    fn allow(&self) {
+        if let Some(g) = &self.gen {
+            g.handle.set_allowance(self.allowance());
+        }
+    }
+
+    fn available_msat(&self) -> u64 {
+        self.credited_msat.saturating_sub(self.spent_msat)
+    }
+
+    /// Starts the generation once the prompt is paid (or free).
+    async fn start_engine(&mut self) -> Result<(), End> {
+        let Some(admission) = self.admission.take() else {
+            return Ok(());
+        };
+        let mut params = self.spec.params.clone();
+        params.allowance = self.allowance();
+        let gen = self
+            .app
+            .engine
+            .start(admission, params)
+            .await
+            .map_err(|e| End::engine(e.to_string()))?;
+        self.gen = Some(gen);
+        Ok(())
+    }
+
+    /// The prompt's payment, before any prefill.
+    async fn open_prompt(&mut self) -> Result<(), End> {
+        let price = self.spec.prompt_price_msat;
+        if self.spec.mode == Mode::Prepaid {
+            self.refresh_account().await?;
+        }
+        if price == 0 {
+            return self.start_engine().await;
+        }
+        match self.spec.mode {
+            Mode::Bolt11 | Mode::Atomic => {
+                let spec = HoldInvoice {
+                    amount_msat: price,
+                    description: format!("satstream prompt ({} tokens)", self.spec.prompt_tokens),
+                    expiry_secs: self.spec.invoice_expiry_secs,
+                    purpose: InvoicePurpose::Prompt,
+                    session_id: Some(self.sid()),
+                    account_id: None,
+                    chunk_index: None,
+                    preimage: None,
+                };
+                let inv = self.create_invoice(spec).await?;
+                self.prompt = PromptPay::Invoiced {
+                    hash: inv.payment_hash,
+                    since: Instant::now(),
+                };
+                self.send(Ev::Invoice(proto::Invoice {
+                    chunk_index: None,
+                    bolt11: inv.bolt11,
+                    payment_hash: hex::encode(inv.payment_hash),
+                    amount_msat: price,
+                    tokens: self.spec.prompt_tokens,
+                    expires_at_unix: inv.expires_at_unix,
+                }))
+                .await
+            }
+            Mode::Keysend => {
+                self.prompt = PromptPay::AwaitingBalance {
+                    since: Instant::now(),
+                };
+                Ok(())
+            }
+            Mode::Prepaid => self.charge_prompt().await,
+        }
+    }
+
+    /// KEYSEND/PREPAID: draws the prompt from the balance (the store refuses if it cannot
+    /// cover it), then starts the engine.
+    async fn charge_prompt(&mut self) -> Result<(), End> {
+        let (store, sid, price) = (self.app.store.clone(), self.sid(), self.spec.prompt_price_msat);
+        match blocking(move || store.charge_prompt(&sid, price)).await? {
+            Ok(()) => {
+                self.prompt = PromptPay::Done;
+                self.live.paid();
+                self.spent_msat += price;
+                if self.spec.mode == Mode::Prepaid {
+                    self.refresh_account().await?;
+                }
+                self.send_balance().await?;
+                self.start_engine().await
+            }
+            Err(StoreError::InsufficientBalance { available_msat, .. }) => {
+                if self.spec.mode == Mode::Prepaid {
+                    Err(End::halt(
+                        proto::HaltReason::BalanceExhausted,
+                        format!(
+                            "the account's balance ({available_msat} msat) does not cover the prompt ({price} msat); TopUp and try again"
+                        ),
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => Err(End::payment(format!("store: {e}"))),
+        }
+    }
+
+    /// PREPAID: the account's balance, as the store has it.
+    async fn refresh_account(&mut self) -> Result<(), End> {
+        let Some(aid) = self.spec.account_id else {
+            return Ok(());
+        };
+        let store = self.app.store.clone();
+        let a = blocking(move || store.account(&aid))
+            .await?
+            .map_err(|e| End::payment(format!("store: {e}")))?
+            .ok_or_else(|| End::payment("the account no longer exists"))?;
+        // The mirror: what this session spent plus what the account has left.
+        self.credited_msat = self.spent_msat.saturating_add(a.available_msat());
+        Ok(())
+    }
+
+    async fn create_invoice(&self, spec: HoldInvoice) -> Result<crate::store::Invoice, End> {
+        let (ln, tx) = (self.app.lightning.clone(), self.held_tx.clone());
+        blocking(move || ln.create_hold_invoice(&spec, Some(tx)))
+            .await?
+            .map_err(|e| End::payment(format!("cannot issue an invoice: {e}")))
+    }
+
+    /// Closes the current chunk: price it and ask for (or take) payment.
+    async fn seal(&mut self) -> Result<(), End> {
         let next_first = self.current.first_token + self.current.tokens;
         self.next_index += 1;
         let chunk = std::mem::replace(
@@ -275,111 +551,124 @@ impl Meter {
         );
         let price_msat = self.spec.price.chunk(chunk.tokens);
         let k = chunk.index;
+        let waiting = |chunk, payment_hash, key| Unpaid {
+            chunk,
+            price_msat,
+            payment_hash,
+            key,
+            since: Instant::now(),
+        };
         match self.spec.mode {
             Mode::Keysend => {
-                self.unpaid.insert(
-                    k,
-                    Unpaid {
-                        chunk,
-                        price_msat,
-                        payment_hash: None,
-                        key: None,
-                        since: Instant::now(),
-                    },
-                );
-                self.release_from_balance(gen).await
+                self.unpaid.insert(k, waiting(chunk, None, None));
+                self.release_from_balance().await
             }
+            Mode::Prepaid => self.deliver_from_account(waiting(chunk, None, None)).await,
             Mode::Bolt11 | Mode::Atomic => {
                 let sealed =
                     (self.spec.mode == Mode::Atomic).then(|| cipher::seal(chunk.text.as_bytes()));
                 let inv = self
-                    .app
-                    .lightning
-                    .create_hold_invoice(
-                        price_msat,
-                        &format!("satstream chunk {k} ({} tokens)", chunk.tokens),
-                        self.spec.invoice_expiry_secs,
-                        InvoicePurpose::Chunk,
-                        Some(self.sid()),
-                        Some(k),
-                        sealed.as_ref().map(|s| s.key),
-                        self.held_tx.clone(),
-                    )
-                    .map_err(|e| {
-                        End::Halt(
-                            proto::HaltReason::PaymentFailed,
-                            format!("cannot issue invoice: {e}"),
-                        )
-                    })?;
-                if let Some(s) = &sealed {
+                    .create_invoice(HoldInvoice {
+                        amount_msat: price_msat,
+                        description: format!("satstream chunk {k} ({} tokens)", chunk.tokens),
+                        expiry_secs: self.spec.invoice_expiry_secs,
+                        purpose: InvoicePurpose::Chunk,
+                        session_id: Some(self.sid()),
+                        account_id: None,
+                        chunk_index: Some(k),
+                        preimage: sealed.as_ref().map(|s| s.key),
+                    })
+                    .await?;
+                let (first_token, tokens) = (chunk.first_token, chunk.tokens);
+                // Tracked before it is sent: if the client is gone, the end withdraws it.
+                self.by_hash.insert(inv.payment_hash, k);
+                self.unpaid.insert(
+                    k,
+                    waiting(chunk, Some(inv.payment_hash), sealed.as_ref().map(|s| s.key)),
+                );
+                if self.app.lightning.faults().point("send_invoice").is_err() {
+                    return Err(End::ClientGone);
+                }
+                if let Some(s) = sealed {
                     self.send(Ev::EncryptedChunk(proto::EncryptedChunk {
                         chunk_index: k,
-                        ciphertext: s.ciphertext.clone(),
+                        ciphertext: s.ciphertext,
                         nonce: s.nonce.to_vec(),
-                        first_token: chunk.first_token,
-                        tokens: chunk.tokens,
+                        first_token,
+                        tokens,
                         payment_hash: hex::encode(inv.payment_hash),
                     }))
                     .await?;
                 }
                 self.send(Ev::Invoice(proto::Invoice {
                     chunk_index: Some(k),
-                    bolt11: inv.bolt11.clone(),
+                    bolt11: inv.bolt11,
                     payment_hash: hex::encode(inv.payment_hash),
                     amount_msat: price_msat,
-                    tokens: chunk.tokens,
+                    tokens,
                     expires_at_unix: inv.expires_at_unix,
                 }))
-                .await?;
-                self.by_hash.insert(inv.payment_hash, k);
-                self.unpaid.insert(
-                    k,
-                    Unpaid {
-                        chunk,
-                        price_msat,
-                        payment_hash: Some(inv.payment_hash),
-                        key: sealed.map(|s| s.key),
-                        since: Instant::now(),
-                    },
-                );
-                Ok(())
+                .await
             }
         }
     }
 
-    /// A payer's HTLC for one of our chunk invoices is held: claim it, record the delivery,
-    /// deliver (plaintext or key), and let the engine go one chunk further.
-    async fn on_held(&mut self, h: HeldHtlc, gen: &Generation) -> Result<(), End> {
+    /// A payer's HTLC for one of our invoices is held: the prompt's starts the engine (it is
+    /// claimed with the first chunk); a chunk's is claimed, its delivery recorded, and the
+    /// chunk delivered (plaintext or key); the engine may go one chunk further.
+    async fn on_held(&mut self, h: HeldHtlc) -> Result<(), End> {
+        if let PromptPay::Invoiced { hash, .. } = self.prompt {
+            if hash == h.payment_hash {
+                self.prompt = PromptPay::Done;
+                self.prompt_held = Some(hash);
+                self.live.paid();
+                tracing::debug!("prompt paid (held): starting the engine");
+                return self.start_engine().await;
+            }
+        }
         let Some(k) = self.by_hash.remove(&h.payment_hash) else {
             // Not ours any more (cannot happen: listeners are per invoice); never keep it.
-            let _ = self
-                .app
-                .lightning
-                .fail(&h.payment_hash, "no such chunk in this session");
+            let (ln, hash) = (self.app.lightning.clone(), h.payment_hash);
+            let _ = blocking(move || ln.fail(&hash, "no such chunk in this session")).await;
             return Ok(());
         };
         let u = self.unpaid.remove(&k).expect("indexed chunk");
-        let ln = self.app.lightning.clone();
-        let hash = h.payment_hash;
         let notice = h.at.elapsed();
         let claiming = Instant::now();
-        let delivery = self.delivery(&u);
-        tokio::task::spawn_blocking(move || ln.claim(&hash, Some(&delivery)))
-            .await
-            .map_err(|e| End::Halt(proto::HaltReason::PaymentFailed, e.to_string()))?
-            .map_err(|e| {
-                End::Halt(
-                    proto::HaltReason::PaymentFailed,
-                    format!("claim of chunk {k} failed: {e}"),
-                )
-            })?;
+        let mut hashes = vec![h.payment_hash];
+        let mut delivery = self.delivery(&u);
+        if let Some(p) = self.prompt_held.take() {
+            hashes.push(p);
+            delivery.prompt_msat = self.spec.prompt_price_msat;
+        }
+        let ln = self.app.lightning.clone();
+        let claimed = {
+            let hashes = hashes.clone();
+            blocking(move || ln.claim(&hashes, Some(&delivery))).await?
+        };
+        self.unsettled.extend(hashes.iter().copied());
+        if let Err(e) = claimed {
+            return Err(claim_end(k, e));
+        }
+        self.spent_msat += u.price_msat;
+        self.live.paid();
         let claim = claiming.elapsed();
+        self.after_commit()?;
         let delivering = Instant::now();
-        self.release(u, gen).await?;
+        self.release(u).await?;
         self.app
             .metrics
             .payment_to_tokens(notice, claim, delivering.elapsed());
         Ok(())
+    }
+
+    /// Fault point between a delivery's commit and its write to the client.
+    fn after_commit(&self) -> Result<(), End> {
+        self.app
+            .lightning
+            .faults()
+            .point("after_commit")
+            .map_err(|_| End::payment("injected fault after the delivery commit"))
     }
 
     fn delivery(&self, u: &Unpaid) -> ChunkDelivery {
@@ -390,24 +679,17 @@ impl Meter {
             tokens: u.chunk.tokens,
             price_msat: u.price_msat,
             payment_hash: u.payment_hash,
+            prompt_msat: 0,
+            account_id: self.spec.account_id,
         }
     }
 
-    /// Records the chunk's delivery, then sends it.
-    async fn deliver(&mut self, u: Unpaid, gen: &Generation) -> Result<(), End> {
-        self.app
-            .store
-            .deliver_chunk(&self.delivery(&u))
-            .map_err(|e| End::Halt(proto::HaltReason::EngineError, format!("store: {e}")))?;
-        self.release(u, gen).await
-    }
-
     /// Sends a chunk whose delivery is recorded, and lets the engine go one chunk further.
-    async fn release(&mut self, u: Unpaid, gen: &Generation) -> Result<(), End> {
+    async fn release(&mut self, u: Unpaid) -> Result<(), End> {
         let c = &u.chunk;
         self.paid_tokens += c.tokens;
         self.paid_chunks += 1;
-        self.allow(gen);
+        self.allow();
         match (self.spec.mode, u.key) {
             (Mode::Atomic, Some(key)) => {
                 self.send(Ev::ChunkKey(proto::ChunkKey {
@@ -428,34 +710,68 @@ impl Meter {
         }
     }
 
-    async fn on_credit(&mut self, amount_msat: u64, gen: &Generation) -> Result<(), End> {
-        self.credited_msat += amount_msat;
-        self.available_msat += amount_msat;
-        self.send_balance().await?;
-        self.release_from_balance(gen).await
+    async fn on_notice(&mut self, n: SessionNotice) -> Result<(), End> {
+        match n {
+            SessionNotice::Settled { payment_hash, .. } => {
+                self.unsettled.remove(&payment_hash);
+                Ok(())
+            }
+            SessionNotice::Credit { amount_msat } => {
+                self.live.paid();
+                self.credited_msat += amount_msat;
+                self.send_balance().await?;
+                if let PromptPay::AwaitingBalance { .. } = self.prompt {
+                    if self.available_msat() >= self.spec.prompt_price_msat {
+                        self.charge_prompt().await?;
+                    }
+                    return Ok(());
+                }
+                self.release_from_balance().await
+            }
+        }
     }
 
     async fn send_balance(&self) -> Result<(), End> {
+        if !matches!(self.spec.mode, Mode::Keysend | Mode::Prepaid) {
+            return Ok(());
+        }
         self.send(Ev::Balance(proto::Balance {
             credited_msat: self.credited_msat,
             spent_msat: self.spent_msat,
-            available_msat: self.available_msat,
+            available_msat: self.available_msat(),
         }))
         .await
     }
 
+    /// Records a balance-funded chunk's delivery (the store refuses it if the balance cannot
+    /// cover it).
+    async fn record_balance_delivery(&self, u: &Unpaid) -> Result<Result<bool, StoreError>, End> {
+        let (store, d) = (self.app.store.clone(), self.delivery(u));
+        blocking(move || store.deliver_chunk(&d)).await
+    }
+
     /// KEYSEND: release waiting chunks, in order, while the balance covers them.
-    async fn release_from_balance(&mut self, gen: &Generation) -> Result<(), End> {
+    async fn release_from_balance(&mut self) -> Result<(), End> {
         let mut spent_any = false;
         while let Some((&k, u)) = self.unpaid.iter().next() {
-            if u.price_msat > self.available_msat {
+            if u.price_msat > self.available_msat() {
                 break;
             }
             let u = self.unpaid.remove(&k).expect("present");
-            self.available_msat -= u.price_msat;
+            match self.record_balance_delivery(&u).await? {
+                Ok(_) => {}
+                // A refund took the balance meanwhile: wait for more.
+                Err(StoreError::InsufficientBalance { available_msat, .. }) => {
+                    self.credited_msat = self.spent_msat + available_msat;
+                    self.unpaid.insert(k, u);
+                    break;
+                }
+                Err(e) => return Err(End::payment(format!("store: {e}"))),
+            }
+            self.after_commit()?;
             self.spent_msat += u.price_msat;
             spent_any = true;
-            self.deliver(u, gen).await?;
+            self.release(u).await?;
         }
         if spent_any {
             self.send_balance().await?;
@@ -463,9 +779,33 @@ impl Meter {
         Ok(())
     }
 
-    /// Ends the session: withdraw unpaid invoices (failing back anything held), commit the
-    /// end, and tell the client.
-    async fn finish(&mut self, end: End) {
+    /// PREPAID: the chunk is drawn from the account in the transaction that delivers it, and
+    /// sent at once; a balance that cannot cover it ends the session.
+    async fn deliver_from_account(&mut self, u: Unpaid) -> Result<(), End> {
+        match self.record_balance_delivery(&u).await? {
+            Ok(_) => {
+                self.after_commit()?;
+                self.live.paid();
+                self.spent_msat += u.price_msat;
+                self.refresh_account().await?;
+                self.release(u).await?;
+                self.send_balance().await
+            }
+            Err(StoreError::InsufficientBalance { available_msat, .. }) => Err(End::halt(
+                proto::HaltReason::BalanceExhausted,
+                format!(
+                    "the account's balance ({available_msat} msat) does not cover chunk {} ({} msat); TopUp to continue",
+                    u.chunk.index, u.price_msat
+                ),
+            )),
+            Err(e) => Err(End::payment(format!("store: {e}"))),
+        }
+    }
+
+    /// Ends the session: withdraw unpaid invoices (failing back anything held, the prompt's
+    /// too when no chunk was delivered), wait briefly for LDK to report the claims made, commit
+    /// the end, and tell the client.
+    async fn finish(&mut self, end: End, notices: &mut mpsc::UnboundedReceiver<SessionNotice>) {
         let reason_str = match &end {
             End::Done(FinishReason::Eos) => "stop".to_string(),
             End::Done(FinishReason::Length(_)) => "length".to_string(),
@@ -476,11 +816,42 @@ impl Meter {
                 .trim_start_matches("HALT_REASON_")
                 .to_lowercase(),
             End::ClientGone => "client_gone".to_string(),
+            End::ClientStalled => "client_stalled".to_string(),
         };
-        for u in std::mem::take(&mut self.unpaid).into_values() {
-            if let Some(hash) = u.payment_hash {
-                if let Err(e) = self.app.lightning.cancel(&hash, &reason_str) {
-                    tracing::error!(payment_hash = %hex::encode(hash), error = %e, "withdrawing invoice");
+        let mut withdraw: Vec<[u8; 32]> = std::mem::take(&mut self.unpaid)
+            .into_values()
+            .filter_map(|u| u.payment_hash)
+            .collect();
+        if let PromptPay::Invoiced { hash, .. } = self.prompt {
+            withdraw.push(hash);
+        }
+        withdraw.extend(self.prompt_held.take());
+        if !withdraw.is_empty() {
+            let (ln, why) = (self.app.lightning.clone(), reason_str.clone());
+            let _ = blocking(move || {
+                for hash in withdraw {
+                    if let Err(e) = ln.cancel(&hash, &why) {
+                        tracing::error!(payment_hash = %hex::encode(hash), error = %e, "withdrawing invoice");
+                    }
+                }
+            })
+            .await;
+        }
+        // LDK reports a claim within milliseconds; the Done below should count it.
+        let wait = tokio::time::sleep(self.spec.settle_timeout);
+        tokio::pin!(wait);
+        while !self.unsettled.is_empty() {
+            tokio::select! {
+                n = notices.recv() => match n {
+                    Some(SessionNotice::Settled { payment_hash, .. }) => {
+                        self.unsettled.remove(&payment_hash);
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = &mut wait => {
+                    tracing::warn!(unsettled = self.unsettled.len(), "claims not yet reported by LDK at the end of the session");
+                    break;
                 }
             }
         }
@@ -488,10 +859,26 @@ impl Meter {
             End::Done(_) => SessionState::Finished,
             _ => SessionState::Halted,
         };
-        if let Err(e) = self.app.store.end_session(&self.sid(), state, &reason_str) {
-            tracing::error!(error = %e, "ending session");
-        }
-        let s = self.app.store.session(&self.sid()).ok().flatten();
+        let (store, sid, why) = (self.app.store.clone(), self.sid(), reason_str.clone());
+        let account = self.spec.account_id;
+        let ended = blocking(move || {
+            store.end_session(&sid, state, &why)?;
+            let s = store.session(&sid)?;
+            let balance = match account {
+                Some(a) => store.account(&a)?.map(|a| a.available_msat()).unwrap_or(0),
+                None => s.as_ref().map(|s| s.refundable_msat()).unwrap_or(0),
+            };
+            Ok::<_, StoreError>((s, balance))
+        })
+        .await;
+        let (s, balance) = match ended {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "ending session");
+                (None, 0)
+            }
+            Err(_) => (None, 0),
+        };
         let (paid, refundable, tokens, chunks) = s
             .map(|s| {
                 (
@@ -503,8 +890,15 @@ impl Meter {
             })
             .unwrap_or((0, 0, self.paid_tokens, self.paid_chunks));
         tracing::info!(reason = %reason_str, tokens, chunks, paid_msat = paid, refundable_msat = refundable, "session ended");
+        crate::metrics::session_ended(
+            self.spec.mode.as_str(),
+            &reason_str,
+            self.generated,
+            tokens,
+            self.started.elapsed().as_secs_f64(),
+        );
         let ev = match end {
-            End::ClientGone => return,
+            End::ClientGone | End::ClientStalled => return,
             End::Done(r) => Ev::Done(proto::Done {
                 finish_reason: match r {
                     FinishReason::Length(_) => proto::FinishReason::Length,
@@ -517,6 +911,7 @@ impl Meter {
                 paid_msat: paid,
                 refundable_msat: refundable,
                 receipt: None,
+                balance_msat: balance,
             }),
             End::Halt(reason, message) => Ev::Halted(proto::Halted {
                 reason: reason as i32,
@@ -525,8 +920,16 @@ impl Meter {
                 chunks_delivered: chunks,
                 paid_msat: paid,
                 refundable_msat: refundable,
+                balance_msat: balance,
             }),
         };
-        let _ = self.out.send(event(ev)).await;
+        // The last word, bounded like every other write.
+        let _ = self.send(ev).await;
     }
+}
+
+/// How a failed claim ends the session (the HTLC is already failed back, or its money will be
+/// booked as refundable).
+fn claim_end(k: u32, e: LightningError) -> End {
+    End::payment(format!("claim of chunk {k} failed: {e}"))
 }

@@ -105,6 +105,116 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
         BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END;
     "#,
+    // v2: crash-safe claims (the `claiming` intent), prepaid accounts and their debits, refunds
+    // with reservations, parked events, channel closures and settlement losses.
+    r#"
+    CREATE TABLE invoices_v2 (
+        payment_hash     BLOB PRIMARY KEY,
+        session_id       BLOB REFERENCES sessions(id),
+        account_id       BLOB REFERENCES accounts(id),
+        chunk_index      INTEGER,
+        purpose          TEXT NOT NULL CHECK (purpose IN ('chunk','prompt','topup','test')),
+        amount_msat      INTEGER NOT NULL CHECK (amount_msat > 0),
+        received_msat    INTEGER,
+        state            TEXT NOT NULL CHECK (state IN
+                         ('open','held','claiming','claimed','failed','expired','canceled')),
+        preimage         BLOB NOT NULL,
+        bolt11           TEXT NOT NULL,
+        created_at       INTEGER NOT NULL,
+        expires_at       INTEGER NOT NULL,
+        held_at          INTEGER,
+        claiming_at      INTEGER,                   -- our decision to claim, before LDK's call
+        paid_at          INTEGER,                   -- LDK reported the claim (PaymentReceived)
+        resolved_at      INTEGER
+    );
+    INSERT INTO invoices_v2(payment_hash, session_id, chunk_index, purpose, amount_msat,
+        received_msat, state, preimage, bolt11, created_at, expires_at, held_at, paid_at,
+        resolved_at)
+    SELECT payment_hash, session_id, chunk_index, purpose, amount_msat, received_msat, state,
+        preimage, bolt11, created_at, expires_at, held_at, paid_at, resolved_at FROM invoices;
+    DROP TABLE invoices;
+    ALTER TABLE invoices_v2 RENAME TO invoices;
+    CREATE INDEX invoices_by_created ON invoices(created_at DESC, payment_hash);
+    CREATE INDEX invoices_by_session ON invoices(session_id, chunk_index);
+    CREATE INDEX invoices_by_state ON invoices(state);
+    CREATE INDEX invoices_by_account ON invoices(account_id);
+
+    ALTER TABLE sessions ADD COLUMN account_id BLOB REFERENCES accounts(id);
+    -- Refunds in flight (reserved, not yet paid or released).
+    ALTER TABLE sessions ADD COLUMN reserved_msat INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN reserved_msat INTEGER NOT NULL DEFAULT 0;
+
+    -- PREPAID: every draw on an account, once per (session, what).
+    CREATE TABLE account_debits (
+        session_id       BLOB NOT NULL REFERENCES sessions(id),
+        what             TEXT NOT NULL,             -- 'prompt' or 'chunk <k>'
+        account_id       BLOB NOT NULL REFERENCES accounts(id),
+        amount_msat      INTEGER NOT NULL CHECK (amount_msat > 0),
+        at               INTEGER NOT NULL,
+        PRIMARY KEY (session_id, what)
+    );
+
+    -- Outgoing payments that give a refundable balance back, once per invoice.
+    CREATE TABLE refunds (
+        payment_hash     BLOB PRIMARY KEY,          -- = ldk-node's PaymentId of the payment
+        session_id       BLOB REFERENCES sessions(id),
+        account_id       BLOB REFERENCES accounts(id),
+        amount_msat      INTEGER NOT NULL CHECK (amount_msat > 0),
+        fee_msat         INTEGER,
+        bolt11           TEXT NOT NULL,
+        state            TEXT NOT NULL CHECK (state IN ('pending','succeeded','failed')),
+        via              TEXT NOT NULL CHECK (via IN ('api','admin')),
+        created_at       INTEGER NOT NULL,
+        resolved_at      INTEGER,
+        detail           TEXT NOT NULL DEFAULT '',
+        CHECK ((session_id IS NULL) <> (account_id IS NULL))
+    );
+    CREATE INDEX refunds_by_state ON refunds(state);
+    CREATE INDEX refunds_by_session ON refunds(session_id);
+    CREATE INDEX refunds_by_account ON refunds(account_id);
+
+    ALTER TABLE ledger ADD COLUMN account_id BLOB;
+    CREATE INDEX ledger_by_account ON ledger(account_id, seq);
+
+    -- LDK events whose handler kept failing: acknowledged so the loop goes on, kept here for
+    -- the operator (Admin ListParkedEvents).
+    CREATE TABLE parked_events (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        at               INTEGER NOT NULL,
+        kind             TEXT NOT NULL,
+        payment_hash     BLOB,
+        attempts         INTEGER NOT NULL,
+        error            TEXT NOT NULL,
+        event            TEXT NOT NULL
+    );
+
+    -- Channels LDK reported closed, and what their closure did to claims in flight.
+    CREATE TABLE channel_closures (
+        channel_id       BLOB PRIMARY KEY,
+        counterparty     TEXT NOT NULL DEFAULT '',
+        reason           TEXT NOT NULL,
+        forced           INTEGER NOT NULL,
+        closed_at        INTEGER NOT NULL,
+        resolved_at      INTEGER,
+        detail           TEXT NOT NULL DEFAULT ''
+    );
+
+    -- Claims that LDK reported but that did not settle in our favour (an HTLC below the dust
+    -- limit in a force-closed channel goes to fees): the operator's loss, never income.
+    --   never_settled: we delivered the chunk, LDK never completed the claim (the payer paid
+    --                  nothing); lost_on_chain: LDK claimed, the channel closed before the HTLC
+    --                  was settled and it was below the dust limit (the payer paid, we got nothing).
+    CREATE TABLE settlement_losses (
+        payment_hash     BLOB PRIMARY KEY REFERENCES invoices(payment_hash),
+        session_id       BLOB,
+        kind             TEXT NOT NULL CHECK (kind IN ('never_settled','lost_on_chain')),
+        channel_id       BLOB,
+        amount_msat      INTEGER NOT NULL,
+        delivered        INTEGER NOT NULL,          -- its chunk had been delivered
+        reason           TEXT NOT NULL,
+        at               INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Schema version this build writes.

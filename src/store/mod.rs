@@ -4,14 +4,22 @@
 //! behind a mutex. Every state change of an invoice, session or balance is one transaction that
 //! also appends its ledger entry, so the ledger and the state can never disagree.
 
+mod accounts;
+mod closures;
 mod credits;
 mod invoices;
 mod ledger;
 mod migrations;
+mod parked;
+mod refunds;
 mod sessions;
 
-pub use invoices::{Invoice, InvoicePurpose, InvoiceState, NewInvoice, Transition};
+pub use accounts::{Account, AccountTotals};
+pub use closures::{ChannelClosure, LossKind, SettlementLoss};
+pub use invoices::{Invoice, InvoicePurpose, InvoiceState, NewInvoice, Settlement, Transition};
 pub use ledger::LedgerEntry;
+pub use parked::ParkedEvent;
+pub use refunds::{Owner, Refund, RefundState};
 pub use sessions::{ChunkDelivery, NewSession, Session, SessionAudit, SessionState};
 
 use rusqlite::Connection;
@@ -42,6 +50,16 @@ pub enum StoreError {
     BadPageToken,
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A balance cannot cover what is asked of it (refund, prepaid chunk, prompt).
+    #[error("{what}: {available_msat} msat available, {needed_msat} msat needed")]
+    InsufficientBalance {
+        what: &'static str,
+        available_msat: u64,
+        needed_msat: u64,
+    },
+    /// The same refund invoice was used before (refunds are once per invoice).
+    #[error("this invoice was already used for a refund ({state})")]
+    DuplicateRefund { state: String },
 }
 
 /// A page of results and the token of the next page (None: last page).
@@ -81,6 +99,18 @@ impl Store {
         Ok(self
             .lock()
             .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Runs `f` in one transaction, committed if it returns Ok (rolled back otherwise).
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let v = f(&tx)?;
+        tx.commit()?;
+        Ok(v)
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {

@@ -39,6 +39,8 @@ pub struct NewSession {
     pub msat_per_token: u64,
     pub chunk_tokens: u32,
     pub max_tokens: u32,
+    /// PREPAID: the account the session draws on.
+    pub account_id: Option<[u8; 16]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,14 +57,17 @@ pub struct Session {
     pub max_tokens: u32,
     pub completion_tokens: u32,
     pub chunks_delivered: u32,
-    /// Claimed invoices and keysend credits.
+    /// Claimed invoices, keysend credits and (PREPAID) account debits.
     pub paid_msat: u64,
     /// Prompt price and delivered chunks.
     pub spent_msat: u64,
     pub refunded_msat: u64,
+    /// Refunds in flight: reserved, not yet paid or released.
+    pub reserved_msat: u64,
     pub created_at_unix: u64,
     pub ended_at_unix: Option<u64>,
     pub end_reason: Option<String>,
+    pub account_id: Option<[u8; 16]>,
 }
 
 /// One chunk handed to the client.
@@ -75,30 +80,59 @@ pub struct ChunkDelivery {
     pub price_msat: u64,
     /// The invoice that paid it (BOLT11, ATOMIC); None when drawn from a balance.
     pub payment_hash: Option<[u8; 32]>,
+    /// The prompt's price, charged with this chunk (BOLT11/ATOMIC paid prompts: the first
+    /// chunk); 0 otherwise.
+    pub prompt_msat: u64,
+    /// PREPAID: debit the chunk (and prompt) from this account in the same transaction,
+    /// refused if its balance cannot cover it.
+    pub account_id: Option<[u8; 16]>,
 }
 
-/// Money of one session, from the tables that record it independently.
+/// Money of one session, from the tables that record it independently (invoices, keysend
+/// credits, account debits, chunks, refunds, losses, the ledger's prompt charges).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionAudit {
+    /// Invoices LDK reported claimed (what their HTLCs carried).
     pub claimed_msat: u64,
+    /// Keysend payments credited to the session.
     pub credited_msat: u64,
+    /// PREPAID: drawn from the account.
+    pub debited_msat: u64,
+    /// Delivered chunks whose claim never settled (the operator's loss; see `settlement_losses`).
+    pub written_off_msat: u64,
+    pub prompt_msat: u64,
     pub delivered_msat: u64,
     pub delivered_tokens: u32,
+    pub refunded_msat: u64,
+    pub reserved_msat: u64,
+    /// Invoices still open, held or claiming.
     pub unresolved_invoices: u32,
 }
 
+impl SessionAudit {
+    /// In minus out: claimed + credited + debited + written off − prompt − delivered − refunded
+    /// − reserved. SPEC invariant 3 says this is the refundable balance, never negative.
+    pub fn balance_msat(&self) -> i128 {
+        (self.claimed_msat + self.credited_msat + self.debited_msat + self.written_off_msat)
+            as i128
+            - (self.prompt_msat + self.delivered_msat + self.refunded_msat + self.reserved_msat)
+                as i128
+    }
+}
+
 impl Session {
-    /// Money we hold for the owner: paid, not spent, not yet refunded.
+    /// Money we hold for the owner: paid, not spent, not refunded or being refunded.
     pub fn refundable_msat(&self) -> u64 {
         self.paid_msat
             .saturating_sub(self.spent_msat)
             .saturating_sub(self.refunded_msat)
+            .saturating_sub(self.reserved_msat)
     }
 }
 
 const COLUMNS: &str = "id, token_hash, model, mode, state, prompt_tokens, prompt_price_msat, \
      msat_per_token, chunk_tokens, max_tokens, completion_tokens, chunks_delivered, paid_msat, \
-     spent_msat, refunded_msat, created_at, ended_at, end_reason";
+     spent_msat, refunded_msat, created_at, ended_at, end_reason, reserved_msat, account_id";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<Session> {
     let bad = |what: &str| {
@@ -130,6 +164,11 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Session> {
         created_at_unix: r.get::<_, i64>(15)? as u64,
         ended_at_unix: r.get::<_, Option<i64>>(16)?.map(|v| v as u64),
         end_reason: r.get(17)?,
+        reserved_msat: r.get::<_, i64>(18)? as u64,
+        account_id: r
+            .get::<_, Option<Vec<u8>>>(19)?
+            .map(|v| v.try_into().map_err(|_| bad("account_id")))
+            .transpose()?,
     })
 }
 
@@ -139,8 +178,8 @@ impl Store {
         let tx = c.transaction()?;
         tx.execute(
             "INSERT INTO sessions(id, token_hash, model, mode, state, prompt_tokens,
-                 prompt_price_msat, msat_per_token, chunk_tokens, max_tokens, created_at)
-             VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8, ?9, ?10)",
+                 prompt_price_msat, msat_per_token, chunk_tokens, max_tokens, created_at, account_id)
+             VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 s.id.as_slice(),
                 s.token_hash.as_slice(),
@@ -151,7 +190,8 @@ impl Store {
                 s.msat_per_token as i64,
                 s.chunk_tokens,
                 s.max_tokens,
-                now_unix() as i64
+                now_unix() as i64,
+                s.account_id.as_ref().map(|a| a.as_slice()),
             ],
         )?;
         ledger::append(&tx, "session_opened", Some(&s.id), None, 0, &s.model)?;
@@ -211,24 +251,29 @@ impl Store {
         Ok(new)
     }
 
-    /// Charges the prompt price (once) to the session.
+    /// Charges the prompt price (once) before prefill, from the session's KEYSEND balance or
+    /// (PREPAID) its account. Refused, changing nothing, when the balance cannot cover it.
     pub fn charge_prompt(&self, session_id: &[u8; 16], price_msat: u64) -> Result<(), StoreError> {
-        let mut c = self.lock();
-        let tx = c.transaction()?;
-        tx.execute(
-            "UPDATE sessions SET spent_msat = spent_msat + ?2 WHERE id = ?1",
-            params![session_id.as_slice(), price_msat as i64],
-        )?;
-        ledger::append(
-            &tx,
-            "prompt_charged",
-            Some(session_id),
-            None,
-            -(price_msat as i64),
-            "",
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            let s = session_in(tx, session_id)?;
+            if let Some(aid) = &s.account_id {
+                debit_account_in(tx, aid, session_id, "prompt", price_msat)?;
+                tx.execute(
+                    "UPDATE sessions SET paid_msat = paid_msat + ?2 WHERE id = ?1",
+                    params![session_id.as_slice(), price_msat as i64],
+                )?;
+            } else {
+                let available = s.refundable_msat();
+                if available < price_msat {
+                    return Err(StoreError::InsufficientBalance {
+                        what: "session balance",
+                        available_msat: available,
+                        needed_msat: price_msat,
+                    });
+                }
+            }
+            prompt_in(tx, session_id, price_msat)
+        })
     }
 
     /// Ends an open session (finished or halted). Ending an ended session is a no-op.
@@ -256,8 +301,8 @@ impl Store {
         Ok(())
     }
 
-    /// The invariant every test asserts, recomputed from the independent tables:
-    /// claimed + credited = prompt + Σ delivered chunk prices + refundable (+ refunded).
+    /// The money of one session recomputed from the tables that record it independently
+    /// (see [`SessionAudit::balance_msat`] for the invariant).
     pub fn audit_session(&self, id: &[u8; 16]) -> Result<SessionAudit, StoreError> {
         let c = self.lock();
         let one = |sql: &str| -> Result<u64, StoreError> {
@@ -269,14 +314,34 @@ impl Store {
             credited_msat: one(
                 "SELECT COALESCE(SUM(amount_msat), 0) FROM keysend_credits WHERE session_id = ?1",
             )?,
+            debited_msat: one(
+                "SELECT COALESCE(SUM(amount_msat), 0) FROM account_debits WHERE session_id = ?1",
+            )?,
+            written_off_msat: one(
+                "SELECT COALESCE(SUM(amount_msat), 0) FROM settlement_losses
+                 WHERE session_id = ?1 AND kind = 'never_settled'",
+            )?,
+            prompt_msat: one(
+                "SELECT COALESCE(-SUM(amount_msat), 0) FROM ledger
+                 WHERE session_id = ?1 AND kind = 'prompt_charged'",
+            )?,
             delivered_msat: one(
                 "SELECT COALESCE(SUM(price_msat), 0) FROM chunks WHERE session_id = ?1",
             )?,
             delivered_tokens: one(
                 "SELECT COALESCE(SUM(tokens), 0) FROM chunks WHERE session_id = ?1",
             )? as u32,
+            refunded_msat: one(
+                "SELECT COALESCE(SUM(amount_msat), 0) FROM refunds
+                 WHERE session_id = ?1 AND state = 'succeeded'",
+            )?,
+            reserved_msat: one(
+                "SELECT COALESCE(SUM(amount_msat), 0) FROM refunds
+                 WHERE session_id = ?1 AND state = 'pending'",
+            )?,
             unresolved_invoices: one(
-                "SELECT COUNT(*) FROM invoices WHERE session_id = ?1 AND state IN ('open','held')",
+                "SELECT COUNT(*) FROM invoices
+                 WHERE session_id = ?1 AND state IN ('open','held','claiming')",
             )? as u32,
         })
     }
@@ -302,10 +367,14 @@ impl Store {
         Ok(ids.len())
     }
 
-    /// Sum of refundable balances over all sessions (what the operator owes customers).
+    /// Sum of refundable balances over all sessions and accounts (what the operator owes
+    /// customers).
     pub fn total_refundable_msat(&self) -> Result<u64, StoreError> {
         let v: i64 = self.lock().query_row(
-            "SELECT COALESCE(SUM(MAX(paid_msat - spent_msat - refunded_msat, 0)), 0) FROM sessions",
+            "SELECT (SELECT COALESCE(SUM(MAX(paid_msat - spent_msat - refunded_msat - reserved_msat, 0)), 0)
+                     FROM sessions)
+                  + (SELECT COALESCE(SUM(MAX(credited_msat - spent_msat - refunded_msat - reserved_msat, 0)), 0)
+                     FROM accounts)",
             [],
             |r| r.get(0),
         )?;
@@ -313,7 +382,79 @@ impl Store {
     }
 }
 
+pub(super) fn session_in(
+    tx: &rusqlite::Transaction,
+    id: &[u8; 16],
+) -> Result<Session, StoreError> {
+    tx.query_row(
+        &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"),
+        [id.as_slice()],
+        from_row,
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::NotFound {
+        what: "session",
+        id: hex::encode(id),
+    })
+}
+
+/// Charges the prompt to the session inside the caller's transaction.
+fn prompt_in(tx: &rusqlite::Transaction, id: &[u8; 16], price_msat: u64) -> Result<(), StoreError> {
+    if price_msat == 0 {
+        return Ok(());
+    }
+    tx.execute(
+        "UPDATE sessions SET spent_msat = spent_msat + ?2 WHERE id = ?1",
+        params![id.as_slice(), price_msat as i64],
+    )?;
+    ledger::append(tx, "prompt_charged", Some(id), None, -(price_msat as i64), "")
+}
+
+/// Draws `amount_msat` from an account for `what` of a session, or refuses (changing nothing)
+/// when its available balance cannot cover it. Once per (session, what).
+fn debit_account_in(
+    tx: &rusqlite::Transaction,
+    account: &[u8; 16],
+    session: &[u8; 16],
+    what: &str,
+    amount_msat: u64,
+) -> Result<(), StoreError> {
+    let a = super::accounts::account_in(tx, account)?;
+    if a.available_msat() < amount_msat {
+        return Err(StoreError::InsufficientBalance {
+            what: "account balance",
+            available_msat: a.available_msat(),
+            needed_msat: amount_msat,
+        });
+    }
+    tx.execute(
+        "INSERT INTO account_debits(session_id, what, account_id, amount_msat, at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            session.as_slice(),
+            what,
+            account.as_slice(),
+            amount_msat as i64,
+            now_unix() as i64
+        ],
+    )?;
+    tx.execute(
+        "UPDATE accounts SET spent_msat = spent_msat + ?2 WHERE id = ?1",
+        params![account.as_slice(), amount_msat as i64],
+    )?;
+    ledger::append_account(
+        tx,
+        "account_debited",
+        account,
+        None,
+        -(amount_msat as i64),
+        &format!("session {} {what}", hex::encode(session)),
+    )
+}
+
 /// Records one delivered chunk inside the caller's transaction; false if it already was.
+/// With a prompt price, the prompt is charged in the same transaction; with an account, the
+/// chunk is drawn from it (refused when its balance cannot cover it).
 pub(super) fn deliver_in(
     tx: &rusqlite::Transaction,
     d: &ChunkDelivery,
@@ -335,6 +476,26 @@ pub(super) fn deliver_in(
     if inserted == 0 {
         return Ok(false);
     }
+    if d.payment_hash.is_none() && d.account_id.is_none() {
+        // Drawn from the session's own balance (KEYSEND): it must cover the chunk, whatever
+        // a concurrent refund reserved.
+        let available = session_in(tx, &d.session_id)?.refundable_msat();
+        if available < d.price_msat {
+            return Err(StoreError::InsufficientBalance {
+                what: "session balance",
+                available_msat: available,
+                needed_msat: d.price_msat,
+            });
+        }
+    }
+    if let Some(aid) = &d.account_id {
+        let what = format!("chunk {}", d.chunk_index);
+        debit_account_in(tx, aid, &d.session_id, &what, d.price_msat)?;
+        tx.execute(
+            "UPDATE sessions SET paid_msat = paid_msat + ?2 WHERE id = ?1",
+            params![d.session_id.as_slice(), d.price_msat as i64],
+        )?;
+    }
     let n = tx.execute(
         "UPDATE sessions SET completion_tokens = completion_tokens + ?2,
                  chunks_delivered = chunks_delivered + 1, spent_msat = spent_msat + ?3
@@ -355,6 +516,7 @@ pub(super) fn deliver_in(
         -(d.price_msat as i64),
         &format!("chunk {} ({} tokens)", d.chunk_index, d.tokens),
     )?;
+    prompt_in(tx, &d.session_id, d.prompt_msat)?;
     Ok(true)
 }
 
@@ -374,6 +536,7 @@ pub(crate) mod tests {
             msat_per_token: 1_000,
             chunk_tokens: 16,
             max_tokens: 64,
+            account_id: None,
         }
     }
 
@@ -385,6 +548,7 @@ pub(crate) mod tests {
             bolt11: "lnbcrt".into(),
             amount_msat: 16_000,
             session_id: Some([1; 16]),
+            account_id: None,
             chunk_index: Some(index),
             purpose: InvoicePurpose::Chunk,
             expires_at_unix: now_unix() + 60,
@@ -394,52 +558,76 @@ pub(crate) mod tests {
             .unwrap();
     }
 
+    fn delivery(index: u32, hash: Option<[u8; 32]>) -> ChunkDelivery {
+        ChunkDelivery {
+            session_id: [1; 16],
+            chunk_index: index,
+            first_token: index * 16,
+            tokens: 16,
+            price_msat: 16_000,
+            payment_hash: hash,
+            prompt_msat: 0,
+            account_id: None,
+        }
+    }
+
     #[test]
-    fn claimed_overpayment_becomes_refundable() {
+    fn settled_overpayment_becomes_refundable() {
         let (s, _d) = test_store();
         s.insert_session(&new_session(1)).unwrap();
         let hash = [7; 32];
         held_chunk_invoice(&s, hash, 0, 16_500);
-        s.transition_invoice(&hash, InvoiceState::Claimed, None, "")
-            .unwrap();
+        s.begin_claim(&[hash]).unwrap();
+        assert_eq!(
+            s.session(&[1; 16]).unwrap().unwrap().paid_msat,
+            0,
+            "a decided claim is not money until LDK reports it"
+        );
+        s.record_settlement(&hash, 16_500).unwrap();
         let sess = s.session(&[1; 16]).unwrap().unwrap();
         assert_eq!(sess.paid_msat, 16_500);
         assert_eq!(sess.refundable_msat(), 16_500, "nothing delivered yet");
         assert_eq!(s.total_refundable_msat().unwrap(), 16_500);
+        s.deliver_chunk(&delivery(0, Some(hash))).unwrap();
+        let a = s.audit_session(&[1; 16]).unwrap();
+        assert_eq!((a.claimed_msat, a.delivered_msat), (16_500, 16_000));
+        assert_eq!(a.balance_msat(), 500);
+        assert_eq!(s.session(&[1; 16]).unwrap().unwrap().refundable_msat(), 500);
     }
 
     #[test]
-    fn claim_and_delivery_commit_together_or_not_at_all() {
+    fn a_delivery_charges_its_prompt_once_with_it() {
         let (s, _d) = test_store();
         s.insert_session(&new_session(1)).unwrap();
-        let chunk = |hash: [u8; 32], index: u32| {
-            held_chunk_invoice(&s, hash, index, 16_000);
-            ChunkDelivery {
-                session_id: [1; 16],
-                chunk_index: index,
-                first_token: index * 16,
-                tokens: 16,
-                price_msat: 16_000,
-                payment_hash: Some(hash),
-            }
-        };
-        let d0 = chunk([7; 32], 0);
-        s.claim_and_deliver(&[7; 32], Some(&d0)).unwrap();
+        let mut d = delivery(0, Some([3; 32]));
+        d.prompt_msat = 3_000;
+        assert!(s.deliver_chunk(&d).unwrap());
+        assert!(!s.deliver_chunk(&d).unwrap(), "a replay charges nothing");
         let a = s.audit_session(&[1; 16]).unwrap();
-        assert_eq!((a.claimed_msat, a.delivered_msat), (16_000, 16_000));
-        assert_eq!(s.session(&[1; 16]).unwrap().unwrap().refundable_msat(), 0);
+        assert_eq!((a.prompt_msat, a.delivered_msat), (3_000, 16_000));
+        assert_eq!(s.session(&[1; 16]).unwrap().unwrap().spent_msat, 19_000);
+    }
 
-        // A delivery that cannot be recorded (no such session) rolls the claim back too.
-        let mut d1 = chunk([9; 32], 1);
-        d1.session_id = [2; 16];
-        assert!(s.claim_and_deliver(&[9; 32], Some(&d1)).is_err());
-        assert_eq!(
-            s.invoice(&[9; 32]).unwrap().unwrap().state,
-            InvoiceState::Held,
-            "the claim was not committed without its delivery"
-        );
-        let a = s.audit_session(&[1; 16]).unwrap();
-        assert_eq!((a.claimed_msat, a.delivered_msat), (16_000, 16_000));
+    #[test]
+    fn a_failed_delivery_changes_nothing() {
+        let (s, _d) = test_store();
+        s.insert_session(&new_session(1)).unwrap();
+        let mut d = delivery(0, Some([3; 32]));
+        d.session_id = [2; 16];
+        assert!(s.deliver_chunk(&d).is_err());
+        assert_eq!(s.audit_session(&[2; 16]).unwrap().delivered_msat, 0);
+        let mut d = delivery(0, None);
+        d.account_id = Some([5; 16]);
+        // No balance of its own either: a KEYSEND chunk the balance cannot cover is refused.
+        assert!(matches!(
+            s.deliver_chunk(&delivery(0, None)),
+            Err(StoreError::InsufficientBalance { .. })
+        ));
+        assert!(matches!(
+            s.deliver_chunk(&d),
+            Err(StoreError::NotFound { what: "account", .. })
+        ));
+        assert_eq!(s.audit_session(&[1; 16]).unwrap().delivered_msat, 0);
     }
 
     #[test]

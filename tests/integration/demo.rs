@@ -55,8 +55,13 @@ fn demo_runs_a_paid_generation_and_summarises_it_exactly() {
     }
     assert!(err.contains("no processes left behind"), "{err}");
 
-    // ATOMIC and KEYSEND, machine-readable.
-    for (mode, paid, refundable) in [("atomic", 10_000, 0), ("keysend", 12_000, 2_000)] {
+    // ATOMIC, KEYSEND (its 2 000 msat prepaid ahead come back at the end) and PREPAID (drawn
+    // from an account topped up with 110 000 msat: no payment in the stream), machine-readable.
+    for (mode, paid, server_paid, refunded, balance) in [
+        ("atomic", 10_000, 10_000, 0, 0),
+        ("keysend", 12_000, 12_000, 2_000, 0),
+        ("prepaid", 0, 10_000, 0, 100_000),
+    ] {
         let (out, _) = demo(&path, &["--mode", mode, "--json"]);
         let events: Vec<serde_json::Value> = out
             .lines()
@@ -72,7 +77,9 @@ fn demo_runs_a_paid_generation_and_summarises_it_exactly() {
         assert_eq!(s["event"], "summary", "{mode}");
         assert_eq!(s["tokens"], 10, "{mode}");
         assert_eq!(s["spent_msat"], paid, "{mode}");
-        assert_eq!(s["server_paid_msat"], paid, "{mode}");
-        assert_eq!(s["refundable_msat"], refundable, "{mode}");
+        assert_eq!(s["server_paid_msat"], server_paid, "{mode}");
+        assert_eq!(s["refunded_msat"], refunded, "{mode}: what the server recorded");
+        assert_eq!(s["refundable_msat"], 0, "{mode}: nothing left on the server");
+        assert_eq!(s["balance_msat"], balance, "{mode}");
     }
 }

@@ -7,9 +7,43 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use satstream::harness::{wait_until, Harness, HarnessOptions, PayOutcome};
+use satstream::lightning::invoices::HoldInvoice;
 use satstream::store::{InvoicePurpose, InvoiceState};
 
 const T: Duration = Duration::from_secs(60);
+
+/// A test hold invoice of `amount_msat` whose held HTLC is announced on `tx`.
+fn hold(
+    ln: &satstream::lightning::Lightning,
+    amount_msat: u64,
+    chunk: u32,
+    tx: mpsc::UnboundedSender<satstream::lightning::HeldHtlc>,
+) -> Result<satstream::store::Invoice, satstream::lightning::LightningError> {
+    ln.create_hold_invoice(
+        &HoldInvoice {
+            amount_msat,
+            description: "chunk".into(),
+            expiry_secs: 600,
+            purpose: InvoicePurpose::Test,
+            session_id: None,
+            account_id: None,
+            chunk_index: Some(chunk),
+            preimage: None,
+        },
+        Some(tx),
+    )
+}
+
+/// Waits until LDK's report of the claim is booked (`claimed`).
+async fn booked(store: &satstream::store::Store, hash: [u8; 32]) {
+    let store = store.clone();
+    wait_until("the claim to be booked", T, || {
+        let store = store.clone();
+        async move { store.invoice(&hash).unwrap().unwrap().state == InvoiceState::Claimed }
+    })
+    .await
+    .unwrap();
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hold_invoices_claim_fail_and_survive_restart() {
@@ -19,17 +53,7 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
 
     // 1. Paid, held, claimed: the payer learns our preimage; SQLite says claimed, exact amount.
     let ln = h.server().app.lightning.clone();
-    let inv = ln
-        .create_hold_invoice(
-            21_000,
-            "chunk",
-            600,
-            InvoicePurpose::Test,
-            None,
-            Some(0),
-            None,
-            tx.clone(),
-        )
+    let inv = hold(&ln, 21_000, 0, tx.clone())
         .unwrap();
     let events = h.payer.subscribe();
     let hash = h.payer.send(&inv.bolt11).unwrap();
@@ -45,7 +69,12 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
         store.invoice(&hash).unwrap().unwrap().state,
         InvoiceState::Held
     );
-    ln.claim(&hash, None).unwrap();
+    ln.claim(&[hash], None).unwrap();
+    assert_eq!(
+        store.invoice(&hash).unwrap().unwrap().state,
+        InvoiceState::Claiming,
+        "decided, not yet money until LDK reports the claim"
+    );
     match h.payer.wait_outcome(events, hash, T).await.unwrap() {
         PayOutcome::Succeeded { preimage, .. } => {
             assert_eq!(
@@ -56,12 +85,12 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
         }
         other => panic!("payment should succeed: {other:?}"),
     }
+    booked(&store, hash).await;
     let claimed = store.invoice(&hash).unwrap().unwrap();
     assert_eq!(claimed.state, InvoiceState::Claimed);
     assert_eq!(claimed.amount_msat, 21_000);
     assert_eq!(claimed.received_msat, Some(21_000));
-    // The node's PaymentReceived for our claim reaches the event loop, which finds it
-    // already committed and writes nothing new.
+    // The node's PaymentReceived for our claim is what books it, once.
     let claims = |s: &satstream::store::Store, h: &[u8; 32]| {
         s.ledger_for_payment(h)
             .unwrap()
@@ -74,17 +103,7 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
 
     // 2. Failed back: the payer sees the failure and gets every msat back.
     let outbound_before = h.payer.outbound_msat();
-    let inv2 = ln
-        .create_hold_invoice(
-            33_000,
-            "chunk",
-            600,
-            InvoicePurpose::Test,
-            None,
-            Some(1),
-            None,
-            tx.clone(),
-        )
+    let inv2 = hold(&ln, 33_000, 1, tx.clone())
         .unwrap();
     let events = h.payer.subscribe();
     let hash2 = h.payer.send(&inv2.bolt11).unwrap();
@@ -122,17 +141,7 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
 
     // 3. Nobody listening for an invoice (its issuer is gone): the event loop fails it back.
     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
-    let inv3 = ln
-        .create_hold_invoice(
-            5_000,
-            "chunk",
-            600,
-            InvoicePurpose::Test,
-            None,
-            Some(2),
-            None,
-            gone_tx,
-        )
+    let inv3 = hold(&ln, 5_000, 2, gone_tx)
         .unwrap();
     drop(gone_rx);
     let out = h.payer.pay(&inv3.bolt11, T).await.unwrap();
@@ -143,30 +152,27 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
     );
 
     // 4. Restart: the ledger is unchanged, and a new payment goes through.
-    let ledger_before = store.ledger().unwrap();
+    let money = |s: &satstream::store::Store| {
+        s.ledger()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind != "server_started")
+            .collect::<Vec<_>>()
+    };
+    let ledger_before = money(&store);
     drop(store);
     h.restart_server().await.unwrap();
     let store = h.server().app.store.clone();
     assert_eq!(
-        store.ledger().unwrap(),
+        money(&store),
         ledger_before,
-        "restart must not touch the ledger"
+        "restart must not touch the money in the ledger"
     );
     assert_eq!(claims(&store, &hash), vec![21_000]);
 
     let ln = h.server().app.lightning.clone();
     let (tx, mut held_rx) = mpsc::unbounded_channel();
-    let inv4 = ln
-        .create_hold_invoice(
-            8_000,
-            "chunk",
-            600,
-            InvoicePurpose::Test,
-            None,
-            Some(3),
-            None,
-            tx,
-        )
+    let inv4 = hold(&ln, 8_000, 3, tx)
         .unwrap();
     let events = h.payer.subscribe();
     let hash4 = h.payer.send(&inv4.bolt11).unwrap();
@@ -174,15 +180,12 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
         .await
         .unwrap()
         .unwrap();
-    ln.claim(&hash4, None).unwrap();
+    ln.claim(&[hash4], None).unwrap();
     assert!(matches!(
         h.payer.wait_outcome(events, hash4, T).await.unwrap(),
         PayOutcome::Succeeded { .. }
     ));
-    assert_eq!(
-        store.invoice(&hash4).unwrap().unwrap().state,
-        InvoiceState::Claimed
-    );
+    booked(&store, hash4).await;
     // Nothing is left held or open.
     assert!(store.unresolved_invoices().unwrap().is_empty());
     h.stop().await;
@@ -195,29 +198,9 @@ async fn restart_settles_what_was_left_unresolved() {
     let ln = h.server().app.lightning.clone();
     let (tx, mut held_rx) = mpsc::unbounded_channel();
     // One invoice paid and held when the server goes down, one never paid.
-    let held_inv = ln
-        .create_hold_invoice(
-            9_000,
-            "chunk",
-            600,
-            InvoicePurpose::Test,
-            None,
-            Some(0),
-            None,
-            tx.clone(),
-        )
+    let held_inv = hold(&ln, 9_000, 0, tx.clone())
         .unwrap();
-    let open_inv = ln
-        .create_hold_invoice(
-            4_000,
-            "chunk",
-            600,
-            InvoicePurpose::Test,
-            None,
-            Some(1),
-            None,
-            tx,
-        )
+    let open_inv = hold(&ln, 4_000, 1, tx)
         .unwrap();
     let events = h.payer.subscribe();
     let hash = h.payer.send(&held_inv.bolt11).unwrap();

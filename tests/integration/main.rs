@@ -1,9 +1,12 @@
 //! Black-box tests on real parts: Bitcoin Core regtest, ldk-node, mistral.rs, SQLite, grpcurl.
 //! One test binary (linking is slow); one module per area.
 
+mod crash;
 mod demo;
 mod engine;
 mod foundation;
 mod grpcurl;
+mod money;
 mod paid;
+mod prepaid;
 mod support;

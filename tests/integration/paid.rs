@@ -9,24 +9,35 @@ use tonic::Streaming;
 
 use satstream::config::ModelConfig;
 use satstream::engine::tiny_model::write_tiny_model;
-use satstream::grpc::proto::{
+use satstream::wire::proto::{
     generate_event::Event as Ev, inference_client::InferenceClient, ChatMessage, GenerateEvent,
     GenerateRequest, HaltReason, PaymentMode, SamplingParams,
 };
 use satstream::harness::{wait_until, Harness, HarnessOptions, PayOutcome};
-use satstream::session::cipher;
+use satstream::wire::cipher;
 use satstream::store::SessionState;
 
-const T: Duration = Duration::from_secs(60);
-const MSAT_PER_TOKEN: u64 = 1_000;
-const CHUNK: u32 = 4;
+pub(super) const T: Duration = Duration::from_secs(60);
+pub(super) const MSAT_PER_TOKEN: u64 = 1_000;
+pub(super) const CHUNK: u32 = 4;
 
-struct World {
-    h: Harness,
+pub(super) struct World {
+    pub h: Harness,
     _model_dir: tempfile::TempDir,
 }
 
-async fn world(sets: &[&str]) -> World {
+pub(super) async fn world(sets: &[&str]) -> World {
+    world_with(sets, 0, 0, CHUNK).await
+}
+
+/// A world on the tiny model priced `msat_per_prompt_token` per prompt token, with a
+/// `server_channel_sat` channel server → payer (the server's outbound liquidity, for refunds).
+pub(super) async fn world_with(
+    sets: &[&str],
+    msat_per_prompt_token: u64,
+    server_channel_sat: u64,
+    chunk_tokens: u32,
+) -> World {
     super::support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let path = write_tiny_model(dir.path()).unwrap();
@@ -36,12 +47,13 @@ async fn world(sets: &[&str]) -> World {
             path,
             context_length: 0,
             msat_per_token: MSAT_PER_TOKEN,
-            msat_per_prompt_token: 0,
-            chunk_tokens: CHUNK,
+            msat_per_prompt_token,
+            chunk_tokens,
             max_concurrent: 8,
             max_queue: 16,
         }],
         sets: sets.iter().map(|s| s.to_string()).collect(),
+        server_channel_sat,
         ..HarnessOptions::default()
     })
     .await
@@ -49,7 +61,7 @@ async fn world(sets: &[&str]) -> World {
     World { h, _model_dir: dir }
 }
 
-fn request(max_tokens: u32, mode: PaymentMode) -> GenerateRequest {
+pub(super) fn request(max_tokens: u32, mode: PaymentMode) -> GenerateRequest {
     GenerateRequest {
         model: "tiny".into(),
         messages: vec![ChatMessage {
@@ -66,18 +78,18 @@ fn request(max_tokens: u32, mode: PaymentMode) -> GenerateRequest {
     }
 }
 
-fn letters(n: usize) -> String {
+pub(super) fn letters(n: usize) -> String {
     (0..n).map(|i| (b'a' + (i % 26) as u8) as char).collect()
 }
 
-async fn open(w: &World, req: GenerateRequest) -> Streaming<GenerateEvent> {
+pub(super) async fn open(w: &World, req: GenerateRequest) -> Streaming<GenerateEvent> {
     let mut c = InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
         .await
         .unwrap();
     c.generate(req).await.unwrap().into_inner()
 }
 
-async fn next(s: &mut Streaming<GenerateEvent>) -> Ev {
+pub(super) async fn next(s: &mut Streaming<GenerateEvent>) -> Ev {
     tokio::time::timeout(T, s.message())
         .await
         .expect("event in time")
@@ -87,24 +99,59 @@ async fn next(s: &mut Streaming<GenerateEvent>) -> Ev {
         .expect("event set")
 }
 
-fn assert_invariants(w: &World, session_hex: &str) -> satstream::store::Session {
-    let store = &w.h.server().app.store;
+/// SPEC invariants for one session, with the money checked against the server node's own
+/// payment records (LDK's payment store), not the store against itself.
+pub(super) fn assert_invariants(w: &World, session_hex: &str) -> satstream::store::Session {
+    assert_books(&w.h, session_hex, MSAT_PER_TOKEN)
+}
+
+pub(super) fn assert_books(
+    h: &Harness,
+    session_hex: &str,
+    msat_per_token: u64,
+) -> satstream::store::Session {
+    let store = &h.server().app.store;
     let sid: [u8; 16] = hex::decode(session_hex).unwrap().try_into().unwrap();
     let s = store.session(&sid).unwrap().unwrap();
     let a = store.audit_session(&sid).unwrap();
     assert_eq!(
-        a.claimed_msat + a.credited_msat,
-        a.delivered_msat + s.refundable_msat() + s.refunded_msat,
-        "claimed + credited = delivered + refundable ({a:?}, {s:?})"
+        a.balance_msat(),
+        s.refundable_msat() as i128,
+        "claimed + credited + debited = prompt + delivered + refundable ({a:?}, {s:?})"
     );
     assert_eq!(a.delivered_tokens, s.completion_tokens);
     assert_eq!(
         a.delivered_msat,
-        a.delivered_tokens as u64 * MSAT_PER_TOKEN,
+        a.delivered_tokens as u64 * msat_per_token,
         "exact prices"
     );
-    assert_eq!(a.unresolved_invoices, 0, "nothing open or held is left");
+    assert_eq!(a.unresolved_invoices, 0, "nothing open, held or claiming is left");
     assert_ne!(s.state, SessionState::Open);
+    // Every msat the ledger books for this session, the node received, and vice versa.
+    let node = h.server().app.lightning.node();
+    let received = |hash: &[u8; 32]| {
+        node.payment(&ldk_node::lightning::ln::channelmanager::PaymentId(*hash))
+            .filter(|p| p.status == ldk_node::payment::PaymentStatus::Succeeded)
+            .and_then(|p| p.amount_msat)
+    };
+    let mut booked = 0;
+    for inv in store.list_invoices(500, "", None, Some(&sid)).unwrap().items {
+        let got = received(&inv.payment_hash);
+        if inv.state == satstream::store::InvoiceState::Claimed {
+            assert_eq!(got, inv.received_msat, "claimed per the ledger, per LDK: {inv:?}");
+            booked += got.unwrap();
+        } else {
+            assert_eq!(got, None, "LDK received a payment the ledger did not book: {inv:?}");
+        }
+    }
+    for e in store.ledger_for_session(&sid).unwrap() {
+        if e.kind == "keysend_credited" {
+            let got = received(&e.payment_hash.unwrap());
+            assert_eq!(got, Some(e.amount_msat as u64), "keysend credit per LDK: {e:?}");
+            booked += got.unwrap();
+        }
+    }
+    assert_eq!(booked, a.claimed_msat + a.credited_msat, "every booked msat is LDK's");
     s
 }
 
@@ -321,14 +368,14 @@ async fn bad_requests_get_clear_statuses() {
     );
 
     let models = c
-        .list_models(satstream::grpc::proto::ListModelsRequest {})
+        .list_models(satstream::wire::proto::ListModelsRequest {})
         .await
         .unwrap()
         .into_inner();
     assert_eq!(models.models.len(), 1);
     assert_eq!(models.models[0].chunk_tokens, CHUNK);
     let q = c
-        .quote(satstream::grpc::proto::QuoteRequest {
+        .quote(satstream::wire::proto::QuoteRequest {
             model: "tiny".into(),
             prompt: "abc".into(),
             max_tokens: 10,

@@ -12,6 +12,16 @@ pub(super) fn handle(app: &App, req: CloseChannelRequest) -> Result<CloseChannel
     let peer = parse_node_id(&req.counterparty_node_id)?;
     let node = app.lightning.node();
     let ucid = UserChannelId(ucid);
+    if !node
+        .list_channels()
+        .iter()
+        .any(|c| c.user_channel_id == ucid && c.counterparty_node_id == peer)
+    {
+        return Err(Status::not_found(format!(
+            "no channel {} with {}; ListChannels shows the ids",
+            req.user_channel_id, req.counterparty_node_id
+        )));
+    }
     if req.force {
         node.force_close_channel(&ucid, peer, None)
     } else {

@@ -18,5 +18,7 @@ pub(super) fn handle(app: &App, _req: GetBalancesRequest) -> Result<GetBalancesR
         inbound_capacity_msat: usable.iter().map(|c| c.inbound_capacity_msat).sum(),
         outbound_capacity_msat: usable.iter().map(|c| c.outbound_capacity_msat).sum(),
         refundable_msat: app.store.total_refundable_msat()?,
+        refunded_msat: app.store.total_refunded_msat()?,
+        lost_msat: app.store.total_lost_msat()?,
     })
 }

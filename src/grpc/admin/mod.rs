@@ -7,7 +7,11 @@ mod get_balances;
 mod get_info;
 mod get_session;
 mod list_channels;
+mod list_accounts;
 mod list_invoices;
+mod list_losses;
+mod list_parked_events;
+mod list_payments;
 mod list_sessions;
 mod new_address;
 mod open_channel;
@@ -131,6 +135,38 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::PayInvoiceResponse>, Status> {
         let req = r.into_inner();
         blocking(&self.app, move |a| pay_invoice::handle(a, req)).await
+    }
+
+    async fn list_accounts(
+        &self,
+        r: Request<proto::ListAccountsRequest>,
+    ) -> Result<Response<proto::ListAccountsResponse>, Status> {
+        let req = r.into_inner();
+        blocking(&self.app, move |a| list_accounts::handle(a, req)).await
+    }
+
+    async fn list_parked_events(
+        &self,
+        r: Request<proto::ListParkedEventsRequest>,
+    ) -> Result<Response<proto::ListParkedEventsResponse>, Status> {
+        let req = r.into_inner();
+        blocking(&self.app, move |a| list_parked_events::handle(a, req)).await
+    }
+
+    async fn list_losses(
+        &self,
+        r: Request<proto::ListLossesRequest>,
+    ) -> Result<Response<proto::ListLossesResponse>, Status> {
+        let req = r.into_inner();
+        blocking(&self.app, move |a| list_losses::handle(a, req)).await
+    }
+
+    async fn list_payments(
+        &self,
+        r: Request<proto::ListPaymentsRequest>,
+    ) -> Result<Response<proto::ListPaymentsResponse>, Status> {
+        let req = r.into_inner();
+        blocking(&self.app, move |a| list_payments::handle(a, req)).await
     }
 }
 

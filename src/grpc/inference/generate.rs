@@ -1,43 +1,36 @@
-use rand::RngCore;
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::app::App;
-use crate::engine::GenerateParams;
-use crate::grpc::proto::{
-    self, generate_event::Event as Ev, GenerateEvent, GenerateRequest, PaymentMode,
-};
-use crate::pricing::Price;
+use crate::engine::{GenerateParams, Prompt};
+use crate::grpc::proto::{self, generate_event::Event as Ev, GenerateEvent, GenerateRequest};
 use crate::session::{self, Mode, SessionSpec};
 use crate::store::NewSession;
 
-/// Events buffered towards a slow client; the meter waits beyond this (the engine never does:
-/// it has its own buffer and is paced by payment).
+/// Events buffered towards a slow client; beyond, writes wait at most
+/// `payments.client_send_timeout_secs` (the engine never waits: it has its own buffer and is
+/// paced by payment).
 const CLIENT_BUFFER: usize = 64;
+
+/// Longest the end of a session waits for LDK to report its last claims.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn handle(
     app: Arc<App>,
     req: GenerateRequest,
+    client: Option<std::net::IpAddr>,
 ) -> Result<super::EventStream, Status> {
-    let model = super::model_config(&app, &req.model)?.clone();
-    let prompt = super::prompt_of(&req.messages, &req.prompt)?;
-    if req.max_tokens == 0 {
-        return Err(Status::invalid_argument("max_tokens: must be at least 1"));
-    }
-    let mode = match PaymentMode::try_from(req.mode) {
-        Ok(PaymentMode::Unspecified | PaymentMode::Bolt11) => Mode::Bolt11,
-        Ok(PaymentMode::Atomic) => Mode::Atomic,
-        Ok(PaymentMode::Keysend) => Mode::Keysend,
-        Ok(PaymentMode::Prepaid) => {
-            return Err(Status::unimplemented(
-                "mode PREPAID needs TopUp, which this version does not offer; use BOLT11, ATOMIC or KEYSEND",
-            ))
-        }
-        Err(_) => return Err(Status::invalid_argument(format!("mode: unknown value {}", req.mode))),
-    };
+    let c = super::request::check(
+        &app,
+        &req.model,
+        &req.messages,
+        &req.prompt,
+        req.max_tokens,
+        req.mode,
+    )
+    .await?;
     let sampling = req.sampling.clone().unwrap_or_default();
     let temperature = sampling.temperature.unwrap_or(0.7);
     if !(0.0..=2.0).contains(&temperature) {
@@ -50,6 +43,11 @@ pub(super) async fn handle(
         return Err(Status::invalid_argument(
             "sampling.top_p: must be in (0, 1]",
         ));
+    }
+    if let Some(i) = sampling.stop.iter().position(|s| s.is_empty()) {
+        return Err(Status::invalid_argument(format!(
+            "sampling.stop[{i}]: must not be empty"
+        )));
     }
     let max_window = app.config.payments.window_chunks.max(1);
     let window = match req.window_chunks {
@@ -66,88 +64,90 @@ pub(super) async fn handle(
         }
         Some(w) => w,
     };
-    let price = Price::from_model(&model);
-    if price.msat_per_prompt_token > 0 {
-        return Err(Status::unimplemented(format!(
-            "model {:?} prices prompts; paid prompts are not supported by this version",
-            model.id
-        )));
+    let price = c.price;
+    let prompt_tokens = c.prompt_tokens();
+    let prompt_price = price.prompt(prompt_tokens);
+    let account = match c.mode {
+        Mode::Prepaid => Some(super::owner::account(&app, &req.account_token).await?),
+        _ if !req.account_token.is_empty() => {
+            return Err(Status::invalid_argument(
+                "account_token: only for mode PREPAID",
+            ))
+        }
+        _ => None,
+    };
+    if c.mode != Mode::Prepaid {
+        // Can we receive the first payment at all?
+        let first = if prompt_price > 0 {
+            prompt_price
+        } else {
+            price.chunk(price.chunk_tokens.min(req.max_tokens))
+        };
+        let inbound = app.lightning.inbound_liquidity_msat();
+        if inbound < first {
+            return Err(Status::failed_precondition(format!(
+                "the server can receive {inbound} msat now but the first payment is {first} msat: \
+                 open a channel to {}@{}",
+                app.lightning.node_id(),
+                app.lightning.public_address()
+            )));
+        }
     }
-    // Can we receive the first chunk's price at all?
-    let first = price.chunk(price.chunk_tokens.min(req.max_tokens));
-    let inbound = app.lightning.inbound_liquidity_msat();
-    if inbound < first {
-        return Err(Status::failed_precondition(format!(
-            "the server can receive {inbound} msat now but the first chunk costs {first} msat: \
-             open a channel to {}@{}",
-            app.lightning.node_id(),
-            app.lightning.public_address()
-        )));
-    }
+    let limits = &app.config.limits;
     let live = app
         .live
-        .try_enter(app.config.limits.max_sessions)
-        .ok_or_else(|| {
-            Status::resource_exhausted(format!(
-                "{} sessions are live, the server's limit; retry later",
-                app.config.limits.max_sessions
-            ))
+        .enter(limits.max_sessions, client, limits.max_unpaid_sessions_per_client)
+        .map_err(|r| match r {
+            crate::session::Refused::Full(n) => Status::resource_exhausted(format!(
+                "{n} sessions are live, the server's limit; retry later"
+            )),
+            crate::session::Refused::UnpaidPerClient(n) => Status::resource_exhausted(format!(
+                "this address already has {n} sessions waiting for their first payment: pay \
+                 (or end) one of them first"
+            )),
         })?;
-    let prompt_tokens = app.engine.count_prompt_tokens(&model.id, &prompt).await?;
-    let cap = app.config.limits.max_prompt_tokens;
-    if cap > 0 && prompt_tokens > cap {
-        return Err(Status::invalid_argument(format!(
-            "prompt: {prompt_tokens} tokens, this server accepts at most {cap}"
-        )));
-    }
-    let gen = app
-        .engine
-        .generate(
-            &model.id,
-            GenerateParams {
-                prompt,
-                max_tokens: req.max_tokens,
-                temperature,
-                top_p,
-                stop: sampling.stop.clone(),
-                allowance: window * price.chunk_tokens,
-            },
-        )
-        .await?;
+    let admission = app.engine.admit(&c.model.id).await?;
 
     let mut session_id = [0u8; 16];
-    let mut token = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut session_id);
-    rand::thread_rng().fill_bytes(&mut token);
-    app.store.insert_session(&NewSession {
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut session_id);
+    let (token, token_hex) = super::owner::new_secret();
+    let new = NewSession {
         id: session_id,
-        token_hash: Sha256::digest(token).into(),
-        model: model.id.clone(),
-        mode: mode.as_str(),
+        token_hash: super::owner::hash_secret(&token),
+        model: c.model.id.clone(),
+        mode: c.mode.as_str(),
         prompt_tokens,
-        prompt_price_msat: 0,
+        prompt_price_msat: prompt_price,
         msat_per_token: price.msat_per_token,
         chunk_tokens: price.chunk_tokens,
         max_tokens: req.max_tokens,
-    })?;
+        account_id: account.as_ref().map(|a| a.id),
+    };
+    let store = app.store.clone();
+    tokio::task::spawn_blocking(move || store.insert_session(&new))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
 
     let (tx, rx) = tokio::sync::mpsc::channel(CLIENT_BUFFER);
     let send = |e: Ev| Ok::<_, Status>(GenerateEvent { event: Some(e) });
+    let p = &app.config.payments;
     let _ = tx
         .send(send(Ev::Accepted(proto::Accepted {
             session_id: hex::encode(session_id),
-            session_token: hex::encode(token),
-            model: model.id.clone(),
+            session_token: token_hex,
+            model: c.model.id.clone(),
             mode: req.mode.max(1),
             prompt_tokens,
-            prompt_price_msat: 0,
+            prompt_price_msat: prompt_price,
             chunk_tokens: price.chunk_tokens,
             msat_per_token: price.msat_per_token,
             window_chunks: window,
-            payment_timeout_secs: app.config.payments.payment_timeout_secs as u32,
+            payment_timeout_secs: p.payment_timeout_secs as u32,
+            node_id: app.lightning.node_id(),
+            first_payment_timeout_secs: p.first_payment_timeout_secs as u32,
         })))
         .await;
-    if mode == Mode::Keysend {
+    if c.mode == Mode::Keysend {
         let _ = tx
             .send(send(Ev::SessionOpened(proto::SessionOpened {
                 session_id: hex::encode(session_id),
@@ -159,14 +159,28 @@ pub(super) async fn handle(
     }
     let spec = SessionSpec {
         session_id,
-        mode,
+        mode: c.mode,
+        model: c.model.id.clone(),
         price,
         window_chunks: window,
         prompt_tokens,
-        payment_timeout: Duration::from_secs(app.config.payments.payment_timeout_secs),
-        invoice_expiry_secs: app.config.payments.invoice_expiry_secs,
+        prompt_price_msat: prompt_price,
+        payment_timeout: Duration::from_secs(p.payment_timeout_secs),
+        first_payment_timeout: Duration::from_secs(p.first_payment_timeout_secs),
+        send_timeout: Duration::from_secs(p.client_send_timeout_secs),
+        settle_timeout: SETTLE_TIMEOUT,
+        invoice_expiry_secs: p.invoice_expiry_secs,
+        account_id: account.map(|a| a.id),
+        params: GenerateParams {
+            prompt: Prompt::Tokens(c.prompt),
+            max_tokens: req.max_tokens,
+            temperature,
+            top_p,
+            stop: sampling.stop.clone(),
+            allowance: 0,
+        },
     };
     let shutdown = app.shutdown.clone();
-    tokio::spawn(session::run(app.clone(), spec, gen, tx, shutdown, live));
+    tokio::spawn(session::run(app.clone(), spec, admission, tx, shutdown, live));
     Ok(Box::pin(ReceiverStream::new(rx)))
 }

@@ -6,6 +6,7 @@ pub(super) fn handle(app: &App) -> ListModelsResponse {
         PaymentMode::Bolt11 as i32,
         PaymentMode::Atomic as i32,
         PaymentMode::Keysend as i32,
+        PaymentMode::Prepaid as i32,
     ];
     ListModelsResponse {
         models: app

@@ -1,8 +1,13 @@
 //! The Inference service: one file per RPC.
 
 mod generate;
+mod get_account;
 mod list_models;
+mod owner;
 mod quote;
+mod refund;
+mod request;
+mod top_up;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,7 +15,6 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
-use crate::engine::{ChatMessage, Prompt};
 use crate::grpc::proto::{self, inference_server::Inference};
 
 pub struct InferenceService {
@@ -29,60 +33,6 @@ fn not_yet(rpc: &str) -> Status {
     Status::unimplemented(format!(
         "{rpc} is not available in this version of satstream"
     ))
-}
-
-/// The model a request names, or NotFound listing the ids on sale.
-fn model_config<'a>(app: &'a App, id: &str) -> Result<&'a crate::config::ModelConfig, Status> {
-    if id.is_empty() {
-        return Err(Status::invalid_argument(
-            "model: required; ListModels shows the ids",
-        ));
-    }
-    app.config
-        .models
-        .iter()
-        .find(|m| m.id == id)
-        .ok_or_else(|| {
-            let ids: Vec<_> = app.config.models.iter().map(|m| m.id.as_str()).collect();
-            Status::not_found(format!(
-                "model {id:?} is not on sale here; available: {ids:?}"
-            ))
-        })
-}
-
-/// Exactly one of `messages` (chat) or `prompt` (raw text).
-fn prompt_of(messages: &[proto::ChatMessage], prompt: &str) -> Result<Prompt, Status> {
-    match (messages.is_empty(), prompt.is_empty()) {
-        (false, true) => {
-            for (i, m) in messages.iter().enumerate() {
-                if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-                    return Err(Status::invalid_argument(format!(
-                        "messages[{i}].role: {:?} is not one of \"system\", \"user\", \"assistant\"",
-                        m.role
-                    )));
-                }
-            }
-            if messages.iter().all(|m| m.content.trim().is_empty()) {
-                return Err(Status::invalid_argument("messages: every message is empty"));
-            }
-            Ok(Prompt::Chat(
-                messages
-                    .iter()
-                    .map(|m| ChatMessage {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
-                    })
-                    .collect(),
-            ))
-        }
-        (true, false) => Ok(Prompt::Text(prompt.to_string())),
-        (true, true) => Err(Status::invalid_argument(
-            "prompt: empty; give `messages` (chat) or `prompt` (raw text)",
-        )),
-        (false, false) => Err(Status::invalid_argument(
-            "give either `messages` or `prompt`, not both",
-        )),
-    }
 }
 
 #[tonic::async_trait]
@@ -109,7 +59,8 @@ impl Inference for InferenceService {
         &self,
         r: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        generate::handle(self.app.clone(), r.into_inner())
+        let client = r.remote_addr().map(|a| a.ip());
+        generate::handle(self.app.clone(), r.into_inner(), client)
             .await
             .map(Response::new)
     }
@@ -123,15 +74,28 @@ impl Inference for InferenceService {
 
     async fn top_up(
         &self,
-        _r: Request<proto::TopUpRequest>,
+        r: Request<proto::TopUpRequest>,
     ) -> Result<Response<proto::TopUpResponse>, Status> {
-        Err(not_yet("TopUp"))
+        top_up::handle(&self.app, r.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn refund(
         &self,
-        _r: Request<proto::RefundRequest>,
+        r: Request<proto::RefundRequest>,
     ) -> Result<Response<proto::RefundResponse>, Status> {
-        Err(not_yet("Refund"))
+        refund::handle(&self.app, r.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_account(
+        &self,
+        r: Request<proto::GetAccountRequest>,
+    ) -> Result<Response<proto::Account>, Status> {
+        get_account::handle(&self.app, r.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -5,6 +5,9 @@
 //! Every figure comes from this run: the raw engine rate is measured on the same loaded
 //! engine, prompt and sampling as the paid stream it is compared with.
 
+pub mod cli;
+pub mod faults;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -13,7 +16,7 @@ use tonic::transport::Channel;
 use crate::client::{self, ClientError, Summary};
 use crate::config::ModelConfig;
 use crate::engine::{ChatMessage as EngineMessage, GenerateParams, Prompt, TokenEvent};
-use crate::grpc::proto::{
+use crate::wire::proto::{
     generate_event::Event as Ev, inference_client::InferenceClient, ChatMessage, GenerateRequest,
     PaymentMode, SamplingParams,
 };
@@ -66,7 +69,7 @@ fn request(model: &str, max_tokens: u32, window: u32) -> GenerateRequest {
     }
 }
 
-fn pct(v: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -331,7 +334,7 @@ pub async fn store_comparison(model: &ModelConfig) -> Result<String, BenchError>
 }
 
 /// Polls a set of futures to completion concurrently (on this task), keeping their order.
-async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+pub(crate) async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
     let mut fs: Vec<_> = fs.into_iter().map(Box::pin).collect();
     let mut out: Vec<Option<F::Output>> = fs.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
@@ -355,7 +358,7 @@ async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> 
 }
 
 /// A line of /proc/self/status, in MB: "VmHWM" (peak RSS) or "VmRSS" (now).
-fn status_mb(key: &str) -> f64 {
+pub(crate) fn status_mb(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -1,0 +1,49 @@
+//! `satstream regtest`: a local regtest world (bitcoind, the server, a funded payer node with
+//! a channel) that keeps running, with grpcurl commands to try.
+
+use tokio_util::sync::CancellationToken;
+
+use crate::client::ClientError;
+use crate::config::Config;
+use crate::harness::{Harness, HarnessOptions};
+
+pub async fn run(base: &Config, sets: &[String]) -> Result<(), ClientError> {
+    let mut sets = sets.to_vec();
+    sets.push(format!("server.grpc_listen={}", base.server.grpc_listen));
+    eprintln!("Starting bitcoind -regtest, the server and a payer node; opening a channel...");
+    let h = Harness::start(HarnessOptions {
+        models: base.models.clone(),
+        sets,
+        bitcoind_rpc_port: Some(base.chain.bitcoind_rpc_port),
+        ..HarnessOptions::default()
+    })
+    .await
+    .map_err(|e| ClientError::Harness(e.to_string()))?;
+    let addr = h.server().grpc_addr;
+    let token = &h.server().admin_token;
+    let model = base.models.first().map_or("MODEL", |m| m.id.as_str());
+    let rpc = h.bitcoind.rpc_port;
+    println!(
+        "\nsatstream is running on regtest.\n\
+         gRPC:          {addr}\n\
+         server node:   {}@{}\n\
+         bitcoind RPC:  127.0.0.1:{rpc} (user/password satstream)\n\n\
+         In another terminal (`source scripts/env.sh` puts satstream, bitcoin-cli and grpcurl on PATH):\n\
+         \x20 grpcurl -plaintext {addr} list\n\
+         \x20 grpcurl -plaintext {addr} describe satstream.v1.Inference\n\
+         \x20 grpcurl -plaintext {addr} satstream.v1.Inference/ListModels\n\
+         \x20 grpcurl -plaintext -H 'authorization: Bearer {token}' {addr} satstream.v1.Admin/GetInfo\n\n\
+         Pay from a wallet of your own (its data goes to ./satstream-client):\n\
+         \x20 mine() {{ bitcoin-cli -regtest -rpcport={rpc} -rpcuser=satstream -rpcpassword=satstream generatetoaddress \"$1\" \"$(satstream wallet address)\" >/dev/null; }}\n\
+         \x20 mine 101 && satstream wallet --server http://{addr} open-channel --sats 200000 && mine 6\n\
+         \x20 satstream wallet pay --max-sats 100 -- grpcurl -plaintext -d '{{\"model\":\"{model}\",\"max_tokens\":48,\"messages\":[{{\"role\":\"user\",\"content\":\"Tell me about Lightning\"}}]}}' {addr} satstream.v1.Inference/Generate\n\n\
+         Ctrl-C stops everything.",
+        h.server_node_id(),
+        h.server_ln_address(),
+    );
+    let stop = CancellationToken::new();
+    crate::shutdown::cancel_on_signal(stop.clone()).await;
+    h.stop().await;
+    eprintln!("stopped; no processes left behind");
+    Ok(())
+}

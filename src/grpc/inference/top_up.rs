@@ -1,0 +1,63 @@
+use std::sync::Arc;
+use tonic::Status;
+
+use crate::app::App;
+use crate::grpc::proto::{TopUpRequest, TopUpResponse};
+use crate::lightning::invoices::HoldInvoice;
+use crate::store::InvoicePurpose;
+
+pub(super) async fn handle(app: &Arc<App>, req: TopUpRequest) -> Result<TopUpResponse, Status> {
+    let p = &app.config.payments;
+    if req.amount_msat < p.topup_min_msat || req.amount_msat > p.topup_max_msat {
+        return Err(Status::invalid_argument(format!(
+            "amount_msat: must be between {} and {} msat on this server (got {})",
+            p.topup_min_msat, p.topup_max_msat, req.amount_msat
+        )));
+    }
+    let inbound = app.lightning.inbound_liquidity_msat();
+    if inbound < req.amount_msat {
+        return Err(Status::failed_precondition(format!(
+            "the server can receive {inbound} msat now, less than {} msat: open a channel to {}@{}",
+            req.amount_msat,
+            app.lightning.node_id(),
+            app.lightning.public_address()
+        )));
+    }
+    let (account_id, token) = if req.account_token.trim().is_empty() {
+        let (raw, hex_token) = super::owner::new_secret();
+        let mut id = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
+        let store = app.store.clone();
+        let hash = super::owner::hash_secret(&raw);
+        tokio::task::spawn_blocking(move || store.create_account(id, hash))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        (id, hex_token)
+    } else {
+        let a = super::owner::account(app, &req.account_token).await?;
+        (a.id, req.account_token.trim().to_string())
+    };
+    let spec = HoldInvoice {
+        amount_msat: req.amount_msat,
+        description: "satstream prepaid top-up".into(),
+        expiry_secs: p.invoice_expiry_secs,
+        purpose: InvoicePurpose::TopUp,
+        session_id: None,
+        account_id: Some(account_id),
+        chunk_index: None,
+        preimage: None,
+    };
+    let ln = app.lightning.clone();
+    // No listener: the event loop claims a top-up as soon as it is held.
+    let inv = tokio::task::spawn_blocking(move || ln.create_hold_invoice(&spec, None))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+    tracing::info!(account = %hex::encode(account_id), amount_msat = req.amount_msat, "top-up invoice issued");
+    Ok(TopUpResponse {
+        account_token: token,
+        bolt11: inv.bolt11,
+        payment_hash: hex::encode(inv.payment_hash),
+        amount_msat: inv.amount_msat,
+        expires_at_unix: inv.expires_at_unix,
+    })
+}

@@ -1,0 +1,14 @@
+//! What crosses the wire, shared by the server and the client: the generated gRPC types
+//! ([`proto`]) and ATOMIC mode's chunk cipher ([`cipher`]). Neither side reaches into the
+//! other's modules for these.
+
+pub mod cipher;
+
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("satstream.v1");
+
+    /// Encoded descriptors for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("satstream_descriptor");
+}

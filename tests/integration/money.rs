@@ -1,0 +1,308 @@
+//! Money paths under failure, in process (the crash tests kill a real process): a claim LDK
+//! refuses, an invoice whose client is gone as it is sent, a second HTLC set for a claimed
+//! chunk, a client that stops reading, a shutdown with such a client, and an event handler
+//! that keeps failing. Each asserts what the payer's node and the server's node recorded.
+
+use std::time::{Duration, Instant};
+
+use satstream::harness::{wait_until, PayOutcome};
+use satstream::store::{InvoiceState, SessionState};
+use satstream::wire::proto::{generate_event::Event as Ev, HaltReason, PaymentMode};
+
+use super::paid::{assert_invariants, letters, next, open, request, world, world_with, T};
+
+fn sid(hex_id: &str) -> [u8; 16] {
+    hex::decode(hex_id).unwrap().try_into().unwrap()
+}
+
+async fn session_ended(w: &super::paid::World, id: [u8; 16]) -> satstream::store::Session {
+    let store = w.h.server().app.store.clone();
+    wait_until("the session to end", T, || {
+        let store = store.clone();
+        async move { store.session(&id).unwrap().unwrap().state != SessionState::Open }
+    })
+    .await
+    .unwrap();
+    store.session(&id).unwrap().unwrap()
+}
+
+/// A claim LDK refuses fails the HTLC back at once (the payer is not kept waiting for a
+/// timeout) and is recorded; no invoice stays held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_ldk_refuses_fails_the_htlc_back_at_once() {
+    let w = world(&["payments.payment_timeout_secs=60"]).await;
+    w.h.server().app.lightning.faults().arm_error("claim", 1);
+    let mut s = open(&w, request(8, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::Invoice(inv) = next(&mut s).await else {
+        panic!("an invoice")
+    };
+    let started = Instant::now();
+    let out = w.h.payer.pay(&inv.bolt11, T).await.unwrap();
+    assert!(matches!(out, PayOutcome::Failed { .. }), "{out:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "failed back at once, not after the payment timeout"
+    );
+    let halted = loop {
+        match next(&mut s).await {
+            Ev::Halted(h) => break h,
+            Ev::Invoice(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(halted.reason, HaltReason::PaymentFailed as i32);
+    assert_eq!((halted.completion_tokens_delivered, halted.paid_msat), (0, 0));
+    let hash: [u8; 32] = hex::decode(&inv.payment_hash).unwrap().try_into().unwrap();
+    let store = &w.h.server().app.store;
+    assert_eq!(store.invoice(&hash).unwrap().unwrap().state, InvoiceState::Failed);
+    let kinds: Vec<_> = store
+        .ledger_for_payment(&hash)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["invoice_created", "htlc_held", "claim_decided", "htlc_failed"]
+    );
+    assert_invariants(&w, &acc.session_id);
+    w.h.stop().await;
+}
+
+/// The client is gone just as a chunk's invoice is sent: the invoice is withdrawn and its
+/// listener removed; nothing outlives the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invoice_whose_send_fails_is_withdrawn() {
+    let w = world(&[]).await;
+    w.h.server().app.lightning.faults().arm_error("send_invoice", 1);
+    let mut s = open(&w, request(8, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let sess = session_ended(&w, sid(&acc.session_id)).await;
+    assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
+    let ln = &w.h.server().app.lightning;
+    assert_eq!(ln.listeners(), 0, "no listener outlives its session");
+    let invoices = w
+        .h
+        .server()
+        .app
+        .store
+        .list_invoices(10, "", None, Some(&sid(&acc.session_id)))
+        .unwrap()
+        .items;
+    assert_eq!(invoices.len(), 1, "{invoices:?}");
+    assert_eq!(invoices[0].state, InvoiceState::Canceled);
+    // Paying it anyway is failed back.
+    let out = w.h.payer.pay(&invoices[0].bolt11, T).await.unwrap();
+    assert!(matches!(out, PayOutcome::Failed { .. }), "{out:?}");
+    assert_invariants(&w, &acc.session_id);
+    w.h.stop().await;
+}
+
+/// A new HTLC set for a chunk hash that is already claimed is failed back, never claimed
+/// again, and LDK's record of the first claim stays as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_htlc_set_for_a_claimed_chunk_is_never_claimed() {
+    let w = world(&[]).await;
+    let mut s = open(&w, request(4, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let mut hash = [0u8; 32];
+    loop {
+        match next(&mut s).await {
+            Ev::Invoice(inv) => {
+                hash = hex::decode(&inv.payment_hash).unwrap().try_into().unwrap();
+                w.h.payer.send(&inv.bolt11).unwrap();
+            }
+            Ev::Tokens(_) => {}
+            Ev::Done(d) => {
+                assert_eq!(d.paid_msat, 4_000);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let second = ldk_node::Event::PaymentClaimable {
+        payment_id: ldk_node::lightning::ln::channelmanager::PaymentId(hash),
+        payment_hash: ldk_node::lightning_types::payment::PaymentHash(hash),
+        claimable_amount_msat: 4_000,
+        claim_deadline: None,
+        custom_records: vec![],
+    };
+    let ln = &w.h.server().app.lightning;
+    satstream::lightning::events::handle(ln, &second).unwrap();
+    let store = &w.h.server().app.store;
+    let ledger = store.ledger_for_payment(&hash).unwrap();
+    assert_eq!(
+        ledger.iter().filter(|e| e.kind == "htlc_rejected").count(),
+        1,
+        "the second HTLC set is rejected: {ledger:?}"
+    );
+    assert_eq!(ledger.iter().filter(|e| e.kind == "invoice_claimed").count(), 1);
+    let p = ln
+        .node()
+        .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
+        .unwrap();
+    assert_eq!(p.status, ldk_node::payment::PaymentStatus::Succeeded);
+    assert_eq!(assert_invariants(&w, &acc.session_id).paid_msat, 4_000);
+    w.h.stop().await;
+}
+
+/// A client that keeps the stream open but stops reading: the session halts (its slot is
+/// freed, nothing held is kept) within the send timeout, whatever the client does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_is_halted() {
+    // KEYSEND with everything paid up front and one-token chunks: the server has ~50 000
+    // events (over a megabyte, more than HTTP/2 windows and hyper's send buffer hold) to
+    // write, and the client reads none after SessionOpened.
+    let w = world_with(&["payments.client_send_timeout_secs=2"], 0, 0, 1).await;
+    let max = 24_000;
+    let mut s = open(&w, request(max, PaymentMode::Keysend)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::SessionOpened(so) = next(&mut s).await else {
+        panic!("SessionOpened second")
+    };
+    let id = hex::decode(&so.session_id).unwrap();
+    w.h.payer
+        .keysend(
+            &so.node_id,
+            max as u64 * super::paid::MSAT_PER_TOKEN,
+            vec![(so.tlv_type, id)],
+        )
+        .unwrap();
+    let sess = session_ended(&w, sid(&acc.session_id)).await;
+    assert_eq!(sess.end_reason.as_deref(), Some("client_stalled"));
+    assert!(sess.completion_tokens < max, "it stopped early");
+    wait_until("the slot to be free", T, || async {
+        w.h.server().app.live.count() == 0
+    })
+    .await
+    .unwrap();
+    let s = assert_invariants(&w, &acc.session_id);
+    assert_eq!(
+        s.refundable_msat(),
+        (max - s.completion_tokens) as u64 * super::paid::MSAT_PER_TOKEN,
+        "what was not delivered stays refundable"
+    );
+    drop(s);
+    w.h.stop().await;
+}
+
+/// Shutdown completes within its deadline even when a client stalls a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_completes_within_its_deadline_with_a_stalled_client() {
+    let w = world_with(
+        &[
+            "payments.client_send_timeout_secs=600",
+            "payments.payment_timeout_secs=600",
+            "server.shutdown_timeout_secs=2",
+        ],
+        0,
+        0,
+        1,
+    )
+    .await;
+    let max = 24_000;
+    let mut s = open(&w, request(max, PaymentMode::Keysend)).await;
+    let Ev::Accepted(_) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::SessionOpened(so) = next(&mut s).await else {
+        panic!("SessionOpened second")
+    };
+    let id = hex::decode(&so.session_id).unwrap();
+    w.h.payer
+        .keysend(
+            &so.node_id,
+            max as u64 * super::paid::MSAT_PER_TOKEN,
+            vec![(so.tlv_type, id)],
+        )
+        .unwrap();
+    // Wait until the server is stuck writing to us: deliveries stop advancing.
+    let store = w.h.server().app.store.clone();
+    let sid: [u8; 16] = hex::decode(&so.session_id).unwrap().try_into().unwrap();
+    let delivered = || store.session(&sid).unwrap().unwrap().chunks_delivered;
+    let mut last = u32::MAX;
+    wait_until("the stream to stall", T, || {
+        let now = delivered();
+        let stalled = now == last && now > 0;
+        last = now;
+        async move { stalled }
+    })
+    .await
+    .unwrap();
+    assert!(delivered() < max, "the client's reading is what stopped it");
+    let started = Instant::now();
+    w.h.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    drop(s);
+}
+
+/// An LDK event whose handler keeps failing is parked after bounded retries (its HTLC failed
+/// back, visible through Admin), and the payments after it go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_event_is_parked_and_payments_go_on() {
+    let w = world(&["payments.event_max_attempts=3"]).await;
+    w.h.server().app.lightning.faults().arm_error("event", 3);
+    let mut s = open(&w, request(4, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(_) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::Invoice(inv) = next(&mut s).await else {
+        panic!("an invoice")
+    };
+    let out = w.h.payer.pay(&inv.bolt11, T).await.unwrap();
+    assert!(matches!(out, PayOutcome::Failed { .. }), "parked: failed back: {out:?}");
+    drop(s);
+    let parked = w.h.server().app.store.parked_events(10, "").unwrap().items;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].kind, "payment_claimable");
+    assert_eq!(parked[0].attempts, 3);
+    assert_eq!(hex::encode(parked[0].payment_hash.unwrap()), inv.payment_hash);
+    // Admin shows it.
+    let mut admin = satstream::wire::proto::admin_client::AdminClient::with_interceptor(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", w.h.server().grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        satstream::harness::process::Bearer(w.h.server().admin_token.clone()),
+    );
+    let listed = admin
+        .list_parked_events(satstream::wire::proto::ListParkedEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(listed.len(), 1);
+    // The next session is paid and served as usual.
+    let mut s = open(&w, request(8, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let mut text = String::new();
+    loop {
+        match next(&mut s).await {
+            Ev::Invoice(inv) => {
+                w.h.payer.send(&inv.bolt11).unwrap();
+            }
+            Ev::Tokens(t) => text.push_str(&t.text),
+            Ev::Done(_) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(text, letters(8));
+    assert_invariants(&w, &acc.session_id);
+    w.h.stop().await;
+}
