@@ -333,8 +333,14 @@ impl Meter {
     async fn send(&self, e: Ev) -> Result<(), End> {
         match tokio::time::timeout(self.spec.send_timeout, self.out.send(event(e))).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::ClientGone),
-            Err(_) => Err(End::ClientStalled),
+            Ok(Err(_)) => {
+                tracing::debug!("the client's stream is closed");
+                Err(End::ClientGone)
+            }
+            Err(_) => {
+                tracing::info!(timeout = ?self.spec.send_timeout, "the client stopped reading");
+                Err(End::ClientStalled)
+            }
         }
     }
 
