@@ -67,6 +67,8 @@ struct Outcome {
     payer_succeeded: usize,
     payer_failed: usize,
     force_closed: bool,
+    /// What the server recorded as lost so far (claims that went to fees), msat.
+    lost_msat: u64,
 }
 
 /// Runs a paid session on a server armed to SIGKILL itself at `point` (its `at`-th pass),
@@ -92,6 +94,9 @@ async fn crash_at(w: &mut ProcessWorld, mode: PaymentMode, point: &str, at: u32)
         panic!("{point}:{at} did not kill the server ({e}):\n{}", w.server().log_tail(30))
     });
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}: killed by SIGKILL");
+    if std::env::var_os("SATSTREAM_TEST_VERBOSE").is_some() {
+        eprintln!("--- {point}:{at} killed server log ---\n{}", w.server().log_tail(60));
+    }
 
     w.start_server(&[]).await.unwrap();
     let force_closed = w.payer.node.list_channels().is_empty();
@@ -108,8 +113,9 @@ async fn crash_at(w: &mut ProcessWorld, mode: PaymentMode, point: &str, at: u32)
                 && !before.contains(&p.id.0)
         })
         .collect();
-    check_books(w).await;
+    let books = check_books(w).await;
     Outcome {
+        lost_msat: books.lost_msat,
         payer_succeeded: new.iter().filter(|p| p.status == PaymentStatus::Succeeded).count(),
         payer_failed: new.iter().filter(|p| p.status == PaymentStatus::Failed).count(),
         force_closed,
@@ -145,11 +151,12 @@ async fn run_prepaid(
 }
 
 /// The checks after every crash, against the payer's and the server's own node records.
-async fn check_books(w: &ProcessWorld) {
+async fn check_books(w: &ProcessWorld) -> satstream::harness::audit::Books {
     let books = satstream::harness::audit::audit(w).await.unwrap();
     let problems = books.problems();
     assert!(problems.is_empty(), "{problems:#?}\n{books:#?}");
     assert_eq!(books.unaccounted_msat, 0);
+    books
 }
 
 fn lightning_kind(k: &ldk_node::payment::PaymentKind) -> bool {
@@ -166,11 +173,12 @@ async fn crash_suite(mode: PaymentMode, cases: &[(&str, u32)]) {
     for &(point, at) in cases {
         let o = crash_at(&mut w, mode, point, at).await;
         report.push(format!(
-            "{:?} {point}:{at}: payer succeeded {} failed {}{}",
+            "{:?} {point}:{at}: payer succeeded {} failed {}{}; lost so far {} msat",
             mode,
             o.payer_succeeded,
             o.payer_failed,
-            if o.force_closed { ", channel force-closed" } else { "" }
+            if o.force_closed { ", channel force-closed" } else { "" },
+            o.lost_msat
         ));
     }
     eprintln!("{}", report.join("\n"));
