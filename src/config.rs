@@ -407,10 +407,22 @@ impl Config {
             ));
         }
         for (key, v) in [
-            ("payments.first_payment_timeout_secs", p.first_payment_timeout_secs),
-            ("payments.client_send_timeout_secs", p.client_send_timeout_secs),
-            ("payments.claim_confirm_timeout_secs", p.claim_confirm_timeout_secs),
-            ("server.shutdown_timeout_secs", self.server.shutdown_timeout_secs),
+            (
+                "payments.first_payment_timeout_secs",
+                p.first_payment_timeout_secs,
+            ),
+            (
+                "payments.client_send_timeout_secs",
+                p.client_send_timeout_secs,
+            ),
+            (
+                "payments.claim_confirm_timeout_secs",
+                p.claim_confirm_timeout_secs,
+            ),
+            (
+                "server.shutdown_timeout_secs",
+                self.server.shutdown_timeout_secs,
+            ),
         ] {
             if v == 0 {
                 return Err(err(key, "must be at least 1"));
@@ -444,7 +456,10 @@ impl Config {
             ));
         }
         if self.limits.max_unpaid_sessions_per_client == 0 {
-            return Err(err("limits.max_unpaid_sessions_per_client", "must be at least 1"));
+            return Err(err(
+                "limits.max_unpaid_sessions_per_client",
+                "must be at least 1",
+            ));
         }
         if p.topup_min_msat == 0 || p.topup_min_msat > p.topup_max_msat {
             return Err(err(

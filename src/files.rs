@@ -55,7 +55,11 @@ pub fn check_private(path: &Path, what: &'static str) -> Result<(), ExposedSecre
         return Err(ExposedSecret {
             what,
             path: path.display().to_string(),
-            who: if mode & 0o007 != 0 { "others" } else { "its group" },
+            who: if mode & 0o007 != 0 {
+                "others"
+            } else {
+                "its group"
+            },
             mode,
         });
     }
@@ -77,7 +81,10 @@ mod tests {
         assert!(e.to_string().contains("chmod 600"), "{e}");
         assert!(e.to_string().contains("others"), "{e}");
         write_private(&p, b"y").unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(check_private(&dir.path().join("missing"), "seed").is_ok());
     }
 }

@@ -56,7 +56,9 @@ impl<S: tracing::Subscriber> Layer<S> for KnownNoise {
         event.record(&mut m);
         if fees && m.0.contains("fee rate estimates") {
             if !self.told.swap(true, Ordering::Relaxed) {
-                tracing::info!("regtest: bitcoind has no fee estimates yet; LDK uses its fallback fee rate");
+                tracing::info!(
+                    "regtest: bitcoind has no fee estimates yet; LDK uses its fallback fee rate"
+                );
             }
             return false;
         }

@@ -16,7 +16,6 @@ pub enum NodeError {
     Invalid { what: &'static str, reason: String },
 }
 
-
 pub fn ldk_network(n: Network) -> ldk_node::bitcoin::Network {
     match n {
         Network::Regtest => ldk_node::bitcoin::Network::Regtest,
@@ -72,9 +71,8 @@ pub fn build_node(
             b.set_chain_source_electrum(chain.electrum_url.clone(), None);
         }
     }
-    std::fs::create_dir_all(storage_dir).map_err(|e| {
-        NodeError::Build(format!("cannot create {}: {e}", storage_dir.display()))
-    })?;
+    std::fs::create_dir_all(storage_dir)
+        .map_err(|e| NodeError::Build(format!("cannot create {}: {e}", storage_dir.display())))?;
     set_store_journal(storage_dir, store_wal)?;
     b.build().map_err(|e| NodeError::Build(e.to_string()))
 }
@@ -116,4 +114,3 @@ pub fn parse_address(s: &str) -> Result<SocketAddress, NodeError> {
         reason: format!("{s:?} is not host:port"),
     })
 }
-

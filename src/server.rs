@@ -158,7 +158,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let metrics_addr = match config.server.metrics_listen.as_str() {
         "" => None,
         a => Some(
-            crate::metrics::prometheus::install(a).map_err(|e| ServerError::Metrics(e.to_string()))?,
+            crate::metrics::prometheus::install(a)
+                .map_err(|e| ServerError::Metrics(e.to_string()))?,
         ),
     };
     let tls = if config.plaintext() {
@@ -211,7 +212,9 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 
     let sv = &config.server;
     let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(sv.http2_keepalive_secs)))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(
+            sv.http2_keepalive_secs,
+        )))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .max_concurrent_streams(Some(sv.max_streams_per_connection))
         .timeout(std::time::Duration::from_secs(sv.request_timeout_secs))
@@ -306,7 +309,11 @@ fn lock_down(config: &Config) -> Result<(), ServerError> {
 
 /// Periodic reconciliation with LDK: decided claims LDK never completed, and force-closed
 /// channels whose claims can now be classified.
-async fn watchdog(ln: Arc<Lightning>, stop: CancellationToken, confirm_timeout: std::time::Duration) {
+async fn watchdog(
+    ln: Arc<Lightning>,
+    stop: CancellationToken,
+    confirm_timeout: std::time::Duration,
+) {
     let every = (confirm_timeout / 4).clamp(
         std::time::Duration::from_millis(500),
         std::time::Duration::from_secs(5),
@@ -357,7 +364,10 @@ impl RunningServer {
             Ok(Err(e)) => tracing::warn!(error = %e, "gRPC task failed"),
             Ok(Ok(Ok(()))) => {}
             Err(_) => {
-                tracing::warn!(?limit, "streams still open at the shutdown deadline: closing them");
+                tracing::warn!(
+                    ?limit,
+                    "streams still open at the shutdown deadline: closing them"
+                );
                 grpc_abort.abort();
             }
         }
@@ -369,7 +379,10 @@ impl RunningServer {
             .await
             .is_err()
         {
-            tracing::warn!(live = self.app.live.count(), "sessions still live at the shutdown deadline");
+            tracing::warn!(
+                live = self.app.live.count(),
+                "sessions still live at the shutdown deadline"
+            );
         }
         self.events_stop.cancel();
         let _ = self.events.await;

@@ -68,7 +68,11 @@ pub fn load_or_create(config: &Config) -> Result<ServerTls, TlsError> {
         });
     }
     let dir = generated_dir(config);
-    let (ca, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
     if !(ca.exists() && cert.exists() && key.exists()) {
         generate(&dir, &s.tls_hosts)?;
     }
@@ -97,7 +101,8 @@ fn generate(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
     let ca_cert = ca.self_signed(&ca_key)?;
     let key = KeyPair::generate()?;
     let mut leaf = CertificateParams::new(hosts.to_vec())?;
-    leaf.distinguished_name.push(DnType::CommonName, "satstream");
+    leaf.distinguished_name
+        .push(DnType::CommonName, "satstream");
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let issuer = Issuer::new(ca, ca_key);
@@ -156,6 +161,9 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(a.cert_pem.matches("BEGIN CERTIFICATE").count() == 2, "leaf + CA");
+        assert!(
+            a.cert_pem.matches("BEGIN CERTIFICATE").count() == 2,
+            "leaf + CA"
+        );
     }
 }

@@ -115,7 +115,6 @@ and its parts.\n\
 halts the session.\n\
 - *Pay → settled*: client side, from sending a payment to PaymentSuccessful.\n";
 
-
 async fn faults_command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
     let fail = |e: &dyn std::fmt::Display| BenchError::Failed(e.to_string());
     let tmp = tempfile::tempdir().map_err(|e| fail(&e))?;
@@ -151,12 +150,16 @@ async fn faults_command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> 
                 r.lost_msat
             );
             if !r.problems.is_empty() {
-                return Err(BenchError::Failed(format!("broken promises: {:#?}", r.problems)));
+                return Err(BenchError::Failed(format!(
+                    "broken promises: {:#?}",
+                    r.problems
+                )));
             }
         }
         "rpc" => {
             let n = a.sessions.unwrap_or(32);
-            let (p50, p99, max, probes) = super::faults::rpc_latency(&exe, &tiny()?, n, 256).await?;
+            let (p50, p99, max, probes) =
+                super::faults::rpc_latency(&exe, &tiny()?, n, 256).await?;
             println!(
                 "ListModels while {n} paid sessions stream ({}): p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({probes} probes)",
                 exe.display()

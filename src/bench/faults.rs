@@ -103,7 +103,9 @@ pub async fn chaos(
                 payer.pay(&t.bolt11, Duration::from_secs(30)).await.ok()?;
                 req.account_token = t.account_token;
             }
-            client::generate(&mut c, payer, req, None, |_| {}).await.ok()
+            client::generate(&mut c, payer, req, None, |_| {})
+                .await
+                .ok()
         };
         tokio::select! {
             _ = session => {}
@@ -177,7 +179,9 @@ pub async fn rpc_latency(
         async move {
             let mut c = InferenceClient::connect(endpoint).await.ok()?;
             let req = request(&model, &format!("load {i}"), tokens, PaymentMode::Bolt11);
-            client::generate(&mut c, payer, req, None, |_| {}).await.ok()
+            client::generate(&mut c, payer, req, None, |_| {})
+                .await
+                .ok()
         }
     });
     let _ = super::futures_join_all(streams.collect()).await;
@@ -216,7 +220,10 @@ pub async fn soak(
     let mut curve = vec![(0, super::status_mb("VmRSS:"))];
     for i in 1..=n {
         // Distinct prompts: every one would be a new prefix-cache entry.
-        let prompt = format!("Soak run {i}: name one thing about the number {}.", i * 7919);
+        let prompt = format!(
+            "Soak run {i}: name one thing about the number {}.",
+            i * 7919
+        );
         let req = request(&model.id, &prompt, tokens, PaymentMode::Bolt11);
         client::generate(&mut c, &h.payer, req, None, |_| {}).await?;
         if i % every == 0 {

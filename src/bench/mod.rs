@@ -16,11 +16,11 @@ use tonic::transport::Channel;
 use crate::client::{self, ClientError, Summary};
 use crate::config::ModelConfig;
 use crate::engine::{ChatMessage as EngineMessage, GenerateParams, Prompt, TokenEvent};
+use crate::harness::{Harness, HarnessError, HarnessOptions};
 use crate::wire::proto::{
     generate_event::Event as Ev, inference_client::InferenceClient, ChatMessage, GenerateRequest,
     PaymentMode, SamplingParams,
 };
-use crate::harness::{Harness, HarnessError, HarnessOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

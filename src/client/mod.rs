@@ -58,9 +58,8 @@ pub async fn connect(
         let mut tls = ClientTlsConfig::new();
         tls = match cacert {
             Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    ClientError::Usage(format!("--cacert {}: {e}", path.display()))
-                })?;
+                let pem = std::fs::read(path)
+                    .map_err(|e| ClientError::Usage(format!("--cacert {}: {e}", path.display())))?;
                 tls.ca_certificate(Certificate::from_pem(pem))
             }
             None => tls.with_webpki_roots(),

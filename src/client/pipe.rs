@@ -55,7 +55,8 @@ const PREFIXES: [&str; 4] = ["lnbc", "lntb", "lntbs", "lnbcrt"];
 
 fn looks_like_invoice(w: &str) -> bool {
     w.len() > 20
-        && w.chars().all(|c| c.is_ascii_alphanumeric() && !c.is_ascii_uppercase())
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() && !c.is_ascii_uppercase())
         && PREFIXES.iter().any(|p| w.starts_with(p))
 }
 

@@ -20,10 +20,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::transport::Channel;
 
 use super::{ClientError, Wallet};
+use crate::wire::cipher;
 use crate::wire::proto::{
     generate_event::Event as Ev, inference_client::InferenceClient, GenerateRequest, PaymentMode,
 };
-use crate::wire::cipher;
 
 /// What happened, in order: for a caller that prints (`--json` prints these as they come).
 #[derive(Debug, Clone, Serialize)]
@@ -435,8 +435,8 @@ impl Run {
             .credited_ahead_msat
             .saturating_sub(self.server_credited_msat);
         let amount = self.chunk_price_msat;
-        let most = self.max_tokens as u64 * self.terms.msat_per_token
-            + self.terms.prompt_price_msat;
+        let most =
+            self.max_tokens as u64 * self.terms.msat_per_token + self.terms.prompt_price_msat;
         if available_msat + uncredited >= amount
             || (most > 0 && self.credited_ahead_msat >= most)
             || !self.affordable(amount, on_event)

@@ -102,7 +102,8 @@ impl MistralBackend {
 
     /// Tokens mistral.rs holds in its prefix cache (as counted here) since its last reload.
     pub fn cached_tokens(&self) -> u64 {
-        self.cached_tokens.load(std::sync::atomic::Ordering::Relaxed)
+        self.cached_tokens
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The engine for one segment, reloaded first when its cache is over budget. The guard

@@ -52,19 +52,34 @@ impl Books {
             }
         };
         list("booked twice", &self.double_booked);
-        list("booked, not received by the node", &self.booked_not_received);
-        list("received by the node, not booked", &self.received_not_booked);
+        list(
+            "booked, not received by the node",
+            &self.booked_not_received,
+        );
+        list(
+            "received by the node, not booked",
+            &self.received_not_booked,
+        );
         list("paid by the payer, not booked", &self.paid_not_booked);
         list("amounts differ from LDK's", &self.amount_mismatch);
         list("unbalanced sessions", &self.unbalanced_sessions);
         if self.payer_pending > 0 {
-            p.push(format!("{} payer payments still in flight", self.payer_pending));
+            p.push(format!(
+                "{} payer payments still in flight",
+                self.payer_pending
+            ));
         }
         if self.node_pending_inbound > 0 {
-            p.push(format!("{} inbound payments pending at the node", self.node_pending_inbound));
+            p.push(format!(
+                "{} inbound payments pending at the node",
+                self.node_pending_inbound
+            ));
         }
         if self.unresolved_invoices > 0 {
-            p.push(format!("{} invoices open, held or claiming", self.unresolved_invoices));
+            p.push(format!(
+                "{} invoices open, held or claiming",
+                self.unresolved_invoices
+            ));
         }
         if self.open_sessions > 0 {
             p.push(format!("{} sessions still open", self.open_sessions));
@@ -74,7 +89,10 @@ impl Books {
 }
 
 fn lightning(kind: &PaymentKind) -> bool {
-    matches!(kind, PaymentKind::Bolt11 { .. } | PaymentKind::Spontaneous { .. })
+    matches!(
+        kind,
+        PaymentKind::Bolt11 { .. } | PaymentKind::Spontaneous { .. }
+    )
 }
 
 /// Every payment record of the server's node, through Admin ListPayments.
@@ -110,7 +128,9 @@ pub async fn audit(w: &ProcessWorld) -> Result<Books, HarnessError> {
     let mut booked: HashMap<[u8; 32], (usize, u64)> = HashMap::new();
     for e in store.ledger().map_err(err)? {
         match e.kind.as_str() {
-            "invoice_claimed" | "settled_against_decision" | "keysend_credited"
+            "invoice_claimed"
+            | "settled_against_decision"
+            | "keysend_credited"
             | "keysend_unattributed" => {
                 if let Some(h) = e.payment_hash {
                     let x = booked.entry(h).or_default();
@@ -134,10 +154,12 @@ pub async fn audit(w: &ProcessWorld) -> Result<Books, HarnessError> {
         .map(|p| (p.payment_id.clone(), p))
         .collect();
     for p in inbound.values() {
-        let Ok(h) = hex::decode(&p.payment_id).map(|v| <[u8; 32]>::try_from(v)) else {
+        let Some(h) = hex::decode(&p.payment_id)
+            .ok()
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        else {
             continue;
         };
-        let Ok(h) = h else { continue };
         match (p.status.as_str(), booked.get(&h)) {
             ("pending", _) => b.node_pending_inbound += 1,
             ("succeeded", None) => {
@@ -186,8 +208,10 @@ pub async fn audit(w: &ProcessWorld) -> Result<Books, HarnessError> {
             }
             let a = store.audit_session(&s.id).map_err(err)?;
             if a.balance_msat() != s.refundable_msat() as i128 {
-                b.unbalanced_sessions.push(format!("{} {a:?}", hex::encode(s.id)));
-                b.unaccounted_msat += (a.balance_msat() - s.refundable_msat() as i128).unsigned_abs() as u64;
+                b.unbalanced_sessions
+                    .push(format!("{} {a:?}", hex::encode(s.id)));
+                b.unaccounted_msat +=
+                    (a.balance_msat() - s.refundable_msat() as i128).unsigned_abs() as u64;
             }
         }
         match page.next_page_token {

@@ -209,7 +209,10 @@ impl ProcessWorld {
             .map_err(|e| HarnessError::Setup(e.to_string()))?;
         config.models = opts.models.clone();
         let payer = {
-            let (dir, listen) = (root.join("payer"), format!("127.0.0.1:{}", super::free_port()));
+            let (dir, listen) = (
+                root.join("payer"),
+                format!("127.0.0.1:{}", super::free_port()),
+            );
             let chain = config.chain.clone();
             tokio::task::spawn_blocking(move || {
                 super::Wallet::start(&dir, crate::config::Network::Regtest, &listen, &chain, true)
@@ -249,7 +252,8 @@ impl ProcessWorld {
     /// (Re)starts the server process with `env` (e.g. `SATSTREAM_FAULT`), then has the
     /// payer reconnect (the server does not dial out).
     pub async fn start_server(&mut self, env: &[(&str, &str)]) -> Result<(), HarnessError> {
-        let p = ServerProcess::start(&self.exe, &self.config, env, Duration::from_secs(120)).await?;
+        let p =
+            ServerProcess::start(&self.exe, &self.config, env, Duration::from_secs(120)).await?;
         self.server = Some(p);
         self.admin_token = std::fs::read_to_string(self.config.admin_token_path())
             .map_err(|e| HarnessError::Setup(format!("admin token: {e}")))?
@@ -280,16 +284,20 @@ impl ProcessWorld {
             .connect()
             .await
             .map_err(|e| HarnessError::Setup(format!("admin connect: {e}")))?;
-        Ok(crate::wire::proto::admin_client::AdminClient::with_interceptor(
-            ch,
-            Bearer(self.admin_token.clone()),
-        ))
+        Ok(
+            crate::wire::proto::admin_client::AdminClient::with_interceptor(
+                ch,
+                Bearer(self.admin_token.clone()),
+            ),
+        )
     }
 
     pub async fn inference(
         &self,
-    ) -> Result<crate::wire::proto::inference_client::InferenceClient<tonic::transport::Channel>, HarnessError>
-    {
+    ) -> Result<
+        crate::wire::proto::inference_client::InferenceClient<tonic::transport::Channel>,
+        HarnessError,
+    > {
         crate::wire::proto::inference_client::InferenceClient::connect(self.endpoint())
             .await
             .map_err(|e| HarnessError::Setup(format!("connect: {e}")))
@@ -359,9 +367,11 @@ impl ProcessWorld {
                 )
                 .await?;
             // The funding transaction is broadcast asynchronously.
-            super::wait_until("funding tx in the mempool", Duration::from_secs(60), || async {
-                self.bitcoind.mempool_len().unwrap_or(0) > before
-            })
+            super::wait_until(
+                "funding tx in the mempool",
+                Duration::from_secs(60),
+                || async { self.bitcoind.mempool_len().unwrap_or(0) > before },
+            )
             .await?;
             self.mine(6).await?;
         }
@@ -393,7 +403,9 @@ impl ProcessWorld {
                 return Err(HarnessError::Timeout("the payer's payments to resolve"));
             }
             let _ = self.reconnect().await;
-            if self.payer.node.list_channels().iter().any(|c| !c.is_usable) || self.payer.node.list_channels().is_empty() {
+            if self.payer.node.list_channels().iter().any(|c| !c.is_usable)
+                || self.payer.node.list_channels().is_empty()
+            {
                 // A closing channel: its HTLCs resolve as blocks confirm the close.
                 self.mine(1).await?;
             }
@@ -432,7 +444,12 @@ impl ProcessWorld {
             let closures = a
                 .list_losses(ListLossesRequest::default())
                 .await
-                .map(|r| r.into_inner().closures.iter().all(|c| c.resolved_at_unix > 0))
+                .map(|r| {
+                    r.into_inner()
+                        .closures
+                        .iter()
+                        .all(|c| c.resolved_at_unix > 0)
+                })
                 .unwrap_or(false);
             if !closures {
                 let _ = self.mine(1).await;

@@ -63,7 +63,9 @@ impl Lightning {
             self.store
                 .resolve_closure(channel_id, &[], "cooperative: no HTLC in flight")?;
         }
-        let _ = self.notices.send(NodeNotice::ChannelClosed { counterparty });
+        let _ = self
+            .notices
+            .send(NodeNotice::ChannelClosed { counterparty });
         Ok(())
     }
 

@@ -57,12 +57,11 @@ impl Lightning {
             p
         });
         let hash = sha256::Hash::hash(&preimage).to_byte_array();
-        let desc = Description::new(spec.description.clone()).map_err(|e| {
-            LightningError::Invalid {
+        let desc =
+            Description::new(spec.description.clone()).map_err(|e| LightningError::Invalid {
                 what: "invoice description",
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let bolt11 = self.node.bolt11_payment().receive_for_hash(
             spec.amount_msat,
             &Bolt11InvoiceDescription::Direct(desc),
@@ -333,7 +332,11 @@ impl Lightning {
 
     fn settled(&self, inv: &Invoice, amount_msat: u64) {
         crate::metrics::money(
-            if inv.purpose == InvoicePurpose::TopUp { "topup" } else { "claimed" },
+            if inv.purpose == InvoicePurpose::TopUp {
+                "topup"
+            } else {
+                "claimed"
+            },
             amount_msat,
         );
         if let Some(sid) = &inv.session_id {
@@ -424,7 +427,9 @@ impl Lightning {
                 )
             }
             Ok(None) => {}
-            Err(e) => tracing::error!(payment_hash = %hex::encode(hash), error = %e, "writing off a claim"),
+            Err(e) => {
+                tracing::error!(payment_hash = %hex::encode(hash), error = %e, "writing off a claim")
+            }
         }
     }
 

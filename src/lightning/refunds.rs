@@ -114,7 +114,10 @@ impl Lightning {
         fee_msat: Option<u64>,
         detail: &str,
     ) -> Result<(), LightningError> {
-        if let Some(r) = self.store.finish_refund(hash, succeeded, fee_msat, detail)? {
+        if let Some(r) = self
+            .store
+            .finish_refund(hash, succeeded, fee_msat, detail)?
+        {
             if succeeded && r.state == crate::store::RefundState::Succeeded {
                 crate::metrics::money("refunded", r.amount_msat);
             }
@@ -139,12 +142,20 @@ impl Lightning {
                             r.payment_hash,
                         ))
                         .and_then(|p| p.fee_paid_msat);
-                    self.store
-                        .finish_refund(&r.payment_hash, true, fee, "succeeded (found at start)")?;
+                    self.store.finish_refund(
+                        &r.payment_hash,
+                        true,
+                        fee,
+                        "succeeded (found at start)",
+                    )?;
                 }
                 Some((PaymentStatus::Failed, _)) => {
-                    self.store
-                        .finish_refund(&r.payment_hash, false, None, "failed (found at start)")?;
+                    self.store.finish_refund(
+                        &r.payment_hash,
+                        false,
+                        None,
+                        "failed (found at start)",
+                    )?;
                 }
                 None => {
                     self.store.finish_refund(

@@ -96,7 +96,8 @@ pub fn session_ended(mode: &'static str, end: &str, generated: u32, delivered: u
     counter!("satstream_sessions_total", "mode" => mode, "end" => end.to_string()).increment(1);
     counter!("satstream_tokens_generated_total").increment(generated as u64);
     counter!("satstream_tokens_delivered_total").increment(delivered as u64);
-    counter!("satstream_tokens_beyond_paid_total").increment(generated.saturating_sub(delivered) as u64);
+    counter!("satstream_tokens_beyond_paid_total")
+        .increment(generated.saturating_sub(delivered) as u64);
     if secs > 0.0 && generated > 0 {
         gauge!("satstream_engine_tokens_per_second").set(generated as f64 / secs);
     }
@@ -139,30 +140,72 @@ pub fn set_gauges(g: &Gauges) {
 
 /// Help texts, once at install.
 fn describe() {
-    describe_counter!("satstream_sessions_total", "Sessions ended, by payment mode and end reason");
-    describe_counter!("satstream_tokens_generated_total", "Tokens the engine generated");
-    describe_counter!("satstream_tokens_delivered_total", "Tokens delivered to paying clients");
+    describe_counter!(
+        "satstream_sessions_total",
+        "Sessions ended, by payment mode and end reason"
+    );
+    describe_counter!(
+        "satstream_tokens_generated_total",
+        "Tokens the engine generated"
+    );
+    describe_counter!(
+        "satstream_tokens_delivered_total",
+        "Tokens delivered to paying clients"
+    );
     describe_counter!(
         "satstream_tokens_beyond_paid_total",
         "Tokens generated and never delivered (lookahead cut off by a halt or an end)"
     );
-    describe_counter!("satstream_halt_overrun_tokens_total", "Tokens generated beyond those paid when a payment timeout halted a session");
-    describe_counter!("satstream_halts_total", "Sessions halted before their end, by reason");
+    describe_counter!(
+        "satstream_halt_overrun_tokens_total",
+        "Tokens generated beyond those paid when a payment timeout halted a session"
+    );
+    describe_counter!(
+        "satstream_halts_total",
+        "Sessions halted before their end, by reason"
+    );
     describe_counter!(
         "satstream_msat_total",
         "Money booked, msat, by kind: claimed (invoices), credited (keysend), topup, refunded, lost"
     );
-    describe_histogram!("satstream_payment_to_tokens_seconds", "Payment event handled -> the chunk's tokens written to the stream");
-    describe_histogram!("satstream_engine_pause_seconds", "Per session: time the engine sat paused waiting for payment");
-    describe_counter!("satstream_engine_paused_seconds_total", "Time engines sat paused waiting for payment");
-    describe_gauge!("satstream_engine_tokens_per_second", "Tokens per second of the last session to end");
+    describe_histogram!(
+        "satstream_payment_to_tokens_seconds",
+        "Payment event handled -> the chunk's tokens written to the stream"
+    );
+    describe_histogram!(
+        "satstream_engine_pause_seconds",
+        "Per session: time the engine sat paused waiting for payment"
+    );
+    describe_counter!(
+        "satstream_engine_paused_seconds_total",
+        "Time engines sat paused waiting for payment"
+    );
+    describe_gauge!(
+        "satstream_engine_tokens_per_second",
+        "Tokens per second of the last session to end"
+    );
     describe_gauge!("satstream_invoices", "Invoices by state");
-    describe_gauge!("satstream_htlcs_held", "HTLCs held, waiting for a claim or a fail");
-    describe_gauge!("satstream_inbound_liquidity_msat", "What the node can receive over usable channels");
-    describe_gauge!("satstream_refundable_msat", "Owed to customers: refundable session and account balances");
+    describe_gauge!(
+        "satstream_htlcs_held",
+        "HTLCs held, waiting for a claim or a fail"
+    );
+    describe_gauge!(
+        "satstream_inbound_liquidity_msat",
+        "What the node can receive over usable channels"
+    );
+    describe_gauge!(
+        "satstream_refundable_msat",
+        "Owed to customers: refundable session and account balances"
+    );
     describe_gauge!("satstream_live_sessions", "Live Generate sessions");
-    describe_gauge!("satstream_engine_queue_depth", "Generations waiting for an engine slot");
-    describe_gauge!("satstream_engine_running", "Generations holding an engine slot");
+    describe_gauge!(
+        "satstream_engine_queue_depth",
+        "Generations waiting for an engine slot"
+    );
+    describe_gauge!(
+        "satstream_engine_running",
+        "Generations holding an engine slot"
+    );
 }
 
 #[cfg(test)]

@@ -53,7 +53,6 @@ impl Mode {
             Mode::Prepaid => "PREPAID",
         }
     }
-
 }
 
 pub struct SessionSpec {
@@ -183,9 +182,7 @@ pub async fn run(
 }
 
 /// Runs blocking work (store commits, LDK calls) off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, End> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, End> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| End::engine(format!("internal task failed: {e}")))
@@ -410,7 +407,9 @@ impl Meter {
             Mode::Prepaid => {
                 let per = self.spec.price.msat_per_token.max(1);
                 let covered = (self.available_msat() / per).min(u32::MAX as u64) as u32;
-                self.paid_tokens.saturating_add(covered).saturating_add(chunk)
+                self.paid_tokens
+                    .saturating_add(covered)
+                    .saturating_add(chunk)
             }
             _ => self.paid_tokens + self.spec.window_chunks * chunk,
         }
@@ -492,7 +491,11 @@ impl Meter {
     /// KEYSEND/PREPAID: draws the prompt from the balance (the store refuses if it cannot
     /// cover it), then starts the engine.
     async fn charge_prompt(&mut self) -> Result<(), End> {
-        let (store, sid, price) = (self.app.store.clone(), self.sid(), self.spec.prompt_price_msat);
+        let (store, sid, price) = (
+            self.app.store.clone(),
+            self.sid(),
+            self.spec.prompt_price_msat,
+        );
         match blocking(move || store.charge_prompt(&sid, price)).await? {
             Ok(()) => {
                 self.prompt = PromptPay::Done;
@@ -590,7 +593,11 @@ impl Meter {
                 self.by_hash.insert(inv.payment_hash, k);
                 self.unpaid.insert(
                     k,
-                    waiting(chunk, Some(inv.payment_hash), sealed.as_ref().map(|s| s.key)),
+                    waiting(
+                        chunk,
+                        Some(inv.payment_hash),
+                        sealed.as_ref().map(|s| s.key),
+                    ),
                 );
                 if self.app.lightning.faults().point("send_invoice").is_err() {
                     return Err(End::ClientGone);

@@ -80,7 +80,11 @@ pub(super) fn account_in(c: &rusqlite::Connection, id: &[u8; 16]) -> Result<Acco
 
 impl Store {
     /// Opens an empty account owned by whoever holds the token whose SHA-256 is `token_hash`.
-    pub fn create_account(&self, id: [u8; 16], token_hash: [u8; 32]) -> Result<Account, StoreError> {
+    pub fn create_account(
+        &self,
+        id: [u8; 16],
+        token_hash: [u8; 32],
+    ) -> Result<Account, StoreError> {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO accounts(id, token_hash, created_at) VALUES (?1, ?2, ?3)",
@@ -112,7 +116,11 @@ impl Store {
     }
 
     /// Accounts, newest first.
-    pub fn list_accounts(&self, page_size: u32, page_token: &str) -> Result<Page<Account>, StoreError> {
+    pub fn list_accounts(
+        &self,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<Page<Account>, StoreError> {
         let offset = decode_page_token(page_token)?;
         let c = self.lock();
         let mut st = c.prepare(&format!(

@@ -112,7 +112,11 @@ impl Store {
             if n > 0 {
                 ledger::append(
                     tx,
-                    if forced { "channel_force_closed" } else { "channel_closed" },
+                    if forced {
+                        "channel_force_closed"
+                    } else {
+                        "channel_closed"
+                    },
                     None,
                     None,
                     0,
@@ -150,7 +154,9 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.write(|tx| {
             for (hash, reason) in lost {
-                let Some(inv) = get_in(tx, hash)? else { continue };
+                let Some(inv) = get_in(tx, hash)? else {
+                    continue;
+                };
                 if inv.state != InvoiceState::Claimed {
                     continue;
                 }
@@ -230,7 +236,9 @@ impl Store {
             )?;
             Ok(tx
                 .query_row(
-                    &format!("SELECT {LOSS_COLUMNS} FROM settlement_losses WHERE payment_hash = ?1"),
+                    &format!(
+                        "SELECT {LOSS_COLUMNS} FROM settlement_losses WHERE payment_hash = ?1"
+                    ),
                     [hash.as_slice()],
                     loss_row,
                 )
@@ -240,7 +248,16 @@ impl Store {
 
     /// Records that the server started (the ledger's marker between runs).
     pub fn record_start(&self) -> Result<(), StoreError> {
-        self.write(|tx| ledger::append(tx, "server_started", None, None, 0, env!("CARGO_PKG_VERSION")))
+        self.write(|tx| {
+            ledger::append(
+                tx,
+                "server_started",
+                None,
+                None,
+                0,
+                env!("CARGO_PKG_VERSION"),
+            )
+        })
     }
 
     /// When money last moved before a channel's closure was recorded. For a closure LDK made
@@ -371,13 +388,19 @@ mod tests {
             .unwrap()
             .expect("a loss");
         assert_eq!((loss.amount_msat, loss.delivered), (16_000, true));
-        assert_eq!(s.invoice(&hash).unwrap().unwrap().state, InvoiceState::Failed);
+        assert_eq!(
+            s.invoice(&hash).unwrap().unwrap().state,
+            InvoiceState::Failed
+        );
         let a = s.audit_session(&[1; 16]).unwrap();
         assert_eq!(a.balance_msat(), 0, "{a:?}");
         assert_eq!(s.total_lost_msat().unwrap(), 16_000);
         // LDK reports the settlement after all: booked, and the write-off is undone.
         s.record_settlement(&hash, 16_000).unwrap();
         let a = s.audit_session(&[1; 16]).unwrap();
-        assert_eq!((a.claimed_msat, a.written_off_msat, a.balance_msat()), (16_000, 0, 0));
+        assert_eq!(
+            (a.claimed_msat, a.written_off_msat, a.balance_msat()),
+            (16_000, 0, 0)
+        );
     }
 }

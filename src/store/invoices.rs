@@ -211,7 +211,10 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Invoice> {
     })
 }
 
-pub(super) fn get_in(c: &rusqlite::Connection, hash: &[u8; 32]) -> Result<Option<Invoice>, StoreError> {
+pub(super) fn get_in(
+    c: &rusqlite::Connection,
+    hash: &[u8; 32],
+) -> Result<Option<Invoice>, StoreError> {
     Ok(c.query_row(
         &format!("SELECT {COLUMNS} FROM invoices WHERE payment_hash = ?1"),
         [hash.as_slice()],
@@ -311,7 +314,9 @@ impl Store {
             let unexpected = match inv.state {
                 InvoiceState::Claimed => return Ok(Settlement::Already(inv)),
                 InvoiceState::Claiming => None,
-                InvoiceState::Open | InvoiceState::Held => Some("LDK claimed without a recorded decision"),
+                InvoiceState::Open | InvoiceState::Held => {
+                    Some("LDK claimed without a recorded decision")
+                }
                 InvoiceState::Failed | InvoiceState::Expired | InvoiceState::Canceled => {
                     Some("LDK settled an invoice we had resolved otherwise")
                 }
@@ -330,22 +335,38 @@ impl Store {
                 [hash.as_slice()],
             )?;
             if recovered > 0 {
-                ledger::append(tx, "loss_recovered", inv.session_id.as_ref(), Some(hash), 0, "")?;
+                ledger::append(
+                    tx,
+                    "loss_recovered",
+                    inv.session_id.as_ref(),
+                    Some(hash),
+                    0,
+                    "",
+                )?;
             }
-            let detail = unexpected.map(|u| format!("{u} (was {})", inv.state)).unwrap_or_default();
+            let detail = unexpected
+                .map(|u| format!("{u} (was {})", inv.state))
+                .unwrap_or_default();
             ledger::append(
                 tx,
-                if unexpected.is_some() { "settled_against_decision" } else { "invoice_claimed" },
+                if unexpected.is_some() {
+                    "settled_against_decision"
+                } else {
+                    "invoice_claimed"
+                },
                 inv.session_id.as_ref(),
                 Some(hash),
                 amount_msat as i64,
                 &detail,
             )?;
-            let updated = get_in(tx, hash)?
-                .ok_or_else(|| StoreError::Corrupt("invoice vanished".into()))?;
+            let updated =
+                get_in(tx, hash)?.ok_or_else(|| StoreError::Corrupt("invoice vanished".into()))?;
             Ok(match unexpected {
                 None => Settlement::Recorded(updated),
-                Some(_) => Settlement::Unexpected { was: inv.state, invoice: updated },
+                Some(_) => Settlement::Unexpected {
+                    was: inv.state,
+                    invoice: updated,
+                },
             })
         })
     }
@@ -410,7 +431,10 @@ impl Store {
         Ok(InvoiceState::ALL
             .iter()
             .map(|s| {
-                let n = rows.iter().find(|(k, _)| k == s.as_str()).map_or(0, |r| r.1);
+                let n = rows
+                    .iter()
+                    .find(|(k, _)| k == s.as_str())
+                    .map_or(0, |r| r.1);
                 (*s, n as u64)
             })
             .collect())
@@ -471,7 +495,14 @@ fn credit_owner(
             "UPDATE accounts SET credited_msat = credited_msat + ?2 WHERE id = ?1",
             params![aid.as_slice(), amount_msat as i64],
         )?;
-        ledger::append_account(tx, "account_credited", aid, Some(&inv.payment_hash), amount_msat as i64, "")?;
+        ledger::append_account(
+            tx,
+            "account_credited",
+            aid,
+            Some(&inv.payment_hash),
+            amount_msat as i64,
+            "",
+        )?;
     } else if let Some(sid) = &inv.session_id {
         tx.execute(
             "UPDATE sessions SET paid_msat = paid_msat + ?2 WHERE id = ?1",
@@ -647,7 +678,10 @@ mod tests {
             let err = s
                 .transition_invoice(&inv.payment_hash, to, None, "")
                 .unwrap_err();
-            assert!(matches!(err, StoreError::IllegalTransition { from: Open, .. }));
+            assert!(matches!(
+                err,
+                StoreError::IllegalTransition { from: Open, .. }
+            ));
         }
         s.transition_invoice(&inv.payment_hash, Held, Some(1_000), "")
             .unwrap();
@@ -679,11 +713,18 @@ mod tests {
         s.transition_invoice(&inv.payment_hash, Failed, None, "restart")
             .unwrap();
         let t = s.record_settlement(&inv.payment_hash, 2_000).unwrap();
-        assert!(matches!(t, Settlement::Unexpected { was: Failed, .. }), "{t:?}");
+        assert!(
+            matches!(t, Settlement::Unexpected { was: Failed, .. }),
+            "{t:?}"
+        );
         let sess = s.session(&[1; 16]).unwrap().unwrap();
         assert_eq!((sess.paid_msat, sess.refundable_msat()), (2_000, 2_000));
         assert_eq!(s.audit_session(&[1; 16]).unwrap().claimed_msat, 2_000);
-        assert!(s.ledger().unwrap().iter().all(|e| !e.kind.starts_with("keysend")));
+        assert!(s
+            .ledger()
+            .unwrap()
+            .iter()
+            .all(|e| !e.kind.starts_with("keysend")));
     }
 
     #[test]

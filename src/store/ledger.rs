@@ -27,7 +27,15 @@ pub(super) fn append(
     amount_msat: i64,
     detail: &str,
 ) -> Result<(), StoreError> {
-    insert(tx, kind, session_id, None, payment_hash, amount_msat, detail)
+    insert(
+        tx,
+        kind,
+        session_id,
+        None,
+        payment_hash,
+        amount_msat,
+        detail,
+    )
 }
 
 /// [`append`] for an entry about a prepaid account.
@@ -39,7 +47,15 @@ pub(super) fn append_account(
     amount_msat: i64,
     detail: &str,
 ) -> Result<(), StoreError> {
-    insert(tx, kind, None, Some(account_id), payment_hash, amount_msat, detail)
+    insert(
+        tx,
+        kind,
+        None,
+        Some(account_id),
+        payment_hash,
+        amount_msat,
+        detail,
+    )
 }
 
 fn insert(

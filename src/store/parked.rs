@@ -53,7 +53,14 @@ impl Store {
                 ],
             )?;
             let id = tx.last_insert_rowid() as u64;
-            ledger::append(tx, "event_parked", None, payment_hash, 0, &format!("{kind}: {error}"))?;
+            ledger::append(
+                tx,
+                "event_parked",
+                None,
+                payment_hash,
+                0,
+                &format!("{kind}: {error}"),
+            )?;
             Ok(id)
         })
     }

@@ -173,7 +173,11 @@ impl Store {
                 )
                 .optional()?
                 .ok_or_else(|| StoreError::NotFound {
-                    what: if table == "sessions" { "session" } else { "account" },
+                    what: if table == "sessions" {
+                        "session"
+                    } else {
+                        "account"
+                    },
                     id: hex::encode(id),
                 })?;
             let available = available.max(0) as u64;
@@ -207,8 +211,16 @@ impl Store {
                 &format!("UPDATE {table} SET reserved_msat = reserved_msat + ?2 WHERE id = ?1"),
                 params![id.as_slice(), amount as i64],
             )?;
-            append(tx, &owner, "refund_reserved", &payment_hash, 0, &format!("{amount} msat via {via}"))?;
-            refund_in(tx, &payment_hash)?.ok_or_else(|| StoreError::Corrupt("refund vanished".into()))
+            append(
+                tx,
+                &owner,
+                "refund_reserved",
+                &payment_hash,
+                0,
+                &format!("{amount} msat via {via}"),
+            )?;
+            refund_in(tx, &payment_hash)?
+                .ok_or_else(|| StoreError::Corrupt("refund vanished".into()))
         })
     }
 
@@ -230,7 +242,11 @@ impl Store {
                 return Ok(Some(r));
             }
             let (table, id, _) = owner_sql(&r.owner);
-            let to = if succeeded { RefundState::Succeeded } else { RefundState::Failed };
+            let to = if succeeded {
+                RefundState::Succeeded
+            } else {
+                RefundState::Failed
+            };
             tx.execute(
                 "UPDATE refunds SET state = ?2, fee_msat = ?3, resolved_at = ?4, detail = ?5
                  WHERE payment_hash = ?1",
@@ -256,7 +272,7 @@ impl Store {
                 ("refund_released", 0)
             };
             append(tx, &r.owner, kind, payment_hash, amount, detail)?;
-            Ok(refund_in(tx, payment_hash)?)
+            refund_in(tx, payment_hash)
         })
     }
 
@@ -317,13 +333,18 @@ mod tests {
         s.finish_refund(&[9; 32], false, None, "no route").unwrap();
         assert_eq!(s.refundable_of(&owner).unwrap(), 10_000, "released");
         // Whole balance (amountless invoice), then success consumes it; replays change nothing.
-        let r = s.reserve_refund(owner, None, [7; 32], "lnbcrt3", "api").unwrap();
+        let r = s
+            .reserve_refund(owner, None, [7; 32], "lnbcrt3", "api")
+            .unwrap();
         assert_eq!(r.amount_msat, 10_000);
         for _ in 0..2 {
             s.finish_refund(&[7; 32], true, Some(12), "").unwrap();
         }
         let a = s.account(&[1; 16]).unwrap().unwrap();
-        assert_eq!((a.refunded_msat, a.reserved_msat, a.available_msat()), (10_000, 0, 0));
+        assert_eq!(
+            (a.refunded_msat, a.reserved_msat, a.available_msat()),
+            (10_000, 0, 0)
+        );
         assert_eq!(s.total_refunded_msat().unwrap(), 10_000);
         // A late failure report for a succeeded refund does not give the money back again.
         s.finish_refund(&[7; 32], false, None, "").unwrap();

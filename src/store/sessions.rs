@@ -113,8 +113,7 @@ impl SessionAudit {
     /// In minus out: claimed + credited + debited + written off − prompt − delivered − refunded
     /// − reserved. SPEC invariant 3 says this is the refundable balance, never negative.
     pub fn balance_msat(&self) -> i128 {
-        (self.claimed_msat + self.credited_msat + self.debited_msat + self.written_off_msat)
-            as i128
+        (self.claimed_msat + self.credited_msat + self.debited_msat + self.written_off_msat) as i128
             - (self.prompt_msat + self.delivered_msat + self.refunded_msat + self.reserved_msat)
                 as i128
     }
@@ -317,32 +316,23 @@ impl Store {
             debited_msat: one(
                 "SELECT COALESCE(SUM(amount_msat), 0) FROM account_debits WHERE session_id = ?1",
             )?,
-            written_off_msat: one(
-                "SELECT COALESCE(SUM(amount_msat), 0) FROM settlement_losses
-                 WHERE session_id = ?1 AND kind = 'never_settled'",
-            )?,
-            prompt_msat: one(
-                "SELECT COALESCE(-SUM(amount_msat), 0) FROM ledger
-                 WHERE session_id = ?1 AND kind = 'prompt_charged'",
-            )?,
+            written_off_msat: one("SELECT COALESCE(SUM(amount_msat), 0) FROM settlement_losses
+                 WHERE session_id = ?1 AND kind = 'never_settled'")?,
+            prompt_msat: one("SELECT COALESCE(-SUM(amount_msat), 0) FROM ledger
+                 WHERE session_id = ?1 AND kind = 'prompt_charged'")?,
             delivered_msat: one(
                 "SELECT COALESCE(SUM(price_msat), 0) FROM chunks WHERE session_id = ?1",
             )?,
             delivered_tokens: one(
                 "SELECT COALESCE(SUM(tokens), 0) FROM chunks WHERE session_id = ?1",
             )? as u32,
-            refunded_msat: one(
-                "SELECT COALESCE(SUM(amount_msat), 0) FROM refunds
-                 WHERE session_id = ?1 AND state = 'succeeded'",
-            )?,
-            reserved_msat: one(
-                "SELECT COALESCE(SUM(amount_msat), 0) FROM refunds
-                 WHERE session_id = ?1 AND state = 'pending'",
-            )?,
-            unresolved_invoices: one(
-                "SELECT COUNT(*) FROM invoices
-                 WHERE session_id = ?1 AND state IN ('open','held','claiming')",
-            )? as u32,
+            refunded_msat: one("SELECT COALESCE(SUM(amount_msat), 0) FROM refunds
+                 WHERE session_id = ?1 AND state = 'succeeded'")?,
+            reserved_msat: one("SELECT COALESCE(SUM(amount_msat), 0) FROM refunds
+                 WHERE session_id = ?1 AND state = 'pending'")?,
+            unresolved_invoices: one("SELECT COUNT(*) FROM invoices
+                 WHERE session_id = ?1 AND state IN ('open','held','claiming')")?
+                as u32,
         })
     }
 
@@ -382,10 +372,7 @@ impl Store {
     }
 }
 
-pub(super) fn session_in(
-    tx: &rusqlite::Transaction,
-    id: &[u8; 16],
-) -> Result<Session, StoreError> {
+pub(super) fn session_in(tx: &rusqlite::Transaction, id: &[u8; 16]) -> Result<Session, StoreError> {
     tx.query_row(
         &format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"),
         [id.as_slice()],
@@ -407,7 +394,14 @@ fn prompt_in(tx: &rusqlite::Transaction, id: &[u8; 16], price_msat: u64) -> Resu
         "UPDATE sessions SET spent_msat = spent_msat + ?2 WHERE id = ?1",
         params![id.as_slice(), price_msat as i64],
     )?;
-    ledger::append(tx, "prompt_charged", Some(id), None, -(price_msat as i64), "")
+    ledger::append(
+        tx,
+        "prompt_charged",
+        Some(id),
+        None,
+        -(price_msat as i64),
+        "",
+    )
 }
 
 /// Draws `amount_msat` from an account for `what` of a session, or refuses (changing nothing)
@@ -625,7 +619,10 @@ pub(crate) mod tests {
         ));
         assert!(matches!(
             s.deliver_chunk(&d),
-            Err(StoreError::NotFound { what: "account", .. })
+            Err(StoreError::NotFound {
+                what: "account",
+                ..
+            })
         ));
         assert_eq!(s.audit_session(&[1; 16]).unwrap().delivered_msat, 0);
     }

@@ -74,7 +74,13 @@ struct Outcome {
 /// Runs a paid session on a server armed to SIGKILL itself at `point` (its `at`-th pass),
 /// restarts it, settles, and checks the books.
 async fn crash_at(w: &mut ProcessWorld, mode: PaymentMode, point: &str, at: u32) -> Outcome {
-    let before: BTreeSet<[u8; 32]> = w.payer.node.list_payments().iter().map(|p| p.id.0).collect();
+    let before: BTreeSet<[u8; 32]> = w
+        .payer
+        .node
+        .list_payments()
+        .iter()
+        .map(|p| p.id.0)
+        .collect();
     w.server().stop(T).await.unwrap();
     let fault = format!("{point}:{at}");
     w.start_server(&[("SATSTREAM_FAULT", fault.as_str())])
@@ -88,14 +94,26 @@ async fn crash_at(w: &mut ProcessWorld, mode: PaymentMode, point: &str, at: u32)
         let run = satstream::client::generate(&mut client, &w.payer, request(mode), None, |_| {});
         // The server dies mid-stream: the call ends with an error (or, if the fault point is
         // reached only later, the session completes).
-        let _ = tokio::time::timeout(T, run).await.expect("the session ends");
+        let _ = tokio::time::timeout(T, run)
+            .await
+            .expect("the session ends");
     }
     let status = w.server().wait_exit(T).await.unwrap_or_else(|e| {
-        panic!("{point}:{at} did not kill the server ({e}):\n{}", w.server().log_tail(30))
+        panic!(
+            "{point}:{at} did not kill the server ({e}):\n{}",
+            w.server().log_tail(30)
+        )
     });
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}: killed by SIGKILL");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "{point}: killed by SIGKILL"
+    );
     if std::env::var_os("SATSTREAM_TEST_VERBOSE").is_some() {
-        eprintln!("--- {point}:{at} killed server log ---\n{}", w.server().log_tail(60));
+        eprintln!(
+            "--- {point}:{at} killed server log ---\n{}",
+            w.server().log_tail(60)
+        );
     }
 
     w.start_server(&[]).await.unwrap();
@@ -116,8 +134,14 @@ async fn crash_at(w: &mut ProcessWorld, mode: PaymentMode, point: &str, at: u32)
     let books = check_books(w).await;
     Outcome {
         lost_msat: books.lost_msat,
-        payer_succeeded: new.iter().filter(|p| p.status == PaymentStatus::Succeeded).count(),
-        payer_failed: new.iter().filter(|p| p.status == PaymentStatus::Failed).count(),
+        payer_succeeded: new
+            .iter()
+            .filter(|p| p.status == PaymentStatus::Succeeded)
+            .count(),
+        payer_failed: new
+            .iter()
+            .filter(|p| p.status == PaymentStatus::Failed)
+            .count(),
         force_closed,
     }
 }
@@ -125,7 +149,9 @@ async fn crash_at(w: &mut ProcessWorld, mode: PaymentMode, point: &str, at: u32)
 /// PREPAID: top up, wait for the credit, then generate from the account.
 async fn run_prepaid(
     w: &ProcessWorld,
-    client: &mut satstream::wire::proto::inference_client::InferenceClient<tonic::transport::Channel>,
+    client: &mut satstream::wire::proto::inference_client::InferenceClient<
+        tonic::transport::Channel,
+    >,
 ) {
     let t = client
         .top_up(TopUpRequest {
@@ -141,7 +167,9 @@ async fn run_prepaid(
     }
     let mut req = request(PaymentMode::Prepaid);
     req.account_token = t.account_token;
-    let Ok(s) = client.generate(req).await else { return };
+    let Ok(s) = client.generate(req).await else {
+        return;
+    };
     let mut s = s.into_inner();
     while let Ok(Ok(Some(ev))) = tokio::time::timeout(T, s.message()).await {
         if matches!(ev.event, Some(Ev::Done(_)) | Some(Ev::Halted(_))) {
@@ -177,7 +205,11 @@ async fn crash_suite(mode: PaymentMode, cases: &[(&str, u32)]) {
             mode,
             o.payer_succeeded,
             o.payer_failed,
-            if o.force_closed { ", channel force-closed" } else { "" },
+            if o.force_closed {
+                ", channel force-closed"
+            } else {
+                ""
+            },
             o.lost_msat
         ));
     }
@@ -215,5 +247,9 @@ async fn crash_keysend_while_crediting_and_delivering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_prepaid_while_topping_up_and_drawing() {
-    crash_suite(PaymentMode::Prepaid, &[("after_claim", 1), ("after_commit", 2)]).await;
+    crash_suite(
+        PaymentMode::Prepaid,
+        &[("after_claim", 1), ("after_commit", 2)],
+    )
+    .await;
 }

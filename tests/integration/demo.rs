@@ -78,8 +78,14 @@ fn demo_runs_a_paid_generation_and_summarises_it_exactly() {
         assert_eq!(s["tokens"], 10, "{mode}");
         assert_eq!(s["spent_msat"], paid, "{mode}");
         assert_eq!(s["server_paid_msat"], server_paid, "{mode}");
-        assert_eq!(s["refunded_msat"], refunded, "{mode}: what the server recorded");
-        assert_eq!(s["refundable_msat"], 0, "{mode}: nothing left on the server");
+        assert_eq!(
+            s["refunded_msat"], refunded,
+            "{mode}: what the server recorded"
+        );
+        assert_eq!(
+            s["refundable_msat"], 0,
+            "{mode}: nothing left on the server"
+        );
         assert_eq!(s["balance_msat"], balance, "{mode}");
     }
 }

@@ -53,8 +53,7 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
 
     // 1. Paid, held, claimed: the payer learns our preimage; SQLite says claimed, exact amount.
     let ln = h.server().app.lightning.clone();
-    let inv = hold(&ln, 21_000, 0, tx.clone())
-        .unwrap();
+    let inv = hold(&ln, 21_000, 0, tx.clone()).unwrap();
     let events = h.payer.subscribe();
     let hash = h.payer.send(&inv.bolt11).unwrap();
     assert_eq!(hash, inv.payment_hash);
@@ -103,8 +102,7 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
 
     // 2. Failed back: the payer sees the failure and gets every msat back.
     let outbound_before = h.payer.outbound_msat();
-    let inv2 = hold(&ln, 33_000, 1, tx.clone())
-        .unwrap();
+    let inv2 = hold(&ln, 33_000, 1, tx.clone()).unwrap();
     let events = h.payer.subscribe();
     let hash2 = h.payer.send(&inv2.bolt11).unwrap();
     let held = tokio::time::timeout(T, held_rx.recv())
@@ -141,8 +139,7 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
 
     // 3. Nobody listening for an invoice (its issuer is gone): the event loop fails it back.
     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
-    let inv3 = hold(&ln, 5_000, 2, gone_tx)
-        .unwrap();
+    let inv3 = hold(&ln, 5_000, 2, gone_tx).unwrap();
     drop(gone_rx);
     let out = h.payer.pay(&inv3.bolt11, T).await.unwrap();
     assert!(matches!(out, PayOutcome::Failed { .. }), "{out:?}");
@@ -172,8 +169,7 @@ async fn hold_invoices_claim_fail_and_survive_restart() {
 
     let ln = h.server().app.lightning.clone();
     let (tx, mut held_rx) = mpsc::unbounded_channel();
-    let inv4 = hold(&ln, 8_000, 3, tx)
-        .unwrap();
+    let inv4 = hold(&ln, 8_000, 3, tx).unwrap();
     let events = h.payer.subscribe();
     let hash4 = h.payer.send(&inv4.bolt11).unwrap();
     tokio::time::timeout(T, held_rx.recv())
@@ -198,10 +194,8 @@ async fn restart_settles_what_was_left_unresolved() {
     let ln = h.server().app.lightning.clone();
     let (tx, mut held_rx) = mpsc::unbounded_channel();
     // One invoice paid and held when the server goes down, one never paid.
-    let held_inv = hold(&ln, 9_000, 0, tx.clone())
-        .unwrap();
-    let open_inv = hold(&ln, 4_000, 1, tx)
-        .unwrap();
+    let held_inv = hold(&ln, 9_000, 0, tx.clone()).unwrap();
+    let open_inv = hold(&ln, 4_000, 1, tx).unwrap();
     let events = h.payer.subscribe();
     let hash = h.payer.send(&held_inv.bolt11).unwrap();
     tokio::time::timeout(T, held_rx.recv())

@@ -62,10 +62,16 @@ async fn a_claim_ldk_refuses_fails_the_htlc_back_at_once() {
         }
     };
     assert_eq!(halted.reason, HaltReason::PaymentFailed as i32);
-    assert_eq!((halted.completion_tokens_delivered, halted.paid_msat), (0, 0));
+    assert_eq!(
+        (halted.completion_tokens_delivered, halted.paid_msat),
+        (0, 0)
+    );
     let hash: [u8; 32] = hex::decode(&inv.payment_hash).unwrap().try_into().unwrap();
     let store = &w.h.server().app.store;
-    assert_eq!(store.invoice(&hash).unwrap().unwrap().state, InvoiceState::Failed);
+    assert_eq!(
+        store.invoice(&hash).unwrap().unwrap().state,
+        InvoiceState::Failed
+    );
     let kinds: Vec<_> = store
         .ledger_for_payment(&hash)
         .unwrap()
@@ -74,7 +80,12 @@ async fn a_claim_ldk_refuses_fails_the_htlc_back_at_once() {
         .collect();
     assert_eq!(
         kinds,
-        ["invoice_created", "htlc_held", "claim_decided", "htlc_failed"]
+        [
+            "invoice_created",
+            "htlc_held",
+            "claim_decided",
+            "htlc_failed"
+        ]
     );
     assert_invariants(&w, &acc.session_id);
     w.h.stop().await;
@@ -85,7 +96,11 @@ async fn a_claim_ldk_refuses_fails_the_htlc_back_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_invoice_whose_send_fails_is_withdrawn() {
     let w = world(&[]).await;
-    w.h.server().app.lightning.faults().arm_error("send_invoice", 1);
+    w.h.server()
+        .app
+        .lightning
+        .faults()
+        .arm_error("send_invoice", 1);
     let mut s = open(&w, request(8, PaymentMode::Bolt11)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
@@ -94,14 +109,13 @@ async fn an_invoice_whose_send_fails_is_withdrawn() {
     assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
     let ln = &w.h.server().app.lightning;
     assert_eq!(ln.listeners(), 0, "no listener outlives its session");
-    let invoices = w
-        .h
-        .server()
-        .app
-        .store
-        .list_invoices(10, "", None, Some(&sid(&acc.session_id)))
-        .unwrap()
-        .items;
+    let invoices =
+        w.h.server()
+            .app
+            .store
+            .list_invoices(10, "", None, Some(&sid(&acc.session_id)))
+            .unwrap()
+            .items;
     assert_eq!(invoices.len(), 1, "{invoices:?}");
     assert_eq!(invoices[0].state, InvoiceState::Canceled);
     // Paying it anyway is failed back.
@@ -151,7 +165,13 @@ async fn a_second_htlc_set_for_a_claimed_chunk_is_never_claimed() {
         1,
         "the second HTLC set is rejected: {ledger:?}"
     );
-    assert_eq!(ledger.iter().filter(|e| e.kind == "invoice_claimed").count(), 1);
+    assert_eq!(
+        ledger
+            .iter()
+            .filter(|e| e.kind == "invoice_claimed")
+            .count(),
+        1
+    );
     let p = ln
         .node()
         .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
@@ -221,7 +241,11 @@ async fn a_client_that_stops_reading_is_halted() {
     assert_eq!(sess.end_reason.as_deref(), Some("client_stalled"));
     assert_eq!(app.live.count(), 0, "the slot is free");
     assert_eq!(app.lightning.listeners(), 0);
-    let invoices = app.store.list_invoices(10, "", None, Some(&id)).unwrap().items;
+    let invoices = app
+        .store
+        .list_invoices(10, "", None, Some(&id))
+        .unwrap()
+        .items;
     assert!(!invoices.is_empty());
     assert!(
         invoices.iter().all(|i| i.state == InvoiceState::Canceled),
@@ -301,13 +325,19 @@ async fn a_failing_event_is_parked_and_payments_go_on() {
         panic!("an invoice")
     };
     let out = w.h.payer.pay(&inv.bolt11, T).await.unwrap();
-    assert!(matches!(out, PayOutcome::Failed { .. }), "parked: failed back: {out:?}");
+    assert!(
+        matches!(out, PayOutcome::Failed { .. }),
+        "parked: failed back: {out:?}"
+    );
     drop(s);
     let parked = w.h.server().app.store.parked_events(10, "").unwrap().items;
     assert_eq!(parked.len(), 1, "{parked:?}");
     assert_eq!(parked[0].kind, "payment_claimable");
     assert_eq!(parked[0].attempts, 3);
-    assert_eq!(hex::encode(parked[0].payment_hash.unwrap()), inv.payment_hash);
+    assert_eq!(
+        hex::encode(parked[0].payment_hash.unwrap()),
+        inv.payment_hash
+    );
     // Admin shows it.
     let mut admin = satstream::wire::proto::admin_client::AdminClient::with_interceptor(
         tonic::transport::Endpoint::from_shared(format!("http://{}", w.h.server().grpc_addr))

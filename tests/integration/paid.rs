@@ -9,13 +9,13 @@ use tonic::Streaming;
 
 use satstream::config::ModelConfig;
 use satstream::engine::tiny_model::write_tiny_model;
+use satstream::harness::{wait_until, Harness, HarnessOptions, PayOutcome};
+use satstream::store::SessionState;
+use satstream::wire::cipher;
 use satstream::wire::proto::{
     generate_event::Event as Ev, inference_client::InferenceClient, ChatMessage, GenerateEvent,
     GenerateRequest, HaltReason, PaymentMode, SamplingParams,
 };
-use satstream::harness::{wait_until, Harness, HarnessOptions, PayOutcome};
-use satstream::wire::cipher;
-use satstream::store::SessionState;
 
 pub(super) const T: Duration = Duration::from_secs(60);
 pub(super) const MSAT_PER_TOKEN: u64 = 1_000;
@@ -125,7 +125,10 @@ pub(super) fn assert_books(
         a.delivered_tokens as u64 * msat_per_token,
         "exact prices"
     );
-    assert_eq!(a.unresolved_invoices, 0, "nothing open, held or claiming is left");
+    assert_eq!(
+        a.unresolved_invoices, 0,
+        "nothing open, held or claiming is left"
+    );
     assert_ne!(s.state, SessionState::Open);
     // Every msat the ledger books for this session, the node received, and vice versa.
     let node = h.server().app.lightning.node();
@@ -135,23 +138,41 @@ pub(super) fn assert_books(
             .and_then(|p| p.amount_msat)
     };
     let mut booked = 0;
-    for inv in store.list_invoices(500, "", None, Some(&sid)).unwrap().items {
+    for inv in store
+        .list_invoices(500, "", None, Some(&sid))
+        .unwrap()
+        .items
+    {
         let got = received(&inv.payment_hash);
         if inv.state == satstream::store::InvoiceState::Claimed {
-            assert_eq!(got, inv.received_msat, "claimed per the ledger, per LDK: {inv:?}");
+            assert_eq!(
+                got, inv.received_msat,
+                "claimed per the ledger, per LDK: {inv:?}"
+            );
             booked += got.unwrap();
         } else {
-            assert_eq!(got, None, "LDK received a payment the ledger did not book: {inv:?}");
+            assert_eq!(
+                got, None,
+                "LDK received a payment the ledger did not book: {inv:?}"
+            );
         }
     }
     for e in store.ledger_for_session(&sid).unwrap() {
         if e.kind == "keysend_credited" {
             let got = received(&e.payment_hash.unwrap());
-            assert_eq!(got, Some(e.amount_msat as u64), "keysend credit per LDK: {e:?}");
+            assert_eq!(
+                got,
+                Some(e.amount_msat as u64),
+                "keysend credit per LDK: {e:?}"
+            );
             booked += got.unwrap();
         }
     }
-    assert_eq!(booked, a.claimed_msat + a.credited_msat, "every booked msat is LDK's");
+    assert_eq!(
+        booked,
+        a.claimed_msat + a.credited_msat,
+        "every booked msat is LDK's"
+    );
     s
 }
 

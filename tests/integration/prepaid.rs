@@ -25,7 +25,10 @@ async fn client(w: &World) -> InferenceClient<Channel> {
 /// account token.
 async fn top_up(w: &World, token: &str, amount_msat: u64) -> String {
     let mut c = client(w).await;
-    let before = account(w, token).await.map(|a| a.credited_msat).unwrap_or(0);
+    let before = account(w, token)
+        .await
+        .map(|a| a.credited_msat)
+        .unwrap_or(0);
     let t = c
         .top_up(TopUpRequest {
             account_token: token.into(),
@@ -121,7 +124,10 @@ async fn prepaid_draws_each_chunk_exactly_with_no_invoice() {
     assert_eq!(balances.last(), Some(&30_000));
     assert_eq!((done.paid_msat, done.balance_msat), (10_000, 30_000));
     let a = account(&w, &token).await.unwrap();
-    assert_eq!((a.credited_msat, a.spent_msat, a.available_msat), (40_000, 10_000, 30_000));
+    assert_eq!(
+        (a.credited_msat, a.spent_msat, a.available_msat),
+        (40_000, 10_000, 30_000)
+    );
     assert_invariants(&w, &acc.session_id);
     // The top-up is the node's money: LDK reports it received.
     let store = &w.h.server().app.store;
@@ -132,16 +138,15 @@ async fn prepaid_draws_each_chunk_exactly_with_no_invoice() {
         .filter(|e| e.kind == "account_credited")
         .collect();
     assert_eq!(topups.len(), 1);
-    let p = w
-        .h
-        .server()
-        .app
-        .lightning
-        .node()
-        .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(
-            topups[0].payment_hash.unwrap(),
-        ))
-        .unwrap();
+    let p =
+        w.h.server()
+            .app
+            .lightning
+            .node()
+            .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(
+                topups[0].payment_hash.unwrap(),
+            ))
+            .unwrap();
     assert_eq!(p.amount_msat, Some(40_000));
     // An existing account can be topped up again.
     top_up(&w, &token, 2_000).await;
@@ -211,15 +216,28 @@ async fn a_keysend_leftover_is_refunded_to_the_payer() {
     let inv = payer_invoice(&w, Some(3_000));
     let t = Instant::now();
     let r = c.refund(refund(inv.clone())).await.unwrap().into_inner();
-    assert_eq!((r.state.as_str(), r.refunded_msat, r.balance_msat), ("succeeded", 3_000, 2_000));
-    assert_eq!(payer_received(&w, &inv).await, 3_000, "checked on the payer's node");
+    assert_eq!(
+        (r.state.as_str(), r.refunded_msat, r.balance_msat),
+        ("succeeded", 3_000, 2_000)
+    );
+    assert_eq!(
+        payer_received(&w, &inv).await,
+        3_000,
+        "checked on the payer's node"
+    );
     eprintln!("refund -> payer PaymentReceived: {:?}", t.elapsed());
     // A retry of the same request finds the first refund: nothing is paid twice.
     let again = c.refund(refund(inv)).await.unwrap().into_inner();
-    assert_eq!((again.state.as_str(), again.refunded_msat), ("succeeded", 3_000));
+    assert_eq!(
+        (again.state.as_str(), again.refunded_msat),
+        ("succeeded", 3_000)
+    );
     let inv = payer_invoice(&w, None);
     let r = c.refund(refund(inv.clone())).await.unwrap().into_inner();
-    assert_eq!((r.state.as_str(), r.refunded_msat, r.balance_msat), ("succeeded", 2_000, 0));
+    assert_eq!(
+        (r.state.as_str(), r.refunded_msat, r.balance_msat),
+        ("succeeded", 2_000, 0)
+    );
     assert_eq!(payer_received(&w, &inv).await, 2_000);
     let e = c.refund(refund(payer_invoice(&w, None))).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
@@ -239,7 +257,13 @@ async fn a_refund_that_cannot_be_paid_restores_the_balance() {
         let listen = format!("127.0.0.1:{}", satstream::harness::free_port());
         let d = dir.path().to_path_buf();
         let wallet = tokio::task::spawn_blocking(move || {
-            satstream::harness::Wallet::start(&d, satstream::config::Network::Regtest, &listen, &chain, true)
+            satstream::harness::Wallet::start(
+                &d,
+                satstream::config::Network::Regtest,
+                &listen,
+                &chain,
+                true,
+            )
         })
         .await
         .unwrap()
@@ -251,7 +275,11 @@ async fn a_refund_that_cannot_be_paid_restores_the_balance() {
         .0
         .node
         .bolt11_payment()
-        .receive(5_000, &Bolt11InvoiceDescription::Direct(Description::new("x".into()).unwrap()), 600)
+        .receive(
+            5_000,
+            &Bolt11InvoiceDescription::Direct(Description::new("x".into()).unwrap()),
+            600,
+        )
         .unwrap()
         .to_string();
     let r = client(&w)
@@ -264,24 +292,30 @@ async fn a_refund_that_cannot_be_paid_restores_the_balance() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((r.state.as_str(), r.refunded_msat, r.balance_msat), ("failed", 0, 20_000), "{r:?}");
+    assert_eq!(
+        (r.state.as_str(), r.refunded_msat, r.balance_msat),
+        ("failed", 0, 20_000),
+        "{r:?}"
+    );
     let a = account(&w, &token).await.unwrap();
-    assert_eq!((a.available_msat, a.reserved_msat, a.refunded_msat), (20_000, 0, 0));
+    assert_eq!(
+        (a.available_msat, a.reserved_msat, a.refunded_msat),
+        (20_000, 0, 0)
+    );
     let hash: [u8; 32] = *inv
         .parse::<ldk_node::lightning_invoice::Bolt11Invoice>()
         .unwrap()
         .payment_hash()
         .as_ref();
-    let kinds: Vec<_> = w
-        .h
-        .server()
-        .app
-        .store
-        .ledger_for_payment(&hash)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
+    let kinds: Vec<_> =
+        w.h.server()
+            .app
+            .store
+            .ledger_for_payment(&hash)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
     assert_eq!(kinds, ["refund_reserved", "refund_released"]);
     stranger.0.stop();
     w.h.stop().await;
@@ -292,17 +326,31 @@ async fn missing_or_wrong_secrets_move_nothing() {
     let w = world_with(&[], 0, 200_000, 4).await;
     let token = top_up(&w, "", 10_000).await;
     let mut c = client(&w).await;
-    let code = |r: Result<tonic::Response<satstream::wire::proto::RefundResponse>, tonic::Status>| {
-        r.map(|_| ()).unwrap_err().code()
-    };
+    let code = |r: Result<
+        tonic::Response<satstream::wire::proto::RefundResponse>,
+        tonic::Status,
+    >| { r.map(|_| ()).unwrap_err().code() };
     let inv = payer_invoice(&w, None);
     assert_eq!(
-        code(c.refund(RefundRequest { bolt11: inv.clone(), ..Default::default() }).await),
+        code(
+            c.refund(RefundRequest {
+                bolt11: inv.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
         tonic::Code::Unauthenticated
     );
     let wrong = "00".repeat(32);
     assert_eq!(
-        code(c.refund(RefundRequest { account_token: wrong.clone(), bolt11: inv.clone(), ..Default::default() }).await),
+        code(
+            c.refund(RefundRequest {
+                account_token: wrong.clone(),
+                bolt11: inv.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
         tonic::Code::PermissionDenied
     );
     // A session's balance with another's token.
@@ -312,23 +360,61 @@ async fn missing_or_wrong_secrets_move_nothing() {
     };
     drop(s);
     assert_eq!(
-        code(c.refund(RefundRequest { session_id: acc.session_id.clone(), session_token: wrong.clone(), bolt11: inv.clone(), ..Default::default() }).await),
+        code(
+            c.refund(RefundRequest {
+                session_id: acc.session_id.clone(),
+                session_token: wrong.clone(),
+                bolt11: inv.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
         tonic::Code::PermissionDenied
     );
     assert_eq!(
-        code(c.refund(RefundRequest { session_id: acc.session_id.clone(), bolt11: inv.clone(), ..Default::default() }).await),
+        code(
+            c.refund(RefundRequest {
+                session_id: acc.session_id.clone(),
+                bolt11: inv.clone(),
+                ..Default::default()
+            })
+            .await
+        ),
         tonic::Code::Unauthenticated
     );
-    let e = c.get_account(GetAccountRequest { account_token: wrong.clone() }).await.unwrap_err();
+    let e = c
+        .get_account(GetAccountRequest {
+            account_token: wrong.clone(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
-    let e = c.top_up(TopUpRequest { account_token: wrong.clone(), amount_msat: 5_000 }).await.unwrap_err();
+    let e = c
+        .top_up(TopUpRequest {
+            account_token: wrong.clone(),
+            amount_msat: 5_000,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let e = c.generate(prepaid(4, "")).await.map(|_| ()).unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    let e = c.generate(prepaid(4, &wrong)).await.map(|_| ()).unwrap_err();
+    let e = c
+        .generate(prepaid(4, &wrong))
+        .await
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let a = account(&w, &token).await.unwrap();
-    assert_eq!((a.credited_msat, a.spent_msat, a.refunded_msat, a.reserved_msat), (10_000, 0, 0, 0));
+    assert_eq!(
+        (
+            a.credited_msat,
+            a.spent_msat,
+            a.refunded_msat,
+            a.reserved_msat
+        ),
+        (10_000, 0, 0, 0)
+    );
     assert!(w.h.server().app.store.pending_refunds().unwrap().is_empty());
     w.h.stop().await;
 }
@@ -388,7 +474,13 @@ async fn concurrent_refund_generate_and_topup_conserve_every_msat() {
     let credited = 60_000 + rounds * 5_000;
     let (spent, refunded) = (rounds * 8_000, rounds * 3_000);
     assert_eq!(
-        (a.credited_msat, a.spent_msat, a.refunded_msat, a.reserved_msat, a.available_msat),
+        (
+            a.credited_msat,
+            a.spent_msat,
+            a.refunded_msat,
+            a.reserved_msat,
+            a.available_msat
+        ),
         (credited, spent, refunded, 0, credited - spent - refunded)
     );
     // What LDK says came in (top-ups) and went out (refunds).
@@ -396,7 +488,9 @@ async fn concurrent_refund_generate_and_topup_conserve_every_msat() {
     let succeeded = |dir| {
         node.list_payments()
             .into_iter()
-            .filter(|p| p.direction == dir && p.status == ldk_node::payment::PaymentStatus::Succeeded)
+            .filter(|p| {
+                p.direction == dir && p.status == ldk_node::payment::PaymentStatus::Succeeded
+            })
             .filter(|p| matches!(p.kind, ldk_node::payment::PaymentKind::Bolt11 { .. }))
             .map(|p| p.amount_msat.unwrap())
             .collect::<Vec<_>>()
@@ -435,7 +529,16 @@ async fn concurrent_refund_generate_and_topup_conserve_every_msat() {
 /// before any chunk is delivered fails it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_prompt_is_paid_before_prefill_and_claimed_with_the_first_chunk() {
-    let w = world_with(&["payments.first_payment_timeout_secs=2", "payments.payment_timeout_secs=2"], 100, 0, 4).await;
+    let w = world_with(
+        &[
+            "payments.first_payment_timeout_secs=2",
+            "payments.payment_timeout_secs=2",
+        ],
+        100,
+        0,
+        4,
+    )
+    .await;
     let engine = w.h.server().app.engine.clone();
     // 1. Unpaid: no prefill, Halted.
     let started = engine.generations_started();
@@ -447,13 +550,20 @@ async fn a_prompt_is_paid_before_prefill_and_claimed_with_the_first_chunk() {
     let Ev::Invoice(pi) = next(&mut s).await else {
         panic!("the prompt's invoice second")
     };
-    assert_eq!((pi.chunk_index, pi.amount_msat), (None, acc.prompt_price_msat));
+    assert_eq!(
+        (pi.chunk_index, pi.amount_msat),
+        (None, acc.prompt_price_msat)
+    );
     let Ev::Halted(h) = next(&mut s).await else {
         panic!("halted")
     };
     assert_eq!(h.reason, HaltReason::PaymentTimeout as i32);
     assert!(h.message.contains("prompt"), "{}", h.message);
-    assert_eq!(engine.generations_started(), started, "no prefill for an unpaid prompt");
+    assert_eq!(
+        engine.generations_started(),
+        started,
+        "no prefill for an unpaid prompt"
+    );
     assert_invariants(&w, &acc.session_id);
 
     // 2. Paid: prompt + every chunk, claimed together with chunk 0.
@@ -496,9 +606,15 @@ async fn a_prompt_is_paid_before_prefill_and_claimed_with_the_first_chunk() {
     };
     assert_eq!(halted.paid_msat, 0);
     let out = w.h.payer.wait_outcome(events, hash, T).await.unwrap();
-    assert!(matches!(out, PayOutcome::Failed { .. }), "failed back: {out:?}");
+    assert!(
+        matches!(out, PayOutcome::Failed { .. }),
+        "failed back: {out:?}"
+    );
     let store = &w.h.server().app.store;
-    assert_eq!(store.invoice(&hash).unwrap().unwrap().state, InvoiceState::Failed);
+    assert_eq!(
+        store.invoice(&hash).unwrap().unwrap().state,
+        InvoiceState::Failed
+    );
     assert_invariants(&w, &acc.session_id);
     w.h.stop().await;
 }
@@ -547,7 +663,10 @@ async fn the_mainnet_example_config_serves_a_paid_generate() {
     .await
     .unwrap();
     let model = h.config.models[0].clone();
-    assert!(model.msat_per_prompt_token > 0, "the example prices prompts");
+    assert!(
+        model.msat_per_prompt_token > 0,
+        "the example prices prompts"
+    );
     let mut c = InferenceClient::connect(format!("http://{}", h.server().grpc_addr))
         .await
         .unwrap();
@@ -557,7 +676,11 @@ async fn the_mainnet_example_config_serves_a_paid_generate() {
     let mut text = String::new();
     let mut accepted = None;
     let done = loop {
-        let ev = tokio::time::timeout(T, s.message()).await.unwrap().unwrap().unwrap();
+        let ev = tokio::time::timeout(T, s.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         match ev.event.unwrap() {
             Ev::Accepted(a) => accepted = Some(a),
             Ev::Invoice(inv) => {

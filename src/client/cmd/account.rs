@@ -16,7 +16,12 @@ pub struct AccountArgs {
     #[command(flatten)]
     pub conn: Conn,
     /// The account's token (default: the one saved in the wallet directory).
-    #[arg(long, env = "SATSTREAM_ACCOUNT_TOKEN", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "SATSTREAM_ACCOUNT_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
     pub account_token: Option<String>,
     #[command(subcommand)]
     pub cmd: AccountCmd,
@@ -120,9 +125,9 @@ pub async fn run(a: &AccountArgs) -> Result<(), ClientError> {
                         );
                         Ok(())
                     }
-                    PayOutcome::Failed { reason } => {
-                        Err(ClientError::Payment(format!("the top-up was not paid: {reason}")))
-                    }
+                    PayOutcome::Failed { reason } => Err(ClientError::Payment(format!(
+                        "the top-up was not paid: {reason}"
+                    ))),
                 }
             }
             .await;

@@ -70,7 +70,8 @@ pub async fn run(base: &Config, sets: &[String], r: &Request) -> Result<(), Clie
         if matches!(r.mode, Mode::Prepaid) {
             // Prepay what the whole answer could cost (or the budget), from the client wallet.
             let price = h.config.models.first().map_or(1000, |m| m.msat_per_token);
-            let most = (r.max_tokens as u64 * price + 100_000).min(r.max_sats.map_or(u64::MAX, |s| s * 1000));
+            let most = (r.max_tokens as u64 * price + 100_000)
+                .min(r.max_sats.map_or(u64::MAX, |s| s * 1000));
             let t = client
                 .top_up(TopUpRequest {
                     account_token: String::new(),
@@ -78,7 +79,11 @@ pub async fn run(base: &Config, sets: &[String], r: &Request) -> Result<(), Clie
                 })
                 .await?
                 .into_inner();
-            match h.payer.pay(&t.bolt11, std::time::Duration::from_secs(60)).await? {
+            match h
+                .payer
+                .pay(&t.bolt11, std::time::Duration::from_secs(60))
+                .await?
+            {
                 crate::client::PayOutcome::Succeeded { .. } => {
                     eprintln!("topped up a prepaid account with {most} msat\n")
                 }

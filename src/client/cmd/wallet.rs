@@ -144,7 +144,15 @@ async fn pay(
     } else if !invoices.is_empty() {
         let text = invoices.join("\n");
         let input = BufReader::new(text.as_bytes());
-        let s = pay_lines(wallet, network, input, tokio::io::sink(), budget, settle, report);
+        let s = pay_lines(
+            wallet,
+            network,
+            input,
+            tokio::io::sink(),
+            budget,
+            settle,
+            report,
+        );
         (s.await?, None)
     } else {
         let input = BufReader::new(tokio::io::stdin());

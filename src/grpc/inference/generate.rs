@@ -96,7 +96,11 @@ pub(super) async fn handle(
     let limits = &app.config.limits;
     let live = app
         .live
-        .enter(limits.max_sessions, client, limits.max_unpaid_sessions_per_client)
+        .enter(
+            limits.max_sessions,
+            client,
+            limits.max_unpaid_sessions_per_client,
+        )
         .map_err(|r| match r {
             crate::session::Refused::Full(n) => Status::resource_exhausted(format!(
                 "{n} sessions are live, the server's limit; retry later"
@@ -181,6 +185,13 @@ pub(super) async fn handle(
         },
     };
     let shutdown = app.shutdown.clone();
-    tokio::spawn(session::run(app.clone(), spec, admission, tx, shutdown, live));
+    tokio::spawn(session::run(
+        app.clone(),
+        spec,
+        admission,
+        tx,
+        shutdown,
+        live,
+    ));
     Ok(Box::pin(ReceiverStream::new(rx)))
 }

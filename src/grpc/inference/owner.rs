@@ -42,7 +42,11 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 /// The session `session_id` if `token` is its owner's.
-pub(super) async fn session(app: &Arc<App>, session_id: &str, token: &str) -> Result<Session, Status> {
+pub(super) async fn session(
+    app: &Arc<App>,
+    session_id: &str,
+    token: &str,
+) -> Result<Session, Status> {
     let sid: [u8; 16] = crate::grpc::parse_hex("session_id", session_id)?;
     let raw = presented("session_token", token)?.ok_or_else(|| {
         Status::unauthenticated("session_token: required (it came in the session's Accepted event)")
@@ -63,7 +67,9 @@ pub(super) async fn session(app: &Arc<App>, session_id: &str, token: &str) -> Re
 /// The account whose token `token` is; `required` says how to ask for it.
 pub(super) async fn account(app: &Arc<App>, token: &str) -> Result<Account, Status> {
     let raw = presented("account_token", token)?.ok_or_else(|| {
-        Status::unauthenticated("account_token: required (TopUp returns it when it opens the account)")
+        Status::unauthenticated(
+            "account_token: required (TopUp returns it when it opens the account)",
+        )
     })?;
     let hash = hash_secret(&raw);
     let store = app.store.clone();
@@ -73,7 +79,9 @@ pub(super) async fn account(app: &Arc<App>, token: &str) -> Result<Account, Stat
         .ok_or_else(|| Status::permission_denied("account_token: no account has this token"))?;
     // The lookup is by hash; compare once more in constant time for form's sake.
     if !same(&hash, &a.token_hash) {
-        return Err(Status::permission_denied("account_token: no account has this token"));
+        return Err(Status::permission_denied(
+            "account_token: no account has this token",
+        ));
     }
     Ok(a)
 }

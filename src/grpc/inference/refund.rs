@@ -56,7 +56,9 @@ pub(super) async fn handle(app: &Arc<App>, req: RefundRequest) -> Result<RefundR
                 "bolt11: this invoice was already used for another refund; create a new one",
             ))
         }
-        Err(RefundError::Invoice(m)) => return Err(Status::invalid_argument(format!("bolt11: {m}"))),
+        Err(RefundError::Invoice(m)) => {
+            return Err(Status::invalid_argument(format!("bolt11: {m}")))
+        }
         Err(RefundError::Store(crate::store::StoreError::InsufficientBalance {
             available_msat,
             needed_msat,
@@ -74,7 +76,13 @@ pub(super) async fn handle(app: &Arc<App>, req: RefundRequest) -> Result<RefundR
         Err(RefundError::Store(e)) => return Err(e.into()),
         Err(RefundError::Send(e)) => {
             let hash = crate::lightning::refunds::invoice_hash(&req.bolt11);
-            return respond(app, owner, hash, Some(format!("the node could not pay: {e}"))).await;
+            return respond(
+                app,
+                owner,
+                hash,
+                Some(format!("the node could not pay: {e}")),
+            )
+            .await;
         }
     };
     let hash = refund.payment_hash;
@@ -82,7 +90,9 @@ pub(super) async fn handle(app: &Arc<App>, req: RefundRequest) -> Result<RefundR
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             match tokio::time::timeout_at(deadline, notices.recv()).await {
-                Ok(Ok(NodeNotice::PaymentSent { payment_hash, .. })) if payment_hash == hash => break,
+                Ok(Ok(NodeNotice::PaymentSent { payment_hash, .. })) if payment_hash == hash => {
+                    break
+                }
                 Ok(Ok(_)) => {}
                 // Missed notices: the store has the truth.
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
@@ -132,7 +142,11 @@ async fn respond(
         });
     };
     Ok(RefundResponse {
-        refunded_msat: if r.state == RefundState::Failed { 0 } else { r.amount_msat },
+        refunded_msat: if r.state == RefundState::Failed {
+            0
+        } else {
+            r.amount_msat
+        },
         payment_hash: hex::encode(r.payment_hash),
         state: r.state.as_str().into(),
         detail: detail.unwrap_or(r.detail),
