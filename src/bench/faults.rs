@@ -71,6 +71,7 @@ pub async fn chaos(
                 "server.shutdown_timeout_secs=5".into(),
             ],
             channel_sat: 2_000_000,
+            log: None,
         },
     )
     .await?;
@@ -154,6 +155,7 @@ pub async fn rpc_latency(
                 "limits.max_unpaid_sessions_per_client=128".into(),
             ],
             channel_sat: 5_000_000,
+            log: None,
         },
     )
     .await?;

@@ -84,7 +84,21 @@ fn load_config(cli: &Cli) -> Result<Config> {
 
 async fn run(cli: Cli) -> Result<()> {
     match &cli.cmd {
-        Cmd::Config => print!("{}", load_config(&cli)?.to_toml()),
+        Cmd::Config => {
+            let c = load_config(&cli)?;
+            print!("{}", c.to_toml());
+            if c.plaintext() {
+                println!("\n# gRPC is plaintext ({}: loopback)", c.server.grpc_listen);
+            } else {
+                // The certificate clients trust (generated now if it does not exist yet).
+                let t = satstream::tls::load_or_create(&c)?;
+                println!(
+                    "\n# TLS: clients trust {} (--cacert); SHA-256 fingerprint {}",
+                    t.trust_path.display(),
+                    t.fingerprint
+                );
+            }
+        }
         Cmd::Serve => serve(load_config(&cli)?).await?,
         Cmd::Regtest => regtest::run(&load_config(&cli)?, &cli.sets).await?,
         Cmd::Demo(a) => demo::run(&load_config(&cli)?, &cli.sets, &a.req).await?,

@@ -659,3 +659,82 @@ fn parse_hash(s: &str) -> Result<[u8; 32], ClientError> {
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| ClientError::Protocol(format!("{s:?} is not a 32-byte hex payment hash")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::proto::Invoice;
+    use ldk_node::bitcoin::hashes::{sha256, Hash};
+    use ldk_node::bitcoin::secp256k1::{PublicKey, Secp256k1, SecretKey};
+    use ldk_node::lightning_invoice::{Currency, InvoiceBuilder};
+    use ldk_node::lightning_types::payment::PaymentSecret;
+
+    /// A regtest invoice for `msat` signed by `key`: (BOLT11, payment hash hex).
+    fn invoice(key: &SecretKey, msat: u64) -> (String, String) {
+        let secp = Secp256k1::new();
+        let hash = sha256::Hash::hash(&[1u8; 32]);
+        let inv = InvoiceBuilder::new(Currency::Regtest)
+            .description("chunk".into())
+            .payment_hash(hash)
+            .payment_secret(PaymentSecret([2; 32]))
+            .amount_milli_satoshis(msat)
+            .current_timestamp()
+            .min_final_cltv_expiry_delta(144)
+            .build_signed(|m| secp.sign_ecdsa_recoverable(m, key))
+            .unwrap();
+        (inv.to_string(), hex::encode(hash.to_byte_array()))
+    }
+
+    fn run_with(server: &SecretKey) -> Run {
+        let node_id = PublicKey::from_secret_key(&Secp256k1::new(), server).to_string();
+        Run {
+            terms: Terms {
+                node_id,
+                msat_per_token: 1_000,
+                chunk_tokens: 4,
+                prompt_price_msat: 3_000,
+            },
+            ..Run::default()
+        }
+    }
+
+    fn chunk(bolt11: String, hash: String, tokens: u32, amount_msat: u64) -> Invoice {
+        Invoice {
+            chunk_index: Some(0),
+            bolt11,
+            payment_hash: hash,
+            amount_msat,
+            tokens,
+            expires_at_unix: 0,
+        }
+    }
+
+    #[test]
+    fn pays_only_what_was_agreed_to_whom_it_was_agreed() {
+        let server = SecretKey::from_slice(&[7; 32]).unwrap();
+        let other = SecretKey::from_slice(&[8; 32]).unwrap();
+        let r = run_with(&server);
+        let (b, h) = invoice(&server, 4_000);
+        assert_eq!(r.check_invoice(&chunk(b, h, 4, 4_000)).unwrap(), 4_000);
+        // Another payee, even at the right price.
+        let (b, h) = invoice(&other, 4_000);
+        let e = r.check_invoice(&chunk(b, h, 4, 4_000)).unwrap_err();
+        assert!(e.to_string().contains("not the server's node"), "{e}");
+        // More tokens than a chunk, or more than the agreed rate.
+        let (b, h) = invoice(&server, 8_000);
+        let e = r.check_invoice(&chunk(b, h, 8, 8_000)).unwrap_err();
+        assert!(e.to_string().contains("at most 4"), "{e}");
+        let (b, h) = invoice(&server, 5_000);
+        assert!(r.check_invoice(&chunk(b, h, 4, 5_000)).is_err());
+        // The invoice's own amount must match what the event says.
+        let (b, h) = invoice(&server, 5_000);
+        assert!(r.check_invoice(&chunk(b, h, 4, 4_000)).is_err());
+        // The prompt: exactly its accepted price.
+        let (b, h) = invoice(&server, 3_000);
+        let mut p = chunk(b, h, 21, 3_000);
+        p.chunk_index = None;
+        assert_eq!(r.check_invoice(&p).unwrap(), 3_000);
+        p.amount_msat = 2_000;
+        assert!(r.check_invoice(&p).is_err());
+    }
+}

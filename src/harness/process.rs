@@ -26,6 +26,7 @@ impl ServerProcess {
     pub async fn start(
         exe: &Path,
         config: &Config,
+        log_filter: &str,
         env: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<ServerProcess, HarnessError> {
@@ -47,7 +48,7 @@ impl ServerProcess {
             .arg("--config")
             .arg(&config_path)
             .arg("--log")
-            .arg("info,satstream=debug,ldk_node=info,lightning=info")
+            .arg(log_filter)
             .env_remove("SATSTREAM_FAULT")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -127,6 +128,16 @@ impl ServerProcess {
         self.wait_exit(timeout).await
     }
 
+    /// Every log this server process (and the ones before it, on the same data dir) wrote.
+    pub fn all_logs(&self) -> String {
+        let dir = self.log.parent().map(Path::to_path_buf).unwrap_or_default();
+        (0..)
+            .map(|i| dir.join(format!("server-{i}.log")))
+            .take_while(|p| p.exists())
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
     /// The last `lines` lines of the process's log.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -170,6 +181,8 @@ pub struct ProcessOptions {
     pub sets: Vec<String>,
     /// Channel payer → server, sat.
     pub channel_sat: u64,
+    /// The server's log filter (default: satstream at debug, libraries at info).
+    pub log: Option<String>,
 }
 
 /// A regtest world whose server is its own process: bitcoind, a payer wallet in this
@@ -183,6 +196,7 @@ pub struct ProcessWorld {
     pub admin_token: String,
     exe: PathBuf,
     channel_sat: u64,
+    log: String,
     _tmp: tempfile::TempDir,
 }
 
@@ -229,6 +243,10 @@ impl ProcessWorld {
             admin_token: String::new(),
             exe: exe.to_path_buf(),
             channel_sat: opts.channel_sat,
+            log: opts
+                .log
+                .clone()
+                .unwrap_or_else(|| "info,satstream=debug,ldk_node=info,lightning=info".into()),
             _tmp: tmp,
         };
         w.start_server(&[]).await?;
@@ -252,8 +270,14 @@ impl ProcessWorld {
     /// (Re)starts the server process with `env` (e.g. `SATSTREAM_FAULT`), then has the
     /// payer reconnect (the server does not dial out).
     pub async fn start_server(&mut self, env: &[(&str, &str)]) -> Result<(), HarnessError> {
-        let p =
-            ServerProcess::start(&self.exe, &self.config, env, Duration::from_secs(120)).await?;
+        let p = ServerProcess::start(
+            &self.exe,
+            &self.config,
+            &self.log,
+            env,
+            Duration::from_secs(120),
+        )
+        .await?;
         self.server = Some(p);
         self.admin_token = std::fs::read_to_string(self.config.admin_token_path())
             .map_err(|e| HarnessError::Setup(format!("admin token: {e}")))?

@@ -160,11 +160,12 @@ fn event(e: Ev) -> Result<GenerateEvent, Status> {
     Ok(GenerateEvent { event: Some(e) })
 }
 
-/// Runs a session to its end. `admission` is the engine slot the generation will run in.
+/// Runs a session to its end. `admission` is the engine slot the generation will run in;
+/// None: a slot is taken once the prompt is paid (an unpaid prompt holds no engine slot).
 pub async fn run(
     app: Arc<App>,
     spec: SessionSpec,
-    admission: Admission,
+    admission: Option<Admission>,
     out: Out,
     shutdown: CancellationToken,
     live: LiveGuard,
@@ -199,7 +200,7 @@ async fn next_token(gen: &mut Option<Generation>) -> Option<TokenEvent> {
 async fn run_session(
     app: Arc<App>,
     spec: SessionSpec,
-    admission: Admission,
+    admission: Option<Admission>,
     out: Out,
     shutdown: CancellationToken,
     live: LiveGuard,
@@ -229,7 +230,7 @@ async fn run_session(
         credited_msat: 0,
         spent_msat: 0,
         unsettled: HashSet::new(),
-        admission: Some(admission),
+        admission,
         gen: None,
         started: Instant::now(),
         generated: 0,
@@ -425,10 +426,20 @@ impl Meter {
         self.credited_msat.saturating_sub(self.spent_msat)
     }
 
-    /// Starts the generation once the prompt is paid (or free).
+    /// Starts the generation once the prompt is paid (or free), in the slot taken at the
+    /// request or, after a paid prompt, now.
     async fn start_engine(&mut self) -> Result<(), End> {
-        let Some(admission) = self.admission.take() else {
+        if self.gen.is_some() {
             return Ok(());
+        }
+        let admission = match self.admission.take() {
+            Some(a) => a,
+            None => self
+                .app
+                .engine
+                .admit(&self.spec.model)
+                .await
+                .map_err(|e| End::engine(e.to_string()))?,
         };
         let mut params = self.spec.params.clone();
         params.allowance = self.allowance();

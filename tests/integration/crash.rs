@@ -37,6 +37,7 @@ async fn world() -> (ProcessWorld, tempfile::TempDir) {
                 "server.shutdown_timeout_secs=5".into(),
             ],
             channel_sat: 1_000_000,
+            log: None,
         },
     )
     .await

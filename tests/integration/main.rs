@@ -4,6 +4,7 @@
 mod crash;
 mod demo;
 mod engine;
+mod exposure;
 mod foundation;
 mod grpcurl;
 mod money;

@@ -231,7 +231,15 @@ async fn a_client_that_stops_reading_is_halted() {
     let admission = app.engine.admit("tiny").await.unwrap();
     let live = app.live.try_enter(64).unwrap();
     let started = Instant::now();
-    satstream::session::run(app.clone(), spec, admission, tx, app.shutdown.clone(), live).await;
+    satstream::session::run(
+        app.clone(),
+        spec,
+        Some(admission),
+        tx,
+        app.shutdown.clone(),
+        live,
+    )
+    .await;
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "halted by the send timeout, not the payment timeout: {:?}",

@@ -110,7 +110,13 @@ pub(super) async fn handle(
                  (or end) one of them first"
             )),
         })?;
-    let admission = app.engine.admit(&c.model.id).await?;
+    // A free prompt's prefill starts now: take the engine slot now, so that a full queue is
+    // ResourceExhausted here. A priced prompt takes its slot once it is paid.
+    let admission = if prompt_price == 0 {
+        Some(app.engine.admit(&c.model.id).await?)
+    } else {
+        None
+    };
 
     let mut session_id = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut session_id);
