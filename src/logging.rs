@@ -51,7 +51,13 @@ impl Visit for Message {
 
 impl<S: tracing::Subscriber> Layer<S> for KnownNoise {
     fn event_enabled(&self, event: &tracing::Event<'_>, _: Context<'_, S>) -> bool {
-        let target = event.metadata().target();
+        use tracing_log::NormalizeEvent;
+        // Records from the `log` crate (ldk-node's) carry their real target in fields.
+        let normalized = event.normalized_metadata();
+        let target = normalized
+            .as_ref()
+            .map(|m| m.target())
+            .unwrap_or_else(|| event.metadata().target());
         let fees = self.regtest && target.starts_with("ldk_node::chain");
         let device = target.starts_with("mistralrs");
         if !fees && !device {

@@ -188,7 +188,8 @@ async fn grpcurl_generate_bolt11_paid_from_the_payer_node() {
     }
 }
 
-/// The README's grpcurl walkthrough, command for command: a fresh client wallet (the real
+/// The README's grpcurl walkthrough, command for command and over TLS (the server's generated
+/// certificate, trusted with `--cacert` / `-cacert`): a fresh client wallet (the real
 /// `satstream wallet` binary) is funded, opens a channel to the server from Quote's node
 /// address, and pays `grpcurl … Generate` by running it under `satstream wallet pay`, which
 /// pays each invoice in grpcurl's output as it is printed. A second run with a budget below the price shows the wallet
@@ -207,16 +208,23 @@ async fn readme_walkthrough_grpcurl_generate_paid_by_satstream_wallet_pay() {
         models: vec![model],
         channel_sat: 0,
         // The budget run ends by the server's payment timeout: keep it short.
-        sets: vec!["payments.payment_timeout_secs=8".into()],
+        sets: vec![
+            "payments.payment_timeout_secs=8".into(),
+            "server.tls=on".into(),
+        ],
         ..HarnessOptions::default()
     })
     .await
     .unwrap();
     let addr = h.server().grpc_addr.to_string();
+    let ca = h.server().tls.as_ref().expect("TLS on").trust_path.clone();
+    let ca = ca.to_str().unwrap();
     let wallet_dir = dir.path().join("client");
     let conn = [
         "--server".to_string(),
-        format!("http://{addr}"),
+        format!("https://{addr}"),
+        "--cacert".into(),
+        ca.to_string(),
         "--wallet-dir".into(),
         wallet_dir.display().to_string(),
         "--bitcoind-rpc".into(),
@@ -255,7 +263,7 @@ async fn readme_walkthrough_grpcurl_generate_paid_by_satstream_wallet_pay() {
             .args(&conn)
             .args(["pay", "--max-sats", max_sats, "--"])
             .arg(super::support::grpcurl())
-            .args(["-plaintext", "-d", request, &addr])
+            .args(["-cacert", ca, "-d", request, &addr])
             .arg("satstream.v1.Inference/Generate")
             .output()
             .expect("run satstream wallet pay");

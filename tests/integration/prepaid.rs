@@ -657,6 +657,8 @@ async fn the_mainnet_example_config_serves_a_paid_generate() {
         sets: vec![
             format!("models.0.path={}", tiny.display()),
             "lightning.public_address=".into(),
+            // One recorder per process: the test binary's other servers do not export.
+            "server.metrics_listen=".into(),
         ],
         ..Default::default()
     })

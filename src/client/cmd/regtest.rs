@@ -21,6 +21,19 @@ pub async fn run(base: &Config, sets: &[String]) -> Result<(), ClientError> {
     .map_err(|e| ClientError::Harness(e.to_string()))?;
     let addr = h.server().grpc_addr;
     let token = &h.server().admin_token;
+    // grpcurl's TLS flag: plaintext on loopback by default, or trust the server's own CA.
+    let (tls, server_url, cacert) = match &h.server().tls {
+        Some(t) => (
+            format!("-cacert {}", t.trust_path.display()),
+            format!("https://{addr}"),
+            format!(" --cacert {}", t.trust_path.display()),
+        ),
+        None => (
+            "-plaintext".to_string(),
+            format!("http://{addr}"),
+            String::new(),
+        ),
+    };
     let model = base.models.first().map_or("MODEL", |m| m.id.as_str());
     let rpc = h.bitcoind.rpc_port;
     println!(
@@ -29,14 +42,14 @@ pub async fn run(base: &Config, sets: &[String]) -> Result<(), ClientError> {
          server node:   {}@{}\n\
          bitcoind RPC:  127.0.0.1:{rpc} (user/password satstream)\n\n\
          In another terminal (`source scripts/env.sh` puts satstream, bitcoin-cli and grpcurl on PATH):\n\
-         \x20 grpcurl -plaintext {addr} list\n\
-         \x20 grpcurl -plaintext {addr} describe satstream.v1.Inference\n\
-         \x20 grpcurl -plaintext {addr} satstream.v1.Inference/ListModels\n\
-         \x20 grpcurl -plaintext -H 'authorization: Bearer {token}' {addr} satstream.v1.Admin/GetInfo\n\n\
+         \x20 grpcurl {tls} {addr} list\n\
+         \x20 grpcurl {tls} {addr} describe satstream.v1.Inference\n\
+         \x20 grpcurl {tls} {addr} satstream.v1.Inference/ListModels\n\
+         \x20 grpcurl {tls} -H 'authorization: Bearer {token}' {addr} satstream.v1.Admin/GetInfo\n\n\
          Pay from a wallet of your own (its data goes to ./satstream-client):\n\
          \x20 mine() {{ bitcoin-cli -regtest -rpcport={rpc} -rpcuser=satstream -rpcpassword=satstream generatetoaddress \"$1\" \"$(satstream wallet address)\" >/dev/null; }}\n\
-         \x20 mine 101 && satstream wallet --server http://{addr} open-channel --sats 200000 && mine 6\n\
-         \x20 satstream wallet pay --max-sats 100 -- grpcurl -plaintext -d '{{\"model\":\"{model}\",\"max_tokens\":48,\"messages\":[{{\"role\":\"user\",\"content\":\"Tell me about Lightning\"}}]}}' {addr} satstream.v1.Inference/Generate\n\n\
+         \x20 mine 101 && satstream wallet --server {server_url}{cacert} open-channel --sats 200000 && mine 6\n\
+         \x20 satstream wallet pay --max-sats 100 -- grpcurl {tls} -d '{{\"model\":\"{model}\",\"max_tokens\":48,\"messages\":[{{\"role\":\"user\",\"content\":\"Tell me about Lightning\"}}]}}' {addr} satstream.v1.Inference/Generate\n\n\
          Ctrl-C stops everything.",
         h.server_node_id(),
         h.server_ln_address(),
