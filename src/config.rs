@@ -37,6 +37,27 @@ pub struct ModelConfig {
     /// Generations waiting for a slot before new ones get ResourceExhausted.
     #[serde(default = "default_max_queue")]
     pub max_queue: u32,
+    /// The inference engine: `mistralrs` (the default) or `llamacpp` (batched decode, a true
+    /// pause: a paused generation keeps its KV cache).
+    #[serde(default)]
+    pub backend: BackendKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Mistralrs,
+    Llamacpp,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Mistralrs => "mistralrs",
+            BackendKind::Llamacpp => "llamacpp",
+        }
+    }
 }
 
 impl ModelConfig {
@@ -52,6 +73,7 @@ impl ModelConfig {
             chunk_tokens: default_chunk_tokens(),
             max_concurrent: default_max_concurrent(),
             max_queue: default_max_queue(),
+            backend: BackendKind::default(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod detok;
 mod error;
 pub mod gguf;
+pub mod llamacpp;
 pub mod mistral;
 mod pump;
 pub mod tiny_model;
@@ -514,9 +515,18 @@ async fn load_one(cfg: &ModelConfig) -> Result<LoadedModel, EngineError> {
             "context length {context_length} is too small"
         )));
     }
-    let backend = mistral::MistralBackend::load(&path, cfg.max_concurrent as usize, eos)
-        .await
-        .map_err(fail)?;
+    let backend: Arc<dyn Backend> = match cfg.backend {
+        crate::config::BackendKind::Mistralrs => Arc::new(
+            mistral::MistralBackend::load(&path, cfg.max_concurrent as usize, eos)
+                .await
+                .map_err(fail)?,
+        ),
+        crate::config::BackendKind::Llamacpp => Arc::new(
+            llamacpp::LlamaCppBackend::load(&path, cfg.max_concurrent as usize, context_length)
+                .await
+                .map_err(fail)?,
+        ),
+    };
     info!(
         architecture = %header.architecture,
         context_length,
@@ -536,7 +546,7 @@ async fn load_one(cfg: &ModelConfig) -> Result<LoadedModel, EngineError> {
             max_queue: cfg.max_queue,
             backend: backend.name(),
         },
-        backend: Arc::new(backend),
+        backend,
         bytes: Arc::new(bytes),
         slots: Arc::new(Semaphore::new(cfg.max_concurrent as usize)),
         queued: AtomicU32::new(0),

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use satstream::config::ModelConfig;
+use satstream::config::{BackendKind, ModelConfig};
 use satstream::engine::tiny_model::{self, expected_output, TinyModelOptions};
 use satstream::engine::{
     ChatMessage, Engine, EngineError, EventStream, FinishReason, GenerateParams, Prompt, TokenEvent,
@@ -25,6 +25,7 @@ fn model_config(id: &str, path: &Path) -> ModelConfig {
         chunk_tokens: 16,
         max_concurrent: 4,
         max_queue: 16,
+        backend: BackendKind::Mistralrs,
     }
 }
 
@@ -33,12 +34,18 @@ struct Tiny {
     _dir: TempDir,
 }
 
-async fn tiny(edit: impl FnOnce(&mut ModelConfig)) -> Tiny {
+async fn tiny(backend: BackendKind, edit: impl FnOnce(&mut ModelConfig)) -> Tiny {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model::write_tiny_model(dir.path()).unwrap();
     let mut cfg = model_config("tiny", &path);
+    cfg.backend = backend;
     edit(&mut cfg);
     let engine = Engine::load(&[cfg]).await.expect("tiny model loads");
+    let expected = match backend {
+        BackendKind::Mistralrs => "mistral.rs",
+        BackendKind::Llamacpp => "llama.cpp",
+    };
+    assert_eq!(engine.models()[0].backend, expected);
     Tiny { engine, _dir: dir }
 }
 
@@ -80,9 +87,8 @@ fn s(bytes: &[u8]) -> String {
     String::from_utf8(bytes.to_vec()).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_long_output_runs_to_max_tokens_exactly() {
-    let t = tiny(|_| {}).await;
+async fn tiny_long_output_runs_to_max_tokens_exactly(backend: BackendKind) {
+    let t = tiny(backend, |_| {}).await;
     let n = 3000;
     let mut g = t
         .engine
@@ -104,9 +110,8 @@ async fn tiny_long_output_runs_to_max_tokens_exactly() {
     assert_eq!(g.events.recv().await, None);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_early_eos_is_not_a_token() {
-    let t = tiny(|_| {}).await;
+async fn tiny_early_eos_is_not_a_token(backend: BackendKind) {
+    let t = tiny(backend, |_| {}).await;
     let mut g = t
         .engine
         .generate("tiny", params(text("x5"), 100))
@@ -138,9 +143,8 @@ async fn tiny_early_eos_is_not_a_token() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_chat_prompt_counts_template_tokens() {
-    let t = tiny(|_| {}).await;
+async fn tiny_chat_prompt_counts_template_tokens(backend: BackendKind) {
+    let t = tiny(backend, |_| {}).await;
     let chat = Prompt::Chat(vec![ChatMessage {
         role: "user".into(),
         content: "hi".into(),
@@ -164,9 +168,8 @@ async fn tiny_chat_prompt_counts_template_tokens() {
     assert_eq!(texts.concat(), "abcdefghijklmnopqrstuvwxyzabcd");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_split_characters_are_attributed_exactly() {
-    let t = tiny(|_| {}).await;
+async fn tiny_split_characters_are_attributed_exactly(backend: BackendKind) {
+    let t = tiny(backend, |_| {}).await;
     // "!" → C3 A9 "!" C3 A9 "!" C3: "é" spans two tokens; the 7th token is half a character.
     let mut g = t
         .engine
@@ -184,9 +187,8 @@ async fn tiny_split_characters_are_attributed_exactly() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_stop_string_ends_with_the_completing_token() {
-    let t = tiny(|_| {}).await;
+async fn tiny_stop_string_ends_with_the_completing_token(backend: BackendKind) {
+    let t = tiny(backend, |_| {}).await;
     let mut p = params(text("a"), 1000);
     p.stop = vec!["xyz".into(), "never".into()];
     let mut g = t.engine.generate("tiny", p).await.unwrap();
@@ -202,9 +204,8 @@ async fn tiny_stop_string_ends_with_the_completing_token() {
     assert_eq!(g.handle.generated(), 25);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_cancel_is_immediate_and_frees_the_slot() {
-    let t = tiny(|c| {
+async fn tiny_cancel_is_immediate_and_frees_the_slot(backend: BackendKind) {
+    let t = tiny(backend, |c| {
         c.max_concurrent = 1;
         c.max_queue = 0;
     })
@@ -248,9 +249,8 @@ async fn tiny_cancel_is_immediate_and_frees_the_slot() {
     assert!(frozen < 30000);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_dropping_the_generation_cancels_it() {
-    let t = tiny(|c| {
+async fn tiny_dropping_the_generation_cancels_it(backend: BackendKind) {
+    let t = tiny(backend, |c| {
         c.max_concurrent = 1;
         c.max_queue = 0;
     })
@@ -273,9 +273,8 @@ async fn tiny_dropping_the_generation_cancels_it() {
     assert_eq!(texts.concat(), "89");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_stop_ends_cleanly_after_delivering_everything() {
-    let t = tiny(|_| {}).await;
+async fn tiny_stop_ends_cleanly_after_delivering_everything(backend: BackendKind) {
+    let t = tiny(backend, |_| {}).await;
     let mut g = t
         .engine
         .generate("tiny", params(text("a"), 30000))
@@ -300,9 +299,8 @@ async fn tiny_stop_ends_cleanly_after_delivering_everything() {
     assert!(expected.ends_with(&rest.concat()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_allowance_pauses_exactly_and_resumes_identically() {
-    let t = tiny(|c| {
+async fn tiny_allowance_pauses_exactly_and_resumes_identically(backend: BackendKind) {
+    let t = tiny(backend, |c| {
         c.max_concurrent = 1;
         c.max_queue = 0;
     })
@@ -350,9 +348,8 @@ async fn tiny_allowance_pauses_exactly_and_resumes_identically() {
     assert_eq!([part1, part2, part3].concat(), reference);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_pause_inside_a_character_and_at_zero() {
-    let t = tiny(|_| {}).await;
+async fn tiny_pause_inside_a_character_and_at_zero(backend: BackendKind) {
+    let t = tiny(backend, |_| {}).await;
     let mut p = params(text("!"), 6);
     p.allowance = 0;
     let mut g = t.engine.generate("tiny", p).await.unwrap();
@@ -383,9 +380,8 @@ async fn tiny_pause_inside_a_character_and_at_zero() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_cancel_while_paused() {
-    let t = tiny(|_| {}).await;
+async fn tiny_cancel_while_paused(backend: BackendKind) {
+    let t = tiny(backend, |_| {}).await;
     let mut p = params(text("a"), 100);
     p.allowance = 3;
     let mut g = t.engine.generate("tiny", p).await.unwrap();
@@ -406,9 +402,8 @@ async fn tiny_cancel_while_paused() {
     assert_eq!(g.handle.generated(), 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_stalled_consumer_does_not_block_another_stream() {
-    let t = tiny(|c| c.max_concurrent = 2).await;
+async fn tiny_stalled_consumer_does_not_block_another_stream(backend: BackendKind) {
+    let t = tiny(backend, |c| c.max_concurrent = 2).await;
     let n = 4000;
     // Never read while the other runs: far more events than any channel mistral.rs uses.
     let mut stalled = t
@@ -434,9 +429,8 @@ async fn tiny_stalled_consumer_does_not_block_another_stream() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_queue_bound_gives_busy() {
-    let t = tiny(|c| {
+async fn tiny_queue_bound_gives_busy(backend: BackendKind) {
+    let t = tiny(backend, |c| {
         c.max_concurrent = 1;
         c.max_queue = 1;
     })
@@ -486,9 +480,8 @@ async fn tiny_queue_bound_gives_busy() {
     assert_eq!(texts.concat(), "56789");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_invalid_requests_fail_before_any_work() {
-    let t = tiny(|c| c.context_length = 16).await;
+async fn tiny_invalid_requests_fail_before_any_work(backend: BackendKind) {
+    let t = tiny(backend, |c| c.context_length = 16).await;
     let e = &t.engine;
     assert_eq!(
         e.models()[0].context_length,
@@ -702,13 +695,12 @@ async fn smollm2_pause_resume_is_exact_in_counts_and_first_segment() {
 /// random few milliseconds after it is complete, so allowance changes land both while a
 /// generation runs and while it is paused, and resumes meet each other's cached prefixes.
 /// Every one must produce exactly its text.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_concurrent_paced_generations_are_exact() {
+async fn tiny_concurrent_paced_generations_are_exact(backend: BackendKind) {
     use rand::Rng;
     super::support::init_tracing();
     const CHUNK: u32 = 4;
     const WINDOW: u32 = 2;
-    let t = tiny(|c| {
+    let t = tiny(backend, |c| {
         c.max_concurrent = 8;
         c.max_queue = 16;
     })
@@ -767,3 +759,42 @@ async fn tiny_concurrent_paced_generations_are_exact() {
         }
     }
 }
+
+/// Every tiny-model engine test runs on both backends (the same body, parametrized).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn mistralrs() {
+                    super::$name(BackendKind::Mistralrs).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn llamacpp() {
+                    super::$name(BackendKind::Llamacpp).await
+                }
+            }
+        )*
+    };
+}
+
+on_both_backends!(
+    tiny_long_output_runs_to_max_tokens_exactly,
+    tiny_early_eos_is_not_a_token,
+    tiny_chat_prompt_counts_template_tokens,
+    tiny_split_characters_are_attributed_exactly,
+    tiny_stop_string_ends_with_the_completing_token,
+    tiny_cancel_is_immediate_and_frees_the_slot,
+    tiny_dropping_the_generation_cancels_it,
+    tiny_stop_ends_cleanly_after_delivering_everything,
+    tiny_allowance_pauses_exactly_and_resumes_identically,
+    tiny_pause_inside_a_character_and_at_zero,
+    tiny_cancel_while_paused,
+    tiny_stalled_consumer_does_not_block_another_stream,
+    tiny_queue_bound_gives_busy,
+    tiny_invalid_requests_fail_before_any_work,
+    tiny_concurrent_paced_generations_are_exact,
+);

@@ -126,6 +126,7 @@ async fn grpcurl_generate_bolt11_paid_from_the_payer_node() {
             chunk_tokens: 4,
             max_concurrent: 4,
             max_queue: 4,
+            backend: Default::default(),
         }],
         ..HarnessOptions::default()
     })

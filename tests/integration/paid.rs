@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tonic::Streaming;
 
-use satstream::config::ModelConfig;
+use satstream::config::{BackendKind, ModelConfig};
 use satstream::engine::tiny_model::write_tiny_model;
 use satstream::harness::{wait_until, Harness, HarnessOptions, PayOutcome};
 use satstream::store::SessionState;
@@ -30,6 +30,11 @@ pub(super) async fn world(sets: &[&str]) -> World {
     world_with(sets, 0, 0, CHUNK).await
 }
 
+/// A world whose tiny model runs on `backend`.
+pub(super) async fn world_on(backend: BackendKind, sets: &[&str]) -> World {
+    world_full(sets, 0, 0, CHUNK, backend).await
+}
+
 /// A world on the tiny model priced `msat_per_prompt_token` per prompt token, with a
 /// `server_channel_sat` channel server → payer (the server's outbound liquidity, for refunds).
 pub(super) async fn world_with(
@@ -37,6 +42,23 @@ pub(super) async fn world_with(
     msat_per_prompt_token: u64,
     server_channel_sat: u64,
     chunk_tokens: u32,
+) -> World {
+    world_full(
+        sets,
+        msat_per_prompt_token,
+        server_channel_sat,
+        chunk_tokens,
+        BackendKind::Mistralrs,
+    )
+    .await
+}
+
+async fn world_full(
+    sets: &[&str],
+    msat_per_prompt_token: u64,
+    server_channel_sat: u64,
+    chunk_tokens: u32,
+    backend: BackendKind,
 ) -> World {
     super::support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
@@ -51,6 +73,7 @@ pub(super) async fn world_with(
             chunk_tokens,
             max_concurrent: 8,
             max_queue: 16,
+            backend,
         }],
         sets: sets.iter().map(|s| s.to_string()).collect(),
         server_channel_sat,
@@ -176,9 +199,8 @@ pub(super) fn assert_books(
     s
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bolt11_pays_each_chunk_and_gets_exact_text() {
-    let w = world(&[]).await;
+async fn bolt11_pays_each_chunk_and_gets_exact_text(backend: BackendKind) {
+    let w = world_on(backend, &[]).await;
     let mut s = open(&w, request(10, PaymentMode::Bolt11)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
@@ -214,9 +236,8 @@ async fn bolt11_pays_each_chunk_and_gets_exact_text() {
     w.h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn atomic_chunks_decrypt_with_the_payers_preimage() {
-    let w = world(&[]).await;
+async fn atomic_chunks_decrypt_with_the_payers_preimage(backend: BackendKind) {
+    let w = world_on(backend, &[]).await;
     let mut s = open(&w, request(10, PaymentMode::Atomic)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
@@ -254,9 +275,8 @@ async fn atomic_chunks_decrypt_with_the_payers_preimage() {
     w.h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn keysend_balance_releases_chunks_and_keeps_the_rest_refundable() {
-    let w = world(&[]).await;
+async fn keysend_balance_releases_chunks_and_keeps_the_rest_refundable(backend: BackendKind) {
+    let w = world_on(backend, &[]).await;
     let mut s = open(&w, request(10, PaymentMode::Keysend)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
@@ -294,9 +314,8 @@ async fn keysend_balance_releases_chunks_and_keeps_the_rest_refundable() {
     w.h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn payer_stops_paying_halts_and_late_payment_is_failed_back() {
-    let w = world(&["payments.payment_timeout_secs=2"]).await;
+async fn payer_stops_paying_halts_and_late_payment_is_failed_back(backend: BackendKind) {
+    let w = world_on(backend, &["payments.payment_timeout_secs=2"]).await;
     let mut s = open(&w, request(40, PaymentMode::Bolt11)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
@@ -412,9 +431,8 @@ async fn bad_requests_get_clear_statuses() {
     w.h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn eight_concurrent_sessions_on_one_channel_are_all_exact() {
-    let w = std::sync::Arc::new(world(&[]).await);
+async fn eight_concurrent_sessions_on_one_channel_are_all_exact(backend: BackendKind) {
+    let w = std::sync::Arc::new(world_on(backend, &[]).await);
     let mut tasks = Vec::new();
     for i in 0..8u32 {
         let w = w.clone();
@@ -565,3 +583,32 @@ async fn underpaid_chunk_htlc_is_failed_back_and_nothing_delivered() {
     assert_eq!(assert_invariants(&w, &acc.session_id).paid_msat, 0);
     w.h.stop().await;
 }
+
+/// The paid-stream tests that exercise the engine run on both backends.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn mistralrs() {
+                    super::$name(BackendKind::Mistralrs).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn llamacpp() {
+                    super::$name(BackendKind::Llamacpp).await
+                }
+            }
+        )*
+    };
+}
+
+on_both_backends!(
+    bolt11_pays_each_chunk_and_gets_exact_text,
+    atomic_chunks_decrypt_with_the_payers_preimage,
+    keysend_balance_releases_chunks_and_keeps_the_rest_refundable,
+    payer_stops_paying_halts_and_late_payment_is_failed_back,
+    eight_concurrent_sessions_on_one_channel_are_all_exact,
+);
