@@ -223,6 +223,12 @@ pub struct PaymentsConfig {
     pub topup_max_msat: u64,
     /// Attempts at handling an LDK event before it is parked (Admin ListParkedEvents).
     pub event_max_attempts: u32,
+    /// Lookahead follows each session's measured payment latency and engine rate (and an
+    /// invoice covers more tokens when payments cannot keep up); off: a fixed
+    /// `window_chunks × chunk_tokens`.
+    pub adaptive_lookahead: bool,
+    /// Most msat of tokens generated beyond what is paid, per session (0: 256 tokens' worth).
+    pub max_unpaid_msat: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -302,6 +308,8 @@ impl Default for PaymentsConfig {
             topup_min_msat: 1_000,
             topup_max_msat: 100_000_000,
             event_max_attempts: 5,
+            adaptive_lookahead: true,
+            max_unpaid_msat: 0,
         }
     }
 }

@@ -551,7 +551,7 @@ impl Run {
                 self.terms = Terms {
                     node_id: a.node_id.clone(),
                     msat_per_token: a.msat_per_token,
-                    chunk_tokens: a.chunk_tokens,
+                    chunk_tokens: a.max_chunk_tokens.max(a.chunk_tokens),
                     prompt_price_msat: a.prompt_price_msat,
                 };
                 self.chunk_price_msat = a.chunk_tokens as u64 * a.msat_per_token;

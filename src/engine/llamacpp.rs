@@ -204,9 +204,9 @@ impl Segment for LlamaSegment {
     fn finished(&mut self) -> BoxFuture<'_, SegmentEnd> {
         Box::pin(async move {
             match self.done.as_mut() {
-                Some(rx) => rx.await.unwrap_or_else(|_| {
-                    SegmentEnd::Failed("the llama.cpp engine stopped".into())
-                }),
+                Some(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| SegmentEnd::Failed("the llama.cpp engine stopped".into())),
                 None => SegmentEnd::Ended,
             }
         })
@@ -345,7 +345,11 @@ impl<'m> Engine<'m> {
                 let clock = self.clock;
                 if let Some(i) = parked {
                     let s = &mut self.seqs[i];
-                    debug!(seq = s.seq_id, cached = s.decoded, "llama.cpp: resuming a parked sequence");
+                    debug!(
+                        seq = s.seq_id,
+                        cached = s.decoded,
+                        "llama.cpp: resuming a parked sequence"
+                    );
                     s.tokens.extend_from_slice(&tokens[s.tokens.len()..]);
                     s.running = Some(running);
                     s.last_used = clock;
@@ -383,7 +387,9 @@ impl<'m> Engine<'m> {
 
     /// A sequence id no sequence uses, evicting the least recently used parked one if needed.
     fn free_seq_id(&mut self) -> Option<i32> {
-        if let Some(id) = (0..self.n_seq as i32).find(|id| self.seqs.iter().all(|s| s.seq_id != *id)) {
+        if let Some(id) =
+            (0..self.n_seq as i32).find(|id| self.seqs.iter().all(|s| s.seq_id != *id))
+        {
             return Some(id);
         }
         self.evict_parked().then(|| self.free_seq_id()).flatten()
@@ -467,7 +473,8 @@ impl<'m> Engine<'m> {
                     for (i, _) in &added {
                         Self::end(&mut self.seqs[*i], SegmentEnd::Failed(why.clone()));
                     }
-                    let failed: Vec<i32> = added.iter().map(|(i, _)| self.seqs[*i].seq_id).collect();
+                    let failed: Vec<i32> =
+                        added.iter().map(|(i, _)| self.seqs[*i].seq_id).collect();
                     self.seqs.retain(|s| !failed.contains(&s.seq_id));
                     for id in failed {
                         self.forget(id);

@@ -77,6 +77,8 @@ pub struct SessionSpec {
     pub account_id: Option<[u8; 16]>,
     /// The generation to run (prompt already tokenized); its allowance is set here.
     pub params: GenerateParams,
+    /// Lookahead and tokens per invoice (BOLT11/ATOMIC), adapted to the payment path.
+    pub pace: super::Pace,
 }
 
 struct Chunk {
@@ -270,9 +272,10 @@ async fn run_session(
                         if let Some(t) = paused_since.take() {
                             paused += t.elapsed();
                         }
+                        m.spec.pace.on_token(std::time::Instant::now());
                         m.current.text.push_str(&text);
                         m.current.tokens += 1;
-                        if m.current.tokens == m.spec.price.chunk_tokens {
+                        if m.current.tokens >= m.spec.pace.chunk_tokens() {
                             if let Err(e) = m.seal().await {
                                 break e;
                             }
@@ -280,6 +283,7 @@ async fn run_session(
                     }
                     Some(TokenEvent::Paused { generated }) => {
                         paused_since = Some(Instant::now());
+                        m.spec.pace.on_pause();
                         tracing::debug!(generated, "engine paused: waiting for payment");
                     }
                     Some(TokenEvent::Finished { reason, completion_tokens }) => {
@@ -412,7 +416,7 @@ impl Meter {
                     .saturating_add(covered)
                     .saturating_add(chunk)
             }
-            _ => self.paid_tokens + self.spec.window_chunks * chunk,
+            _ => self.paid_tokens + self.spec.pace.lookahead(),
         }
     }
 
@@ -657,6 +661,9 @@ impl Meter {
             return Ok(());
         };
         let u = self.unpaid.remove(&k).expect("indexed chunk");
+        self.spec
+            .pace
+            .on_paid(u.since.elapsed(), std::time::Instant::now());
         let notice = h.at.elapsed();
         let claiming = Instant::now();
         let mut hashes = vec![h.payment_hash];

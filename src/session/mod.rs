@@ -3,8 +3,10 @@
 //! when it is paid, paces the engine by its allowance and halts when payment stops.
 
 mod meter;
+pub mod pace;
 
 pub use meter::{run, Mode, SessionSpec};
+pub use pace::Pace;
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -225,6 +225,7 @@ async fn a_client_that_stops_reading_is_halted() {
         invoice_expiry_secs: 600,
         account_id: None,
         params: GenerateParams::new(Prompt::Text("a".into()), 400),
+        pace: satstream::session::Pace::new(false, 2, super::paid::CHUNK, 256),
     };
     // Room for one event: the EncryptedChunk of chunk 0; its Invoice then waits for a reader.
     let (tx, rx) = tokio::sync::mpsc::channel(1);

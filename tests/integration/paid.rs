@@ -315,7 +315,15 @@ async fn keysend_balance_releases_chunks_and_keeps_the_rest_refundable(backend: 
 }
 
 async fn payer_stops_paying_halts_and_late_payment_is_failed_back(backend: BackendKind) {
-    let w = world_on(backend, &["payments.payment_timeout_secs=2"]).await;
+    // The cap on unpaid exposure: 12 tokens (3 chunks) at 1 000 msat a token.
+    let w = world_on(
+        backend,
+        &[
+            "payments.payment_timeout_secs=2",
+            "payments.max_unpaid_msat=12000",
+        ],
+    )
+    .await;
     let mut s = open(&w, request(40, PaymentMode::Bolt11)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
@@ -339,11 +347,13 @@ async fn payer_stops_paying_halts_and_late_payment_is_failed_back(backend: Backe
     assert_eq!(halted.reason, HaltReason::PaymentTimeout as i32);
     assert_eq!(text, letters(8), "no plaintext beyond the paid chunks");
     assert_eq!(halted.completion_tokens_delivered, 8);
+    let unpaid_tokens: u32 = invoices[2..].iter().map(|i| i.tokens).sum();
     assert!(
-        invoices.len() as u32 <= 2 + window,
-        "generated at most `window` chunks beyond what was paid: {} invoices",
-        invoices.len()
+        unpaid_tokens <= 12 + 2,
+        "at most the cap (+2) generated beyond what was paid: {unpaid_tokens} tokens in {} invoices",
+        invoices.len() - 2
     );
+    assert!(window >= 1);
     let sess = assert_invariants(&w, &acc.session_id);
     assert_eq!(sess.end_reason.as_deref(), Some("payment_timeout"));
     // Paying a withdrawn invoice now fails back: nothing is kept.

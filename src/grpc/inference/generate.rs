@@ -14,6 +14,9 @@ use crate::store::NewSession;
 /// paced by payment).
 const CLIENT_BUFFER: usize = 64;
 
+/// The cap on unpaid tokens per session when `payments.max_unpaid_msat` is 0.
+const AUTO_UNPAID_TOKENS: u32 = 256;
+
 /// Longest the end of a session waits for LDK to report its last claims.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -138,9 +141,20 @@ pub(super) async fn handle(
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
 
+    let p = &app.config.payments;
+    let invoiced = matches!(c.mode, Mode::Bolt11 | Mode::Atomic);
+    let cap_tokens = match p.max_unpaid_msat {
+        0 => AUTO_UNPAID_TOKENS,
+        m => (m / price.msat_per_token.max(1)).min(u32::MAX as u64) as u32,
+    };
+    let pace = crate::session::Pace::new(
+        invoiced && p.adaptive_lookahead,
+        window,
+        price.chunk_tokens,
+        cap_tokens,
+    );
     let (tx, rx) = tokio::sync::mpsc::channel(CLIENT_BUFFER);
     let send = |e: Ev| Ok::<_, Status>(GenerateEvent { event: Some(e) });
-    let p = &app.config.payments;
     let _ = tx
         .send(send(Ev::Accepted(proto::Accepted {
             session_id: hex::encode(session_id),
@@ -155,6 +169,7 @@ pub(super) async fn handle(
             payment_timeout_secs: p.payment_timeout_secs as u32,
             node_id: app.lightning.node_id(),
             first_payment_timeout_secs: p.first_payment_timeout_secs as u32,
+            max_chunk_tokens: pace.max_chunk_tokens(),
         })))
         .await;
     if c.mode == Mode::Keysend {
@@ -189,6 +204,7 @@ pub(super) async fn handle(
             stop: sampling.stop.clone(),
             allowance: 0,
         },
+        pace,
     };
     let shutdown = app.shutdown.clone();
     tokio::spawn(session::run(
