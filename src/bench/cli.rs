@@ -8,7 +8,9 @@ use crate::config::Config;
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
-    /// smollm2 (the configured default model), tiny (generated), all, or store (only the
+    /// backends (mistral.rs and llama.cpp side by side on the configured model, written to
+    /// docs/backends.md), smollm2 (the configured default model), tiny (generated), all, or
+    /// store (only the
     /// ldk-node store comparison, on tiny; all includes it). Money under faults and load,
     /// printed only: chaos (random SIGKILLs of a server process, tiny model), rpc (ListModels
     /// latency under 32 paid sessions, tiny model), soak (RSS over 1 000 distinct SmolLM2
@@ -31,6 +33,64 @@ pub struct BenchArgs {
 pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
     if matches!(a.model.as_str(), "chaos" | "rpc" | "soak") {
         return faults_command(base, a).await;
+    }
+    if a.model == "engines" {
+        // Decode rates of each backend on the model file and its requantized variants.
+        let m = base
+            .models
+            .first()
+            .ok_or_else(|| BenchError::Failed("the configuration has no model".into()))?
+            .clone();
+        let mut files = vec![m.path.clone()];
+        let q8 = m.path.with_file_name(
+            m.path
+                .file_name()
+                .map(|f| f.to_string_lossy().replace("Q4_1", "Q8_0"))
+                .unwrap_or_default(),
+        );
+        if q8 != m.path && q8.exists() {
+            files.push(q8);
+        }
+        println!("| file | backend | load | decode tok/s (median of 3) |\n|---|---|---|---|");
+        for f in files {
+            for b in [
+                crate::config::BackendKind::Mistralrs,
+                crate::config::BackendKind::Llamacpp,
+            ] {
+                let mut mc = m.clone();
+                mc.path = f.clone();
+                mc.backend = b;
+                let (load, rate) = super::backends::raw_engine(&mc, 128, 3).await?;
+                println!(
+                    "| {} | {} | {load:.2} s | {rate:.1} |",
+                    f.file_name().unwrap_or_default().to_string_lossy(),
+                    b.as_str()
+                );
+            }
+        }
+        return Ok(());
+    }
+    if a.model == "backends" {
+        let tmp = tempfile::tempdir().map_err(|e| BenchError::Failed(e.to_string()))?;
+        let m = base
+            .models
+            .first()
+            .ok_or_else(|| BenchError::Failed("the configuration has no model".into()))?
+            .clone();
+        let path = crate::engine::tiny_model::write_tiny_model(tmp.path())
+            .map_err(|e| BenchError::Failed(e.to_string()))?;
+        let tiny = crate::config::ModelConfig::new("tiny", path, m.msat_per_token);
+        let table = super::backends::compare(&m, &tiny, 128).await?;
+        println!("{table}");
+        let out = a.out.with_file_name("backends.md");
+        let report = format!(
+            "# Engines side by side\n\nWritten by `satstream bench --model backends` (one run, \
+             both backends on the same model file; medians where stated). Machine: {}.\n\n{table}",
+            super::machine()
+        );
+        std::fs::write(&out, report).map_err(|e| BenchError::Failed(e.to_string()))?;
+        eprintln!("written to {}", out.display());
+        return Ok(());
     }
     let tmp = tempfile::tempdir().map_err(|e| BenchError::Failed(e.to_string()))?;
     let mut runs = Vec::new();

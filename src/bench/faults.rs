@@ -219,7 +219,7 @@ pub async fn soak(
     let mut c = InferenceClient::connect(format!("http://{}", h.server().grpc_addr))
         .await
         .map_err(|e| BenchError::Failed(e.to_string()))?;
-    let mut curve = vec![(0, super::status_mb("VmRSS:"))];
+    let mut curve = vec![(0, super::status_mb("VmRSS"))];
     for i in 1..=n {
         // Distinct prompts: every one would be a new prefix-cache entry.
         let prompt = format!(
@@ -229,7 +229,7 @@ pub async fn soak(
         let req = request(&model.id, &prompt, tokens, PaymentMode::Bolt11);
         client::generate(&mut c, &h.payer, req, None, |_| {}).await?;
         if i % every == 0 {
-            let mb = super::status_mb("VmRSS:");
+            let mb = super::status_mb("VmRSS");
             tracing::info!(generations = i, rss_mb = mb, "soak");
             curve.push((i, mb));
         }

@@ -5,6 +5,7 @@
 //! Every figure comes from this run: the raw engine rate is measured on the same loaded
 //! engine, prompt and sampling as the paid stream it is compared with.
 
+pub mod backends;
 pub mod cli;
 pub mod faults;
 

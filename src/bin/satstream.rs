@@ -39,7 +39,7 @@ enum Cmd {
     Config,
     /// Start a local regtest world (bitcoind, this server, a funded payer node with a channel
     /// to it) and print grpcurl commands to try. Ctrl-C stops everything.
-    Regtest,
+    Regtest(regtest::RegtestArgs),
     /// The whole product on one machine: bitcoind -regtest, the server (default model), a
     /// client wallet with a channel to it, and one paid chat generation shown live.
     Demo(demo::DemoArgs),
@@ -54,12 +54,23 @@ enum Cmd {
     /// Measure the performance goals on the regtest harness; print the table and write it to
     /// docs/benchmarks.md.
     Bench(BenchArgs),
+    /// Write a GGUF model with its quantized weights converted (e.g. Q4_1 → Q8_0, which
+    /// mistral.rs decodes faster on a CPU).
+    Requantize {
+        /// q8_0, q4_0 or f16.
+        #[arg(long, default_value = "q8_0")]
+        to: String,
+        src: PathBuf,
+        dst: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let default_log = match cli.cmd {
-        Cmd::Serve | Cmd::Regtest | Cmd::Config => "info,ldk_node=warn,lightning=warn",
+        Cmd::Serve | Cmd::Regtest(_) | Cmd::Config => {
+            "info,ldk_node=warn,lightning=warn,llama_cpp_2=warn"
+        }
         _ => "warn",
     };
     let log = cli.log.clone().unwrap_or_else(|| default_log.to_string());
@@ -100,13 +111,24 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Serve => serve(load_config(&cli)?).await?,
-        Cmd::Regtest => regtest::run(&load_config(&cli)?, &cli.sets).await?,
-        Cmd::Demo(a) => demo::run(&load_config(&cli)?, &cli.sets, &a.req).await?,
+        Cmd::Regtest(a) => regtest::run(&load_config(&cli)?, &cli.sets, a).await?,
+        Cmd::Demo(a) => demo::run(&load_config(&cli)?, &cli.sets, a).await?,
         Cmd::Generate(a) => generate::run(a, false).await?,
         Cmd::Chat(a) => generate::run(a, true).await?,
         Cmd::Wallet(a) => wallet::run(a).await?,
         Cmd::Account(a) => account::run(a).await?,
         Cmd::Bench(a) => satstream::bench::cli::command(&load_config(&cli)?, a).await?,
+        Cmd::Requantize { to, src, dst } => {
+            use satstream::engine::requantize::{parse_type, requantize};
+            let to = parse_type(to).map_err(anyhow::Error::msg)?;
+            let r = requantize(src, dst, to).map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "{}: {} tensors converted, {} copied",
+                dst.display(),
+                r.converted,
+                r.copied
+            );
+        }
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod llamacpp;
 pub mod mistral;
 mod pump;
+pub mod requantize;
 pub mod tiny_model;
 
 use std::collections::HashMap;

@@ -115,10 +115,12 @@ impl Pace {
     fn settle_rate(&self) -> Option<f64> {
         let (first, last) = (self.held_at.front()?, self.held_at.back()?);
         let span = last.duration_since(*first).as_secs_f64();
-        (self.held_at.len() >= 4 && span > 0.0).then(|| (self.held_at.len() - 1) as f64 / span)
+        (self.held_at.len() >= 3 && span > 0.0).then(|| (self.held_at.len() - 1) as f64 / span)
     }
 
-    /// More tokens per invoice when the engine needs more invoices per second than settle.
+    /// More tokens per invoice when the engine needs more invoices per second than settle:
+    /// straight to the size that keeps the needed rate under 70 % of what settles (a power of
+    /// two times the model's chunk, at most `max_chunk_tokens`).
     fn grow_chunks(&mut self) {
         if !self.adaptive {
             return;
@@ -126,9 +128,16 @@ impl Pace {
         let (Some(rate), Some(settled)) = (self.rate(), self.settle_rate()) else {
             return;
         };
-        let needed = rate / self.chunk_tokens as f64;
-        if needed > 0.8 * settled && self.chunk_tokens * 2 <= self.max_chunk_tokens() {
-            self.chunk_tokens *= 2;
+        if rate / self.chunk_tokens as f64 <= 0.8 * settled {
+            return;
+        }
+        let want = (rate / (0.7 * settled)).ceil() as u32;
+        let mut c = self.chunk_tokens;
+        while c < want && c * 2 <= self.max_chunk_tokens() {
+            c *= 2;
+        }
+        if c > self.chunk_tokens {
+            self.chunk_tokens = c;
             // A new regime: measure its settle rate afresh.
             self.held_at.clear();
         }

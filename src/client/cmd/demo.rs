@@ -16,6 +16,9 @@ use crate::wire::proto::{inference_client::InferenceClient, TopUpRequest};
 pub struct DemoArgs {
     #[command(flatten)]
     pub req: Request,
+    /// The inference engine for every model (default: each model's `backend`).
+    #[arg(long, value_enum)]
+    pub backend: Option<crate::config::BackendKind>,
 }
 
 /// Channel server → client in the demo: the server's outbound liquidity, so a KEYSEND
@@ -23,7 +26,14 @@ pub struct DemoArgs {
 const REFUND_CHANNEL_SAT: u64 = 200_000;
 const CHANNEL_SAT: u64 = 1_000_000;
 
-pub async fn run(base: &Config, sets: &[String], r: &Request) -> Result<(), ClientError> {
+pub async fn run(base: &Config, sets: &[String], a: &DemoArgs) -> Result<(), ClientError> {
+    let r = &a.req;
+    let mut base = base.clone();
+    if let Some(b) = a.backend {
+        for m in &mut base.models {
+            m.backend = b;
+        }
+    }
     let Some(model) = base.models.first() else {
         return Err(ClientError::Usage(
             "the configuration has no model: add a [[models]] entry or --set models.0.path=..."
@@ -33,7 +43,10 @@ pub async fn run(base: &Config, sets: &[String], r: &Request) -> Result<(), Clie
     let model_id = r.model.clone().unwrap_or_else(|| model.id.clone());
     let stop = CancellationToken::new();
     tokio::spawn(crate::shutdown::cancel_on_signal(stop.clone()));
-    eprintln!("satstream demo: starting bitcoind -regtest, the server ({model_id}) and a client wallet; opening channels...");
+    eprintln!(
+        "satstream demo: starting bitcoind -regtest, the server ({model_id} on {}) and a client wallet; opening channels...",
+        model.backend.as_str()
+    );
     let started = std::time::Instant::now();
     let mut sets = sets.to_vec();
     sets.push(format!(

@@ -7,7 +7,22 @@ use crate::client::ClientError;
 use crate::config::Config;
 use crate::harness::{Harness, HarnessOptions};
 
-pub async fn run(base: &Config, sets: &[String]) -> Result<(), ClientError> {
+/// `satstream regtest` options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RegtestArgs {
+    /// The inference engine for every model (default: each model's `backend`).
+    #[arg(long, value_enum)]
+    pub backend: Option<crate::config::BackendKind>,
+}
+
+pub async fn run(base: &Config, sets: &[String], a: &RegtestArgs) -> Result<(), ClientError> {
+    let mut base = base.clone();
+    if let Some(b) = a.backend {
+        for m in &mut base.models {
+            m.backend = b;
+        }
+    }
+    let base = &base;
     let mut sets = sets.to_vec();
     sets.push(format!("server.grpc_listen={}", base.server.grpc_listen));
     eprintln!("Starting bitcoind -regtest, the server and a payer node; opening a channel...");

@@ -1,0 +1,310 @@
+//! Both engines side by side in one run, on the same model file, machine and moment: raw
+//! decode rate, time to first token, a pause/resume's cost, paid ÷ raw in every payment mode
+//! (adaptive lookahead), the stall share with adaptive lookahead against fixed windows,
+//! aggregate rates of 1/8/40 concurrent streams, and RSS.
+
+use std::time::{Duration, Instant};
+
+use super::{concurrent, connect, pct, raw_rate, request, rss, status_mb, BenchError, PROMPT};
+use crate::client;
+use crate::config::{BackendKind, ModelConfig};
+use crate::engine::{ChatMessage as EngineMessage, Engine, GenerateParams, Prompt, TokenEvent};
+use crate::harness::{Harness, HarnessOptions};
+use crate::wire::proto::{PaymentMode, TopUpRequest};
+
+/// What one backend measured.
+#[derive(Debug, Default, Clone)]
+pub struct BackendRun {
+    pub backend: &'static str,
+    pub load_s: f64,
+    pub raw_tok_s: f64,
+    pub ttft_ms: f64,
+    pub resume_ms: f64,
+    /// (mode, paid tok/s) with adaptive lookahead.
+    pub paid: Vec<(&'static str, f64)>,
+    pub stall_adaptive_pct: f64,
+    pub stall_fixed_pct: f64,
+    /// (streams, aggregate tok/s, complete, exact ledger).
+    pub concurrency: Vec<(usize, f64, usize, bool)>,
+    pub rss_mb: f64,
+}
+
+/// Time to first token and the cost of one pause/resume, straight from the engine: a
+/// generation paused at `pause_at` tokens is resumed, and the time from the allowance raise
+/// to the next token is the resume's cost (mistral.rs re-prefills; llama.cpp keeps the KV).
+async fn engine_timings(model: &ModelConfig) -> Result<(f64, f64, f64), BenchError> {
+    let fail = |e: &dyn std::fmt::Display| BenchError::Failed(e.to_string());
+    let started = Instant::now();
+    let engine = Engine::load(std::slice::from_ref(model))
+        .await
+        .map_err(|e| fail(&e))?;
+    let load_s = started.elapsed().as_secs_f64();
+    let prompt = || {
+        Prompt::Chat(vec![EngineMessage {
+            role: "user".into(),
+            content: PROMPT.into(),
+        }])
+    };
+    let (mut ttft, mut resume, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let mut p = GenerateParams::new(prompt(), 96);
+        p.allowance = 48;
+        let t = Instant::now();
+        let mut g = engine.generate(&model.id, p).await.map_err(|e| fail(&e))?;
+        let mut raised: Option<Instant> = None;
+        let mut last: Option<Instant> = None;
+        while let Some(ev) = g.events.recv().await {
+            match ev {
+                TokenEvent::Token { .. } => {
+                    let now = Instant::now();
+                    match (last, raised.take()) {
+                        (None, _) => ttft.push(t.elapsed().as_secs_f64() * 1e3),
+                        (Some(_), Some(r)) => {
+                            resume.push(now.duration_since(r).as_secs_f64() * 1e3)
+                        }
+                        (Some(l), None) => gaps.push(now.duration_since(l).as_secs_f64() * 1e3),
+                    }
+                    last = Some(now);
+                }
+                TokenEvent::Paused { .. } => {
+                    raised = Some(Instant::now());
+                    g.handle.set_allowance(u32::MAX);
+                }
+                TokenEvent::Finished { .. } => break,
+            }
+        }
+    }
+    // What a resume costs beyond generating the next token anyway.
+    let overhead = (pct(&resume, 0.5) - pct(&gaps, 0.5)).max(0.0);
+    Ok((load_s, pct(&ttft, 0.5), overhead))
+}
+
+async fn paid_mode(
+    h: &Harness,
+    model: &str,
+    tokens: u32,
+    mode: PaymentMode,
+) -> Result<f64, BenchError> {
+    let mut c = connect(h).await?;
+    let mut req = request(model, tokens, 2);
+    req.window_chunks = None;
+    req.mode = mode as i32;
+    if mode == PaymentMode::Prepaid {
+        let price = h.config.models[0].msat_per_token;
+        let t = c
+            .top_up(TopUpRequest {
+                account_token: String::new(),
+                amount_msat: tokens as u64 * price + 50_000,
+            })
+            .await
+            .map_err(client::ClientError::from)?
+            .into_inner();
+        h.payer.pay(&t.bolt11, Duration::from_secs(60)).await?;
+        req.account_token = t.account_token;
+    }
+    let s = client::generate(&mut c, &h.payer, req, None, |_| {}).await?;
+    if s.tokens == 0 || s.outcome.starts_with("halted") {
+        return Err(BenchError::Failed(format!("{mode:?} stream failed: {s:?}")));
+    }
+    Ok(s.tokens_per_sec)
+}
+
+/// Stall share of BOLT11 streams on a server with `sets`.
+async fn stall(h: &Harness, model: &str, tokens: u32) -> Result<f64, BenchError> {
+    h.server().app.metrics.take();
+    for _ in 0..2 {
+        paid_mode(h, model, tokens, PaymentMode::Bolt11).await?;
+    }
+    let m = h.server().app.metrics.take();
+    Ok(100.0 * m.paused_ms / m.session_ms.max(1e-9))
+}
+
+/// One backend, measured on a regtest world of its own.
+pub async fn measure(
+    model: &ModelConfig,
+    backend: BackendKind,
+    tokens: u32,
+) -> Result<BackendRun, BenchError> {
+    let mut m = model.clone();
+    m.backend = backend;
+    m.max_concurrent = 40;
+    m.max_queue = 64;
+    m.chunk_tokens = 16;
+    let (load_s, ttft_ms, resume_ms) = engine_timings(&m).await?;
+    let mut h = Harness::start(HarnessOptions {
+        models: vec![m.clone()],
+        sets: vec!["limits.max_sessions=64".into()],
+        ..HarnessOptions::default()
+    })
+    .await?;
+    let id = m.id.clone();
+    let mut run = BackendRun {
+        backend: match backend {
+            BackendKind::Mistralrs => "mistral.rs",
+            BackendKind::Llamacpp => "llama.cpp",
+        },
+        load_s,
+        ttft_ms,
+        resume_ms,
+        ..Default::default()
+    };
+    raw_rate(&h, &id, tokens).await?;
+    let mut raws = Vec::new();
+    for _ in 0..3 {
+        raws.push(raw_rate(&h, &id, tokens).await?);
+    }
+    run.raw_tok_s = pct(&raws, 0.5);
+    for (name, mode) in [
+        ("BOLT11", PaymentMode::Bolt11),
+        ("ATOMIC", PaymentMode::Atomic),
+        ("KEYSEND", PaymentMode::Keysend),
+        ("PREPAID", PaymentMode::Prepaid),
+    ] {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(paid_mode(&h, &id, tokens, mode).await?);
+        }
+        run.paid.push((name, pct(&v, 0.5)));
+    }
+    run.stall_adaptive_pct = stall(&h, &id, tokens).await?;
+    h.config.payments.adaptive_lookahead = false;
+    h.config.payments.window_chunks = 2;
+    h.restart_server().await?;
+    run.stall_fixed_pct = stall(&h, &id, tokens).await?;
+    h.config.payments.adaptive_lookahead = true;
+    h.restart_server().await?;
+    for n in [1usize, 8, 40] {
+        let c = concurrent(&h, &id, n, 64).await;
+        run.concurrency
+            .push((n, c.tok_s, c.completed, c.exact_ledger));
+    }
+    run.rss_mb = status_mb("VmRSS");
+    tracing::info!(?run, rss = %rss(), "backend measured");
+    h.stop().await;
+    Ok(run)
+}
+
+/// Both backends on `model`, and the tiny model's paid ÷ raw; the Markdown report.
+pub async fn compare(
+    model: &ModelConfig,
+    tiny: &ModelConfig,
+    tokens: u32,
+) -> Result<String, BenchError> {
+    let mut runs = Vec::new();
+    for b in [BackendKind::Mistralrs, BackendKind::Llamacpp] {
+        runs.push(measure(model, b, tokens).await?);
+    }
+    let mut md = format!(
+        "| {} ({tokens} tokens, chunk 16) | {} | {} |\n|---|---|---|\n",
+        model.id, runs[0].backend, runs[1].backend
+    );
+    let mut row = |what: String, f: &dyn Fn(&BackendRun) -> String| {
+        md.push_str(&format!("| {what} | {} | {} |\n", f(&runs[0]), f(&runs[1])));
+    };
+    row("Load".into(), &|r| format!("{:.2} s", r.load_s));
+    row("Raw decode, tok/s (median of 3)".into(), &|r| {
+        format!("{:.1}", r.raw_tok_s)
+    });
+    row("Time to first token (median of 3)".into(), &|r| {
+        format!("{:.0} ms", r.ttft_ms)
+    });
+    row(
+        "Pause/resume cost: raise → next token, minus a token's time (median of 3)".into(),
+        &|r| format!("{:.1} ms", r.resume_ms),
+    );
+    for (i, mode) in ["BOLT11", "ATOMIC", "KEYSEND", "PREPAID"]
+        .iter()
+        .enumerate()
+    {
+        row(format!("Paid {mode}, tok/s and paid ÷ raw"), &|r| {
+            format!("{:.1} ({:.3})", r.paid[i].1, r.paid[i].1 / r.raw_tok_s)
+        });
+    }
+    row("Stall share, adaptive lookahead".into(), &|r| {
+        format!("{:.1} %", r.stall_adaptive_pct)
+    });
+    row("Stall share, fixed window 2 × 16".into(), &|r| {
+        format!("{:.1} %", r.stall_fixed_pct)
+    });
+    for (i, n) in [1usize, 8, 40].iter().enumerate() {
+        row(
+            format!("{n} concurrent paid streams (64 tokens): aggregate tok/s"),
+            &|r| {
+                let (_, tok_s, done, exact) = r.concurrency[i];
+                format!(
+                    "{tok_s:.1} ({done}/{n} complete, ledger {})",
+                    if exact { "exact" } else { "NOT exact" }
+                )
+            },
+        );
+    }
+    row("RSS after the run (process)".into(), &|r| {
+        format!("{:.0} MB", r.rss_mb)
+    });
+    md.push_str(&format!(
+        "\nllama.cpp raw ÷ mistral.rs raw: **{:.2}** (goal ≥ 3).\n",
+        runs[1].raw_tok_s / runs[0].raw_tok_s
+    ));
+    // The tiny model: an engine far faster than one stream's payments; the operator allows
+    // 1 024 tokens unpaid.
+    let mut t = tiny.clone();
+    t.chunk_tokens = 4;
+    let cap = 1024 * t.msat_per_token;
+    let h = Harness::start(HarnessOptions {
+        models: vec![t.clone()],
+        sets: vec![format!("payments.max_unpaid_msat={cap}")],
+        ..HarnessOptions::default()
+    })
+    .await?;
+    raw_rate(&h, &t.id, 2000).await?;
+    let raw = raw_rate(&h, &t.id, 2000).await?;
+    let paid = paid_mode(&h, &t.id, 2000, PaymentMode::Bolt11).await?;
+    h.stop().await;
+    md.push_str(&format!(
+        "\nTiny model, 2 000 tokens, chunk 4, adaptive lookahead (unpaid cap 1 024 tokens): paid {paid:.0} tok/s ÷ raw {raw:.0} tok/s = **{:.3}** (goal ≥ 0.5).\n",
+        paid / raw
+    ));
+    Ok(md)
+}
+
+/// Raw decode of `tokens` tokens straight from an engine (no payment, no server), median of
+/// `runs` after one warm-up: (load s, tok/s).
+pub async fn raw_engine(
+    model: &ModelConfig,
+    tokens: u32,
+    runs: usize,
+) -> Result<(f64, f64), BenchError> {
+    let fail = |e: &dyn std::fmt::Display| BenchError::Failed(e.to_string());
+    let started = Instant::now();
+    let engine = Engine::load(std::slice::from_ref(model))
+        .await
+        .map_err(|e| fail(&e))?;
+    let load_s = started.elapsed().as_secs_f64();
+    let mut rates = Vec::new();
+    for i in 0..=runs {
+        let prompt = Prompt::Chat(vec![EngineMessage {
+            role: "user".into(),
+            content: PROMPT.into(),
+        }]);
+        let mut g = engine
+            .generate(&model.id, GenerateParams::new(prompt, tokens))
+            .await
+            .map_err(|e| fail(&e))?;
+        let (mut first, mut n) = (None, 0u32);
+        while let Some(ev) = g.events.recv().await {
+            match ev {
+                TokenEvent::Token { .. } => {
+                    n += 1;
+                    first.get_or_insert_with(Instant::now);
+                }
+                TokenEvent::Finished { .. } => break,
+                TokenEvent::Paused { .. } => {}
+            }
+        }
+        // Decode rate: tokens after the first over the time since it (prefill excluded).
+        if let (Some(f), true) = (first, i > 0 && n > 1) {
+            rates.push((n - 1) as f64 / f.elapsed().as_secs_f64());
+        }
+    }
+    Ok((load_s, pct(&rates, 0.5)))
+}
