@@ -7,3 +7,5 @@ scripts/setup-grpcurl.sh >/dev/null
 scripts/setup-model.sh >/dev/null
 echo "Building satstream (release; the first build takes ~15 min on 2 cores)..." >&2
 cargo build --release --locked --bin satstream
+# The Q8_0 weights the default config runs, derived from the shipped Q4_1 by the binary.
+scripts/setup-model.sh --requantize "$CARGO_TARGET_DIR/release/satstream" >/dev/null

@@ -41,15 +41,16 @@ pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
             .first()
             .ok_or_else(|| BenchError::Failed("the configuration has no model".into()))?
             .clone();
-        let mut files = vec![m.path.clone()];
-        let q8 = m.path.with_file_name(
-            m.path
-                .file_name()
-                .map(|f| f.to_string_lossy().replace("Q4_1", "Q8_0"))
-                .unwrap_or_default(),
-        );
-        if q8 != m.path && q8.exists() {
-            files.push(q8);
+        // The configured file and its Q4_1/Q8_0 siblings (scripts/setup-model.sh installs both).
+        let name = m.path.file_name().unwrap_or_default().to_string_lossy();
+        let mut files: Vec<PathBuf> = ["Q4_1", "Q8_0"]
+            .iter()
+            .map(|q| m.path.with_file_name(name.replace("Q4_1", q).replace("Q8_0", q)))
+            .filter(|p| p.exists())
+            .collect();
+        files.dedup();
+        if files.is_empty() {
+            files.push(m.path.clone());
         }
         println!("| file | backend | load | decode tok/s (median of 3) |\n|---|---|---|---|");
         for f in files {
