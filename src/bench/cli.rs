@@ -8,13 +8,14 @@ use crate::config::Config;
 
 #[derive(Args, Clone, Debug)]
 pub struct BenchArgs {
+    /// smollm2 (the configured default model), tiny (generated), all, or store (only the
+    /// ldk-node store comparison, on tiny; all includes it), written to docs/benchmarks.md;
     /// backends (mistral.rs and llama.cpp side by side on the configured model, written to
-    /// docs/backends.md), smollm2 (the configured default model), tiny (generated), all, or
-    /// store (only the
-    /// ldk-node store comparison, on tiny; all includes it). Money under faults and load,
-    /// printed only: chaos (random SIGKILLs of a server process, tiny model), rpc (ListModels
-    /// latency under 32 paid sessions, tiny model), soak (RSS over 1 000 distinct SmolLM2
-    /// generations).
+    /// docs/backends.md); engines (raw decode of both backends on the Q4_1 and Q8_0 files).
+    /// Printed only: chaos (random SIGKILLs of a server process, tiny model), rpc (ListModels
+    /// latency, completions and the server's peak RSS under 32 paid sessions, tiny model),
+    /// soak (a server process's RSS over 1 000 distinct generations of the configured model),
+    /// tls (plaintext against TLS: RPC round trip and payment → text, tiny model).
     #[arg(long, default_value = "smollm2")]
     pub model: String,
     /// Where to write the report.
@@ -31,63 +32,31 @@ pub struct BenchArgs {
 }
 
 pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
-    if matches!(a.model.as_str(), "chaos" | "rpc" | "soak") {
+    if matches!(a.model.as_str(), "chaos" | "rpc" | "soak" | "tls") {
         return faults_command(base, a).await;
     }
     if a.model == "engines" {
-        // Decode rates of each backend on the model file and its requantized variants.
-        let m = base
-            .models
-            .first()
-            .ok_or_else(|| BenchError::Failed("the configuration has no model".into()))?
-            .clone();
-        // The configured file and its Q4_1/Q8_0 siblings (scripts/setup-model.sh installs both).
-        let name = m.path.file_name().unwrap_or_default().to_string_lossy();
-        let mut files: Vec<PathBuf> = ["Q4_1", "Q8_0"]
-            .iter()
-            .map(|q| m.path.with_file_name(name.replace("Q4_1", q).replace("Q8_0", q)))
-            .filter(|p| p.exists())
-            .collect();
-        files.dedup();
-        if files.is_empty() {
-            files.push(m.path.clone());
-        }
-        println!("| file | backend | load | decode tok/s (median of 3) |\n|---|---|---|---|");
-        for f in files {
-            for b in [
-                crate::config::BackendKind::Mistralrs,
-                crate::config::BackendKind::Llamacpp,
-            ] {
-                let mut mc = m.clone();
-                mc.path = f.clone();
-                mc.backend = b;
-                let (load, rate) = super::backends::raw_engine(&mc, 128, 3).await?;
-                println!(
-                    "| {} | {} | {load:.2} s | {rate:.1} |",
-                    f.file_name().unwrap_or_default().to_string_lossy(),
-                    b.as_str()
-                );
-            }
-        }
+        println!("{}", engines_table(&first_model(base)?).await?);
         return Ok(());
     }
     if a.model == "backends" {
         let tmp = tempfile::tempdir().map_err(|e| BenchError::Failed(e.to_string()))?;
-        let m = base
-            .models
-            .first()
-            .ok_or_else(|| BenchError::Failed("the configuration has no model".into()))?
-            .clone();
+        let m = first_model(base)?;
         let path = crate::engine::tiny_model::write_tiny_model(tmp.path())
             .map_err(|e| BenchError::Failed(e.to_string()))?;
         let tiny = crate::config::ModelConfig::new("tiny", path, m.msat_per_token);
+        let engines = engines_table(&m).await?;
+        println!("{engines}");
         let table = super::backends::compare(&m, &tiny, 128).await?;
         println!("{table}");
         let out = a.out.with_file_name("backends.md");
         let report = format!(
             "# Engines side by side\n\nWritten by `satstream bench --model backends` (one run, \
-             both backends on the same model file; medians where stated). Machine: {}.\n\n{table}",
-            super::machine()
+             both backends on the same model file; medians where stated). Machine: {}.\n\n\
+             Raw decode by weight format (no server):\n\n{engines}\n\
+             Served by satstream, `{}`:\n\n{table}",
+            super::machine(),
+            m.path.display()
         );
         std::fs::write(&out, report).map_err(|e| BenchError::Failed(e.to_string()))?;
         eprintln!("written to {}", out.display());
@@ -96,11 +65,7 @@ pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
     let tmp = tempfile::tempdir().map_err(|e| BenchError::Failed(e.to_string()))?;
     let mut runs = Vec::new();
     if a.model == "smollm2" || a.model == "all" {
-        let m = base
-            .models
-            .first()
-            .ok_or_else(|| BenchError::Failed("the configuration has no model".into()))?
-            .clone();
+        let m = first_model(base)?;
         runs.push(BenchOptions {
             model: m,
             tokens: 128,
@@ -217,28 +182,79 @@ async fn faults_command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> 
                 )));
             }
         }
+        "tls" => println!("{}", super::transport::compare(&tiny()?).await?),
         "rpc" => {
             let n = a.sessions.unwrap_or(32);
-            let (p50, p99, max, probes) =
-                super::faults::rpc_latency(&exe, &tiny()?, n, 256).await?;
+            let r = super::faults::load(&exe, &tiny()?, n, 256).await?;
             println!(
-                "ListModels while {n} paid sessions stream ({}): p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({probes} probes)",
-                exe.display()
+                "ListModels while {n} paid sessions stream ({}): p50 {:.2} ms, p99 {:.2} ms, \
+                 max {:.2} ms ({} probes); {}/{n} streams done, server peak RSS {:.0} MB",
+                exe.display(),
+                super::pct(&r.probe_ms, 0.5),
+                super::pct(&r.probe_ms, 0.99),
+                super::pct(&r.probe_ms, 1.0),
+                r.probe_ms.len(),
+                r.completed,
+                r.peak_rss_mb
             );
         }
         _ => {
             let n = a.sessions.unwrap_or(1000);
-            let m = base
-                .models
-                .first()
-                .ok_or_else(|| BenchError::Failed("the configuration has no model".into()))?
-                .clone();
-            let curve = super::faults::soak(&m, n, (n / 10).max(1), 8).await?;
-            println!("| generations | RSS MB |\n|---|---|");
+            let m = first_model(base)?;
+            let curve = super::faults::soak(&exe, &m, n, (n / 10).max(1), 8).await?;
+            println!(
+                "| generations | server RSS MB ({}, {}) |\n|---|---|",
+                m.path.display(),
+                m.backend.as_str()
+            );
             for (i, mb) in &curve {
                 println!("| {i} | {mb:.0} |");
             }
         }
     }
     Ok(())
+}
+
+/// Raw decode rate of each backend on the configured model file and its Q4_1/Q8_0 siblings.
+async fn engines_table(m: &crate::config::ModelConfig) -> Result<String, BenchError> {
+    // The configured file and its Q4_1/Q8_0 siblings (scripts/setup-model.sh installs both).
+    let name = m.path.file_name().unwrap_or_default().to_string_lossy();
+    let mut files: Vec<PathBuf> = ["Q4_1", "Q8_0"]
+        .iter()
+        .map(|q| {
+            m.path
+                .with_file_name(name.replace("Q4_1", q).replace("Q8_0", q))
+        })
+        .filter(|p| p.exists())
+        .collect();
+    files.dedup();
+    if files.is_empty() {
+        files.push(m.path.clone());
+    }
+    let mut md =
+        String::from("| file | backend | load | decode tok/s (median of 3) |\n|---|---|---|---|\n");
+    for f in files {
+        for b in [
+            crate::config::BackendKind::Mistralrs,
+            crate::config::BackendKind::Llamacpp,
+        ] {
+            let mut mc = m.clone();
+            mc.path = f.clone();
+            mc.backend = b;
+            let (load, rate) = super::backends::raw_engine(&mc, 128, 3).await?;
+            md.push_str(&format!(
+                "| {} | {} | {load:.2} s | {rate:.1} |\n",
+                f.file_name().unwrap_or_default().to_string_lossy(),
+                b.as_str()
+            ));
+        }
+    }
+    Ok(md)
+}
+
+fn first_model(base: &Config) -> Result<crate::config::ModelConfig, BenchError> {
+    base.models
+        .first()
+        .cloned()
+        .ok_or_else(|| BenchError::Failed("the configuration has no model".into()))
 }

@@ -1,20 +1,21 @@
 //! Benchmarks of money under faults and load, outside CI (they take minutes):
 //! - [`chaos`]: paid sessions in every mode against a server process killed with SIGKILL at
 //!   random moments, restarted, and audited against the nodes' records each time;
-//! - [`rpc_latency`]: an unrelated RPC's latency (ListModels) while 32 paid sessions run;
-//! - [`soak`]: the server's RSS over 1 000 distinct paid generations (memory must stay flat).
+//! - [`load`]: concurrent paid streams against a server process: an unrelated RPC's latency
+//!   (ListModels) meanwhile, completions, aggregate rate and the server's peak RSS;
+//! - [`soak`]: a server process's RSS over 1 000 distinct paid generations (memory must stay
+//!   flat).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::{pct, BenchError};
+use super::BenchError;
 use crate::client;
 use crate::config::ModelConfig;
 use crate::harness::audit::audit;
 use crate::harness::process::{ProcessOptions, ProcessWorld};
-use crate::harness::{Harness, HarnessOptions};
 use crate::wire::proto::{
     inference_client::InferenceClient, ChatMessage, GenerateRequest, ListModelsRequest,
     PaymentMode, SamplingParams, TopUpRequest,
@@ -137,15 +138,27 @@ pub async fn chaos(
     Ok(report)
 }
 
-/// ListModels latency while `sessions` paid sessions stream on one channel, against the
-/// server binary `exe` (run it with an older binary to compare). Returns (p50, p99, max) ms
-/// and the number of probes.
-pub async fn rpc_latency(
+/// What a server process did under [`load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadRun {
+    /// ListModels latencies (ms) probed every 10 ms while the streams ran.
+    pub probe_ms: Vec<f64>,
+    pub completed: usize,
+    pub tokens: u64,
+    pub elapsed_s: f64,
+    /// The server process's peak resident memory (VmHWM), MB.
+    pub peak_rss_mb: f64,
+}
+
+/// `sessions` concurrent paid BOLT11 streams of `tokens` tokens against a server process
+/// (`exe`), with an unrelated RPC (ListModels) probed throughout and the server's own peak
+/// RSS read from /proc.
+pub async fn load(
     exe: &Path,
     model: &ModelConfig,
     sessions: usize,
     tokens: u32,
-) -> Result<(f64, f64, f64, usize), BenchError> {
+) -> Result<LoadRun, BenchError> {
     let w = ProcessWorld::start(
         exe,
         ProcessOptions {
@@ -159,6 +172,8 @@ pub async fn rpc_latency(
         },
     )
     .await?;
+    let mut w = w;
+    let pid = w.server().pid();
     let done = tokio_util::sync::CancellationToken::new();
     let probe = {
         let (endpoint, done) = (w.endpoint(), done.clone());
@@ -175,6 +190,7 @@ pub async fn rpc_latency(
         })
     };
     let payer = &w.payer;
+    let started = Instant::now();
     let streams = (0..sessions).map(|i| {
         let endpoint = w.endpoint();
         let model = model.id.clone();
@@ -186,40 +202,55 @@ pub async fn rpc_latency(
                 .ok()
         }
     });
-    let _ = super::futures_join_all(streams.collect()).await;
+    let results = super::futures_join_all(streams.collect()).await;
+    let elapsed_s = started.elapsed().as_secs_f64();
     done.cancel();
-    let ms = probe
+    let peak_rss_mb = super::proc_status_mb(Some(pid), "VmHWM");
+    let probe_ms = probe
         .await
         .ok()
         .flatten()
         .ok_or_else(|| BenchError::Failed("the probe could not connect".into()))?;
     w.stop().await;
-    Ok((
-        pct(&ms, 50.0),
-        pct(&ms, 99.0),
-        ms.iter().cloned().fold(0.0, f64::max),
-        ms.len(),
-    ))
+    let ok: Vec<_> = results
+        .into_iter()
+        .flatten()
+        .filter(|s| s.tokens > 0 && !s.outcome.starts_with("halted"))
+        .collect();
+    Ok(LoadRun {
+        probe_ms,
+        completed: ok.len(),
+        tokens: ok.iter().map(|s| s.tokens as u64).sum(),
+        elapsed_s,
+        peak_rss_mb,
+    })
 }
 
-/// RSS of the server (in process) after each `every` of `n` distinct paid generations of
+/// RSS of a server process (`exe`) after each `every` of `n` distinct paid generations of
 /// `tokens` tokens: (generations, MB).
 pub async fn soak(
+    exe: &Path,
     model: &ModelConfig,
     n: usize,
     every: usize,
     tokens: u32,
 ) -> Result<Vec<(usize, f64)>, BenchError> {
-    let h = Harness::start(HarnessOptions {
-        models: vec![model.clone()],
-        channel_sat: 5_000_000,
-        ..Default::default()
-    })
+    let mut w = ProcessWorld::start(
+        exe,
+        ProcessOptions {
+            models: vec![model.clone()],
+            channel_sat: 5_000_000,
+            log: Some("warn".into()),
+            ..Default::default()
+        },
+    )
     .await?;
-    let mut c = InferenceClient::connect(format!("http://{}", h.server().grpc_addr))
+    let pid = w.server().pid();
+    let rss = || super::proc_status_mb(Some(pid), "VmRSS");
+    let mut c = InferenceClient::connect(w.endpoint())
         .await
         .map_err(|e| BenchError::Failed(e.to_string()))?;
-    let mut curve = vec![(0, super::status_mb("VmRSS"))];
+    let mut curve = vec![(0, rss())];
     for i in 1..=n {
         // Distinct prompts: every one would be a new prefix-cache entry.
         let prompt = format!(
@@ -227,13 +258,13 @@ pub async fn soak(
             i * 7919
         );
         let req = request(&model.id, &prompt, tokens, PaymentMode::Bolt11);
-        client::generate(&mut c, &h.payer, req, None, |_| {}).await?;
+        client::generate(&mut c, &w.payer, req, None, |_| {}).await?;
         if i % every == 0 {
-            let mb = super::status_mb("VmRSS");
+            let mb = rss();
             tracing::info!(generations = i, rss_mb = mb, "soak");
             curve.push((i, mb));
         }
     }
-    h.stop().await;
+    w.stop().await;
     Ok(curve)
 }

@@ -8,6 +8,7 @@
 pub mod backends;
 pub mod cli;
 pub mod faults;
+pub mod transport;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -360,7 +361,15 @@ pub(crate) async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<
 
 /// A line of /proc/self/status, in MB: "VmHWM" (peak RSS) or "VmRSS" (now).
 pub(crate) fn status_mb(key: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    proc_status_mb(None, key)
+}
+
+/// A memory figure (e.g. "VmRSS", "VmHWM") of a process (`None`: this one), MB.
+pub(crate) fn proc_status_mb(pid: Option<u32>, key: &str) -> f64 {
+    let path = pid.map_or("/proc/self/status".to_string(), |p| {
+        format!("/proc/{p}/status")
+    });
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()

@@ -4,7 +4,7 @@
 //! response channel blocks its whole engine loop, so the [`Segment`] always drains the channel;
 //! a per-request `CustomLogitsProcessor` is called exactly once per sampling step with the
 //! sequence so far (prompt + generated), which is how tokens are observed exactly; forcing every
-//! logit but EOS to -inf ends the sequence cleanly (finish reason "stop", prefix-cached);
+//! logit but EOS to -inf ends the sequence cleanly (finish reason "stop");
 //! dropping the response receiver cancels the sequence within one step.
 
 use std::path::Path;
@@ -23,49 +23,17 @@ use tracing::{debug, warn};
 use super::backend::{Backend, BoxFuture, Segment, SegmentEnd, SegmentRequest, TokenObserver};
 use super::Prompt;
 
-/// Tokens of finished sequences mistral.rs may keep in its prefix cache before the engine is
-/// reloaded to free them (see [`MistralBackend`]).
-pub const PREFIX_CACHE_TOKENS: u64 = 8192;
-
-/// mistral.rs behind a lock that lets it be reloaded.
+/// mistral.rs on the CPU, without its prefix cache.
 ///
-/// Its prefix cache is what makes a resume cheap (a sequence that ended cleanly, as a pause
-/// does, is cached: resuming re-uses its KV cache instead of re-running prefill over prompt +
-/// generated). But mistral.rs 0.8.1's prefix cacher only ever evicts caches held on a GPU:
-/// on the CPU every cached sequence is kept forever (~11 MB per SmolLM2 generation with
-/// distinct prompts; memory grows until the kernel kills the process). So the backend counts
-/// the tokens it has let mistral.rs cache and, past [`PREFIX_CACHE_TOKENS`], reloads the
-/// engine (dropping the old one frees its caches) at a moment no segment runs; past four
-/// times that, it waits for running segments to end and reloads anyway. Memory is bounded;
-/// the price is one reload (~1 s for SmolLM2) now and then, and one uncached resume.
+/// mistral.rs 0.8.1's prefix cacher only ever evicts caches held on a GPU: on the CPU every
+/// finished sequence's KV cache is kept forever (~8–11 MB per SmolLM2 generation with distinct
+/// prompts; an OOM kill is a crash). Reloading the engine past a token budget did not bound it
+/// (soak: 421 MB → 6.5 GB over 1 000 generations), and the cache never served a resume anyway
+/// (a resume is a prefix of a cached sequence, which it does not match; a pause/resume costs a
+/// re-prefill either way, ~0.8 s). Off: memory stays flat. The llama.cpp backend pauses for real.
 pub struct MistralBackend {
-    model: Arc<tokio::sync::RwLock<Option<Model>>>,
-    spec: LoadSpec,
+    model: Model,
     eos_token_id: u32,
-    cached_tokens: Arc<std::sync::atomic::AtomicU64>,
-    cache_budget: u64,
-}
-
-#[derive(Clone)]
-struct LoadSpec {
-    dir: String,
-    file: String,
-    max_num_seqs: usize,
-}
-
-impl LoadSpec {
-    async fn load(&self) -> Result<Model, String> {
-        let builder = GgufModelBuilder::new(self.dir.clone(), vec![self.file.clone()])
-            .with_token_source(TokenSource::None)
-            .with_force_cpu()
-            .with_max_num_seqs(self.max_num_seqs.max(1))
-            .with_prefix_cache_n(Some(16));
-        // A panic while loading (mistral.rs asserts on odd files) must not take the server down.
-        tokio::spawn(builder.build())
-            .await
-            .map_err(|e| format!("mistral.rs panicked while loading: {e}"))?
-            .map_err(|e| format!("mistral.rs failed to load: {e:#}"))
-    }
 }
 
 impl MistralBackend {
@@ -85,58 +53,20 @@ impl MistralBackend {
             .and_then(|f| f.to_str())
             .ok_or("model file name is not valid UTF-8")?
             .to_string();
-        let spec = LoadSpec {
-            dir,
-            file,
-            max_num_seqs,
-        };
-        let model = spec.load().await?;
+        let builder = GgufModelBuilder::new(dir, vec![file])
+            .with_token_source(TokenSource::None)
+            .with_force_cpu()
+            .with_max_num_seqs(max_num_seqs.max(1))
+            .with_prefix_cache_n(None);
+        // A panic while loading (mistral.rs asserts on odd files) must not take the server down.
+        let model = tokio::spawn(builder.build())
+            .await
+            .map_err(|e| format!("mistral.rs panicked while loading: {e}"))?
+            .map_err(|e| format!("mistral.rs failed to load: {e:#}"))?;
         Ok(Self {
-            model: Arc::new(tokio::sync::RwLock::new(Some(model))),
-            spec,
+            model,
             eos_token_id,
-            cached_tokens: Default::default(),
-            cache_budget: PREFIX_CACHE_TOKENS,
         })
-    }
-
-    /// Tokens mistral.rs holds in its prefix cache (as counted here) since its last reload.
-    pub fn cached_tokens(&self) -> u64 {
-        self.cached_tokens
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// The engine for one segment, reloaded first when its cache is over budget. The guard
-    /// keeps it from being reloaded while the segment runs.
-    async fn engine(&self) -> Result<tokio::sync::OwnedRwLockReadGuard<Option<Model>>, String> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let cached = self.cached_tokens.load(Relaxed);
-        if cached >= self.cache_budget {
-            let guard = if cached >= 4 * self.cache_budget {
-                Some(self.model.clone().write_owned().await)
-            } else {
-                self.model.clone().try_write_owned().ok()
-            };
-            if let Some(mut g) = guard {
-                if self.cached_tokens.load(Relaxed) >= self.cache_budget || g.is_none() {
-                    // Drop the old engine first: its caches are what we are freeing.
-                    *g = None;
-                    let started = std::time::Instant::now();
-                    *g = Some(self.spec.load().await?);
-                    self.cached_tokens.store(0, Relaxed);
-                    tracing::info!(
-                        cached_tokens = cached,
-                        reload_ms = started.elapsed().as_millis() as u64,
-                        "mistral.rs reloaded to free its prefix cache"
-                    );
-                }
-            }
-        }
-        let g = self.model.clone().read_owned().await;
-        if g.is_none() {
-            return Err("mistral.rs is not loaded (a reload failed)".into());
-        }
-        Ok(g)
     }
 }
 
@@ -146,15 +76,9 @@ impl Backend for MistralBackend {
     }
 
     fn tokenize(&self, prompt: Prompt) -> BoxFuture<'_, Result<Vec<u32>, String>> {
+        let sender = self.model.inner().get_sender(None);
         Box::pin(async move {
-            let sender = {
-                let engine = self.engine().await?;
-                let model = engine.as_ref().expect("checked by engine()");
-                model
-                    .inner()
-                    .get_sender(None)
-                    .map_err(|e| format!("engine unavailable: {e}"))?
-            };
+            let sender = sender.map_err(|e| format!("engine unavailable: {e}"))?;
             let text = match prompt {
                 Prompt::Chat(messages) => Either::Left(
                     messages
@@ -207,8 +131,7 @@ impl Backend for MistralBackend {
         observer: Arc<dyn TokenObserver>,
     ) -> BoxFuture<'_, Result<Box<dyn Segment>, String>> {
         Box::pin(async move {
-            let engine = self.engine().await?;
-            let runner = engine.as_ref().expect("checked by engine()").inner();
+            let runner = self.model.inner();
             let sender = runner
                 .get_sender(None)
                 .map_err(|e| format!("engine unavailable: {e}"))?;
@@ -218,9 +141,8 @@ impl Backend for MistralBackend {
                 .saturating_add(4)
                 .min(1 << 16);
             let (tx, rx) = mpsc::channel(capacity);
-            let prompt_len = request.tokens.len();
             let processor = Arc::new(Observe {
-                prompt_len,
+                prompt_len: request.tokens.len(),
                 revealed: Mutex::new(0),
                 observer,
                 eos: self.eos_token_id,
@@ -246,23 +168,18 @@ impl Backend for MistralBackend {
                 suffix: None,
                 tools: None,
                 tool_choice: None,
-                logits_processors: Some(vec![processor.clone() as Arc<dyn CustomLogitsProcessor>]),
+                logits_processors: Some(vec![processor as Arc<dyn CustomLogitsProcessor>]),
                 return_raw_logits: false,
                 web_search_options: None,
                 model_id: None,
                 truncate_sequence: false,
             };
-            let observed = processor;
             sender
                 .send(Request::Normal(Box::new(normal)))
                 .await
                 .map_err(|_| "engine stopped".to_string())?;
             debug!(request_id = id, "mistral.rs segment submitted");
-            Ok(Box::new(MistralSegment {
-                rx,
-                _engine: engine,
-                cached: (self.cached_tokens.clone(), prompt_len, observed),
-            }) as Box<dyn Segment>)
+            Ok(Box::new(MistralSegment { rx }) as Box<dyn Segment>)
         })
     }
 }
@@ -316,21 +233,6 @@ impl CustomLogitsProcessor for Observe {
 
 struct MistralSegment {
     rx: mpsc::Receiver<Response>,
-    /// Holds the engine: it is not reloaded while this segment runs.
-    _engine: tokio::sync::OwnedRwLockReadGuard<Option<Model>>,
-    /// A clean end puts prompt + generated into mistral.rs's prefix cache: counted here.
-    cached: (Arc<std::sync::atomic::AtomicU64>, usize, Arc<Observe>),
-}
-
-impl MistralSegment {
-    fn count_cached(&self) {
-        let (counter, prompt_len, observe) = &self.cached;
-        let generated = *observe.revealed.lock().unwrap_or_else(|p| p.into_inner());
-        counter.fetch_add(
-            (*prompt_len + generated) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
 }
 
 impl Segment for MistralSegment {
@@ -345,15 +247,12 @@ impl Segment for MistralSegment {
                     Response::CompletionChunk(c)
                         if c.choices.iter().any(|ch| ch.finish_reason.is_some()) =>
                     {
-                        self.count_cached();
                         return SegmentEnd::Ended;
                     }
                     Response::Chunk(c) if c.choices.iter().any(|ch| ch.finish_reason.is_some()) => {
-                        self.count_cached();
                         return SegmentEnd::Ended;
                     }
                     Response::Done(_) | Response::CompletionDone(_) => {
-                        self.count_cached();
                         return SegmentEnd::Ended;
                     }
                     Response::InternalError(e) | Response::ValidationError(e) => {
@@ -365,7 +264,6 @@ impl Segment for MistralSegment {
                     _ => {}
                 }
             }
-            self.count_cached();
             SegmentEnd::Ended
         })
     }

@@ -374,18 +374,19 @@ impl Driver {
                 Next::Finish(reason) => return self.finish(reason, started, segments),
                 Next::Pause => {
                     let n = self.generated();
-                    let permit = {
-                        let mut st = self.shared.lock();
-                        if paused_at != Some(n) {
-                            let _ = st.events.send(TokenEvent::Paused { generated: n });
-                        }
-                        st.permit.take()
-                    };
+                    // The slot is released before Paused is announced, so that whoever sees
+                    // Paused can use it (a paused generation holds no slot).
+                    let permit = self.shared.lock().permit.take();
+                    drop(permit);
                     if paused_at != Some(n) {
+                        let _ = self
+                            .shared
+                            .lock()
+                            .events
+                            .send(TokenEvent::Paused { generated: n });
                         debug!(generated = n, "paused: allowance reached, slot released");
                         paused_at = Some(n);
                     }
-                    drop(permit);
                     self.shared.wake.notified().await;
                     continue;
                 }
@@ -515,30 +516,30 @@ impl Driver {
     }
 
     fn finish(&self, reason: FinishReason, started: std::time::Instant, segments: u32) {
-        let permit = {
-            let mut st = self.shared.lock();
-            let n = st.generated.len() as u32;
-            if !st.assembler.pending().is_empty() {
-                // Only possible when the output was cut inside a character: those bytes are
-                // not text, and the tokens carrying them were already delivered (with "").
-                debug!(
-                    bytes = st.assembler.pending().len(),
-                    "incomplete character at the end"
-                );
-            }
-            info!(
-                ?reason,
-                generated = n,
-                segments,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "generation finished"
-            );
-            let _ = st.events.send(TokenEvent::Finished {
-                reason,
-                completion_tokens: n,
-            });
-            st.permit.take()
-        };
+        // The slot is released before Finished is announced, so that whoever sees the end can
+        // start another generation in it.
+        let permit = self.shared.lock().permit.take();
         drop(permit);
+        let mut st = self.shared.lock();
+        let n = st.generated.len() as u32;
+        if !st.assembler.pending().is_empty() {
+            // Only possible when the output was cut inside a character: those bytes are
+            // not text, and the tokens carrying them were already delivered (with "").
+            debug!(
+                bytes = st.assembler.pending().len(),
+                "incomplete character at the end"
+            );
+        }
+        info!(
+            ?reason,
+            generated = n,
+            segments,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "generation finished"
+        );
+        let _ = st.events.send(TokenEvent::Finished {
+            reason,
+            completion_tokens: n,
+        });
     }
 }

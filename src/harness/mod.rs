@@ -83,6 +83,24 @@ pub struct Harness {
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
+/// Waits (up to a minute, syncing) until `node`'s wallet has spendable on-chain coins.
+pub(crate) async fn wait_onchain_funds(
+    node: std::sync::Arc<ldk_node::Node>,
+) -> Result<(), HarnessError> {
+    wait_until("on-chain funds", Duration::from_secs(60), || {
+        let node = node.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let _ = node.sync_wallets();
+                node.list_balances().spendable_onchain_balance_sats > 0
+            })
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await
+}
+
 pub async fn wait_until<F, Fut>(
     what: &'static str,
     timeout: Duration,
@@ -222,18 +240,7 @@ impl Harness {
             self.server().app.lightning.node().clone(),
             self.payer.node.clone(),
         ] {
-            wait_until("on-chain funds", Duration::from_secs(60), || {
-                let node = node.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        let _ = node.sync_wallets();
-                        node.list_balances().spendable_onchain_balance_sats > 0
-                    })
-                    .await
-                    .unwrap_or(false)
-                }
-            })
-            .await?;
+            wait_onchain_funds(node).await?;
         }
         Ok(())
     }

@@ -369,19 +369,7 @@ impl ProcessWorld {
     pub async fn ensure_channel(&self) -> Result<(), HarnessError> {
         let has = |n: &ldk_node::Node| !n.list_channels().is_empty();
         if !has(&self.payer.node) {
-            let node = self.payer.node.clone();
-            super::wait_until("on-chain funds", Duration::from_secs(60), || {
-                let node = node.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        let _ = node.sync_wallets();
-                        node.list_balances().spendable_onchain_balance_sats > 0
-                    })
-                    .await
-                    .unwrap_or(false)
-                }
-            })
-            .await?;
+            super::wait_onchain_funds(self.payer.node.clone()).await?;
             let before = self.bitcoind.mempool_len()?;
             self.payer
                 .open_channel(
