@@ -82,7 +82,7 @@ async fn side(
 pub async fn compare(model: &ModelConfig) -> Result<String, BenchError> {
     // Alternating sides, pooled: each fresh regtest world's Lightning latency differs more
     // than TLS could.
-    let mut runs = vec![
+    let mut runs = [
         TransportRun {
             tls: false,
             rpc_ms: Vec::new(),

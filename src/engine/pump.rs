@@ -520,7 +520,7 @@ impl Driver {
         // start another generation in it.
         let permit = self.shared.lock().permit.take();
         drop(permit);
-        let mut st = self.shared.lock();
+        let st = self.shared.lock();
         let n = st.generated.len() as u32;
         if !st.assembler.pending().is_empty() {
             // Only possible when the output was cut inside a character: those bytes are
