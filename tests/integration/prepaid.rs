@@ -216,6 +216,8 @@ async fn a_keysend_leftover_is_refunded_to_the_payer() {
     let inv = payer_invoice(&w, Some(3_000));
     let t = Instant::now();
     let r = c.refund(refund(inv.clone())).await.unwrap().into_inner();
+    // Refund answers once the server's node reports PaymentSuccessful.
+    let answered = t.elapsed();
     assert_eq!(
         (r.state.as_str(), r.refunded_msat, r.balance_msat),
         ("succeeded", 3_000, 2_000)
@@ -225,7 +227,10 @@ async fn a_keysend_leftover_is_refunded_to_the_payer() {
         3_000,
         "checked on the payer's node"
     );
-    eprintln!("refund -> payer PaymentReceived: {:?}", t.elapsed());
+    eprintln!(
+        "Refund -> answered (server PaymentSuccessful): {answered:?}; -> payer PaymentReceived: {:?}",
+        t.elapsed()
+    );
     // A retry of the same request finds the first refund: nothing is paid twice.
     let again = c.refund(refund(inv)).await.unwrap().into_inner();
     assert_eq!(
