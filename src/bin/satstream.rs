@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 use satstream::bench::cli::BenchArgs;
-use satstream::client::cmd::{account, demo, generate, regtest, wallet};
+use satstream::client::cmd::{account, demo, generate, receipt, regtest, wallet};
 use satstream::config::Config;
 
 #[derive(Parser)]
@@ -51,6 +51,8 @@ enum Cmd {
     Wallet(wallet::WalletArgs),
     /// A prepaid account on a server: top up, balance, refund.
     Account(account::AccountArgs),
+    /// Signed receipts: verify one offline.
+    Receipt(receipt::ReceiptArgs),
     /// Measure the performance goals on the regtest harness; print the table and write it to
     /// docs/benchmarks.md.
     Bench(BenchArgs),
@@ -117,6 +119,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Chat(a) => generate::run(a, true).await?,
         Cmd::Wallet(a) => wallet::run(a).await?,
         Cmd::Account(a) => account::run(a).await?,
+        Cmd::Receipt(a) => receipt::run(a)?,
         Cmd::Bench(a) => satstream::bench::cli::command(&load_config(&cli)?, a).await?,
         Cmd::Requantize { to, src, dst } => {
             use satstream::engine::requantize::{parse_type, requantize};

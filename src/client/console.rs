@@ -157,6 +157,7 @@ impl Console {
         if !s.message.is_empty() {
             let _ = writeln!(out, "         {}", s.message);
         }
+        let _ = writeln!(out, "receipt: {}", s.receipt_check);
         let _ = out.flush();
     }
 }

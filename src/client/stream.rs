@@ -107,6 +107,12 @@ pub struct Summary {
     pub waiting_for_payment_ms: u64,
     /// Tokens over `stream_ms`.
     pub tokens_per_sec: f64,
+    /// The signed receipt Done/Halted carried, as received.
+    #[serde(skip)]
+    pub receipt: Option<crate::wire::proto::Receipt>,
+    /// The receipt checked against the node this client paid and the text it received:
+    /// "verified", "invalid: <why>", or "none" (the server sent none, or the client hung up).
+    pub receipt_check: String,
 }
 
 /// The payment rules a session accepted: what every invoice is checked against.
@@ -163,6 +169,8 @@ struct Run {
     credited_ahead_msat: u64,
     server_credited_msat: u64,
     max_tokens: u32,
+    /// The text of each chunk shown, in order (what the receipt must cover).
+    texts: Vec<String>,
 }
 
 /// Runs `request` against the server and pays for it from `wallet`, spending at most
@@ -535,6 +543,9 @@ impl Run {
         );
         while let Some(ev) = self.ready.remove(&self.next_chunk) {
             on_event(&ev);
+            if let ClientEvent::Text { text, .. } = ev {
+                self.texts.push(text);
+            }
             self.next_chunk += 1;
         }
     }
@@ -629,6 +640,7 @@ impl Run {
                 s.server_paid_msat = d.paid_msat;
                 s.refundable_msat = d.refundable_msat;
                 s.balance_msat = d.balance_msat;
+                self.check_receipt(d.receipt);
                 return Ok(true);
             }
             Ev::Halted(h) => {
@@ -646,10 +658,31 @@ impl Run {
                 s.server_paid_msat = h.paid_msat;
                 s.refundable_msat = h.refundable_msat;
                 s.balance_msat = h.balance_msat;
+                self.check_receipt(h.receipt);
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+}
+
+impl Run {
+    /// Verifies the receipt against the node this client paid (from Accepted) and the chunks
+    /// it received, and records the result in the summary.
+    fn check_receipt(&mut self, r: Option<crate::wire::proto::Receipt>) {
+        let s = &mut self.summary;
+        s.receipt_check = match &r {
+            None => "none".into(),
+            Some(r) => {
+                let node = (!self.terms.node_id.is_empty()).then_some(self.terms.node_id.as_str());
+                let whole = self.texts.concat();
+                match crate::wire::receipt::verify(r, node, Some(&whole), Some(&self.texts)) {
+                    Ok(_) => "verified".into(),
+                    Err(e) => format!("invalid: {e}"),
+                }
+            }
+        };
+        s.receipt = r;
     }
 }
 

@@ -712,6 +712,7 @@ impl Meter {
             payment_hash: u.payment_hash,
             prompt_msat: 0,
             account_id: self.spec.account_id,
+            text: u.chunk.text.clone(),
         }
     }
 
@@ -891,6 +892,7 @@ impl Meter {
             _ => SessionState::Halted,
         };
         let (store, sid, why) = (self.app.store.clone(), self.sid(), reason_str.clone());
+        let ln = self.app.lightning.clone();
         let account = self.spec.account_id;
         let ended = blocking(move || {
             store.end_session(&sid, state, &why)?;
@@ -899,16 +901,21 @@ impl Meter {
                 Some(a) => store.account(&a)?.map(|a| a.available_msat()).unwrap_or(0),
                 None => s.as_ref().map(|s| s.refundable_msat()).unwrap_or(0),
             };
-            Ok::<_, StoreError>((s, balance))
+            // The receipt is issued once the end is committed; a failure here leaves it to
+            // GetReceipt, never the session's money.
+            let receipt = super::receipt::issue(&store, &ln, &sid)
+                .map_err(|e| tracing::error!(error = %e, "issuing the receipt"))
+                .ok();
+            Ok::<_, StoreError>((s, balance, receipt))
         })
         .await;
-        let (s, balance) = match ended {
+        let (s, balance, receipt) = match ended {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "ending session");
-                (None, 0)
+                (None, 0, None)
             }
-            Err(_) => (None, 0),
+            Err(_) => (None, 0, None),
         };
         let (paid, refundable, tokens, chunks) = s
             .map(|s| {
@@ -941,7 +948,7 @@ impl Meter {
                 chunks,
                 paid_msat: paid,
                 refundable_msat: refundable,
-                receipt: None,
+                receipt,
                 balance_msat: balance,
             }),
             End::Halt(reason, message) => Ev::Halted(proto::Halted {
@@ -952,6 +959,7 @@ impl Meter {
                 paid_msat: paid,
                 refundable_msat: refundable,
                 balance_msat: balance,
+                receipt,
             }),
         };
         // The last word, bounded like every other write.

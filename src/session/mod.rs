@@ -4,6 +4,7 @@
 
 mod meter;
 pub mod pace;
+pub mod receipt;
 
 pub use meter::{run, Mode, SessionSpec};
 pub use pace::Pace;

@@ -198,6 +198,7 @@ pub(crate) mod tests {
             payment_hash: None,
             prompt_msat: 0,
             account_id: Some([3; 16]),
+            text: String::new(),
         };
         s.deliver_chunk(&chunk(0, 16_000)).unwrap();
         s.deliver_chunk(&chunk(1, 16_000)).unwrap();

@@ -381,6 +381,7 @@ mod tests {
             payment_hash: Some(hash),
             prompt_msat: 0,
             account_id: None,
+            text: String::new(),
         })
         .unwrap();
         let loss = s

@@ -215,6 +215,12 @@ const MIGRATIONS: &[&str] = &[
         at               INTEGER NOT NULL
     );
     "#,
+    // v3: receipts. Each delivered chunk keeps its text (a receipt hashes it; a resumed stream
+    // replays it); NULL for chunks delivered before v3. The signed receipt itself goes in
+    // `receipts` (v1) once, when its session ends.
+    r#"
+    ALTER TABLE chunks ADD COLUMN text TEXT;
+    "#,
 ];
 
 /// Schema version this build writes.

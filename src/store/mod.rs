@@ -20,7 +20,9 @@ pub use invoices::{Invoice, InvoicePurpose, InvoiceState, NewInvoice, Settlement
 pub use ledger::LedgerEntry;
 pub use parked::ParkedEvent;
 pub use refunds::{Owner, Refund, RefundState};
-pub use sessions::{ChunkDelivery, NewSession, Session, SessionAudit, SessionState};
+pub use sessions::{
+    ChunkDelivery, DeliveredChunk, NewSession, Session, SessionAudit, SessionState,
+};
 
 use rusqlite::Connection;
 use std::path::Path;

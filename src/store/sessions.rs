@@ -86,6 +86,20 @@ pub struct ChunkDelivery {
     /// PREPAID: debit the chunk (and prompt) from this account in the same transaction,
     /// refused if its balance cannot cover it.
     pub account_id: Option<[u8; 16]>,
+    /// What the client gets (plaintext, ATOMIC too): kept for its receipt.
+    pub text: String,
+}
+
+/// A delivered chunk as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveredChunk {
+    pub chunk_index: u32,
+    pub first_token: u32,
+    pub tokens: u32,
+    pub price_msat: u64,
+    pub payment_hash: Option<[u8; 32]>,
+    /// None for chunks delivered before the store kept their text (schema v3).
+    pub text: Option<String>,
 }
 
 /// Money of one session, from the tables that record it independently (invoices, keysend
@@ -275,6 +289,76 @@ impl Store {
         })
     }
 
+    /// The delivered chunks of a session, in order.
+    pub fn delivered_chunks(&self, id: &[u8; 16]) -> Result<Vec<DeliveredChunk>, StoreError> {
+        let c = self.lock();
+        let mut st = c.prepare(
+            "SELECT chunk_index, first_token, tokens, price_msat, payment_hash, text
+             FROM chunks WHERE session_id = ?1 ORDER BY chunk_index",
+        )?;
+        let rows = st
+            .query_map([id.as_slice()], |r| {
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<Vec<u8>>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(chunk_index, first_token, tokens, price, hash, text)| {
+                Ok(DeliveredChunk {
+                    chunk_index,
+                    first_token,
+                    tokens,
+                    price_msat: price as u64,
+                    payment_hash: hash
+                        .map(|h| h.try_into())
+                        .transpose()
+                        .map_err(|_| StoreError::Corrupt("chunk payment_hash".into()))?,
+                    text,
+                })
+            })
+            .collect()
+    }
+
+    /// The signed receipt of a session, once issued: (signed text, signature).
+    pub fn receipt(&self, id: &[u8; 16]) -> Result<Option<(String, String)>, StoreError> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT signed_text, signature FROM receipts WHERE session_id = ?1",
+                [id.as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Keeps a session's signed receipt. A session has one receipt: if one was stored first
+    /// (a concurrent GetReceipt), that one is kept and returned.
+    pub fn insert_receipt(
+        &self,
+        id: &[u8; 16],
+        signed_text: &str,
+        signature: &str,
+    ) -> Result<(String, String), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO receipts(session_id, signed_text, signature, created_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![id.as_slice(), signed_text, signature, now_unix() as i64],
+            )?;
+            Ok(tx.query_row(
+                "SELECT signed_text, signature FROM receipts WHERE session_id = ?1",
+                [id.as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })
+    }
+
     /// Ends an open session (finished or halted). Ending an ended session is a no-op.
     pub fn end_session(
         &self,
@@ -455,8 +539,8 @@ pub(super) fn deliver_in(
 ) -> Result<bool, StoreError> {
     let inserted = tx.execute(
         "INSERT OR IGNORE INTO chunks(session_id, chunk_index, first_token, tokens, price_msat,
-                 payment_hash, delivered_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 payment_hash, delivered_at, text)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             d.session_id.as_slice(),
             d.chunk_index,
@@ -464,7 +548,8 @@ pub(super) fn deliver_in(
             d.tokens,
             d.price_msat as i64,
             d.payment_hash.as_ref().map(|h| h.as_slice()),
-            now_unix() as i64
+            now_unix() as i64,
+            d.text
         ],
     )?;
     if inserted == 0 {
@@ -562,6 +647,7 @@ pub(crate) mod tests {
             payment_hash: hash,
             prompt_msat: 0,
             account_id: None,
+            text: String::new(),
         }
     }
 

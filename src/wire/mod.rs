@@ -1,8 +1,10 @@
 //! What crosses the wire, shared by the server and the client: the generated gRPC types
-//! ([`proto`]) and ATOMIC mode's chunk cipher ([`cipher`]). Neither side reaches into the
+//! ([`proto`]) ATOMIC mode's chunk cipher ([`cipher`]) and
+//! the receipts' signed encoding ([`receipt`]). Neither side reaches into the
 //! other's modules for these.
 
 pub mod cipher;
+pub mod receipt;
 
 #[allow(clippy::all, missing_docs)]
 pub mod proto {

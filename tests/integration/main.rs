@@ -10,4 +10,5 @@ mod grpcurl;
 mod money;
 mod paid;
 mod prepaid;
+mod receipts;
 mod support;

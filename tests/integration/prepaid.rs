@@ -23,7 +23,7 @@ async fn client(w: &World) -> InferenceClient<Channel> {
 
 /// Tops up (a new account when `token` is empty), pays it, waits for the credit. Returns the
 /// account token.
-async fn top_up(w: &World, token: &str, amount_msat: u64) -> String {
+pub(super) async fn top_up(w: &World, token: &str, amount_msat: u64) -> String {
     let mut c = client(w).await;
     let before = account(w, token)
         .await
@@ -67,7 +67,7 @@ async fn account(w: &World, token: &str) -> Option<satstream::wire::proto::Accou
         .map(|r| r.into_inner())
 }
 
-fn prepaid(max_tokens: u32, token: &str) -> GenerateRequest {
+pub(super) fn prepaid(max_tokens: u32, token: &str) -> GenerateRequest {
     let mut r = request(max_tokens, PaymentMode::Prepaid);
     r.account_token = token.into();
     r

@@ -82,6 +82,9 @@ pub async fn paid_generation(
         refund_leftover(client, wallet, &mut summary).await;
     }
     console.finish(&summary);
+    if let (Some(path), Some(receipt)) = (&r.receipt, &summary.receipt) {
+        super::receipt::save(path, receipt)?;
+    }
     Ok(Some(summary))
 }
 

@@ -5,11 +5,13 @@
 //!   leftover asked back at the end).
 //! - [`wallet`]: `wallet address | balance | open-channel | pay`.
 //! - [`account`]: PREPAID accounts, `account topup | balance | refund`.
+//! - [`receipt`]: `receipt verify FILE`, offline.
 //! - [`demo`] and [`regtest`]: the whole product on one machine.
 
 pub mod account;
 pub mod demo;
 pub mod generate;
+pub mod receipt;
 pub mod regtest;
 pub mod wallet;
 
@@ -191,6 +193,10 @@ pub struct Request {
     /// KEYSEND: leave what was paid and not spent on the server instead of asking for it back.
     #[arg(long)]
     pub no_refund: bool,
+    /// Write the session's signed receipt to this file (check it later with
+    /// `satstream receipt verify FILE`).
+    #[arg(long)]
+    pub receipt: Option<PathBuf>,
 }
 
 pub fn generate_request(model: String, messages: Vec<ChatMessage>, r: &Request) -> GenerateRequest {

@@ -2,6 +2,7 @@
 
 mod generate;
 mod get_account;
+mod get_receipt;
 mod list_models;
 mod owner;
 mod quote;
@@ -28,12 +29,6 @@ impl InferenceService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateEvent, Status>> + Send>>;
-
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not available in this version of satstream"
-    ))
-}
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
@@ -67,9 +62,11 @@ impl Inference for InferenceService {
 
     async fn get_receipt(
         &self,
-        _r: Request<proto::GetReceiptRequest>,
+        r: Request<proto::GetReceiptRequest>,
     ) -> Result<Response<proto::Receipt>, Status> {
-        Err(not_yet("GetReceipt"))
+        get_receipt::handle(&self.app, r.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn top_up(
