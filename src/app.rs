@@ -16,6 +16,8 @@ pub struct App {
     pub engine: Engine,
     /// Live Generate sessions (bounded by `limits.max_sessions`).
     pub live: Live,
+    /// Running sessions a dropped client can `Resume`.
+    pub resumable: crate::session::Resumable,
     /// Cancelled when the server shuts down: sessions halt and fail back what they hold.
     pub shutdown: CancellationToken,
     pub metrics: crate::metrics::Metrics,

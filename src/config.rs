@@ -229,6 +229,9 @@ pub struct PaymentsConfig {
     pub adaptive_lookahead: bool,
     /// Most msat of tokens generated beyond what is paid, per session (0: 256 tokens' worth).
     pub max_unpaid_msat: u64,
+    /// A session whose client disconnects is kept this long for `Resume` (the engine pauses
+    /// at what is paid; payment deadlines wait); 0 ends it at once.
+    pub resume_grace_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,6 +313,7 @@ impl Default for PaymentsConfig {
             event_max_attempts: 5,
             adaptive_lookahead: true,
             max_unpaid_msat: 0,
+            resume_grace_secs: 60,
         }
     }
 }

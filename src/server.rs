@@ -151,6 +151,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         lightning,
         engine,
         live: Default::default(),
+        resumable: Default::default(),
         shutdown: sessions_stop,
         metrics: Default::default(),
     });

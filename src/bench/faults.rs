@@ -70,6 +70,8 @@ pub async fn chaos(
                 "payments.first_payment_timeout_secs=5".into(),
                 "payments.claim_confirm_timeout_secs=5".into(),
                 "server.shutdown_timeout_secs=5".into(),
+                // A killed server's sessions cannot be resumed: the client ends at the drop.
+                "payments.resume_grace_secs=0".into(),
             ],
             channel_sat: 2_000_000,
             log: None,

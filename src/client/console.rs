@@ -17,6 +17,8 @@ pub struct Console {
     tokens: u32,
     spent_msat: u64,
     waiting_ms: f64,
+    /// Times the stream dropped and was resumed (shown on the status line).
+    resumes: u32,
 }
 
 /// Lines longer than this are wrapped at a space so the redraw never spans two screen rows.
@@ -33,6 +35,7 @@ impl Console {
             tokens: 0,
             spent_msat: 0,
             waiting_ms: 0.0,
+            resumes: 0,
         }
     }
 
@@ -78,6 +81,15 @@ impl Console {
                     "\n[budget reached: {spent_msat} msat spent, next chunk {next_msat} msat; stopping]"
                 );
             }
+            ClientEvent::Resumed { from_chunk, ms } => {
+                self.resumes += 1;
+                if !self.tty {
+                    let _ = writeln!(
+                        out,
+                        "\n[connection dropped; resumed after {ms} ms from chunk {from_chunk}]"
+                    );
+                }
+            }
             ClientEvent::PaymentFailed { chunk, reason } => {
                 let _ = writeln!(out, "\n[payment for chunk {chunk:?} failed: {reason}]");
             }
@@ -112,8 +124,12 @@ impl Console {
 
     fn status(&self) -> String {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let resumed = match self.resumes {
+            0 => String::new(),
+            n => format!(" | resumed {n}x"),
+        };
         format!(
-            "[{} chunks paid | {:.3} sat | {:.1} tok/s | waiting for payment {:.2} s]",
+            "[{} chunks paid | {:.3} sat | {:.1} tok/s | waiting for payment {:.2} s{resumed}]",
             self.chunks,
             self.spent_msat as f64 / 1000.0,
             self.tokens as f64 / secs,

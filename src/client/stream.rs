@@ -22,8 +22,10 @@ use tonic::transport::Channel;
 use super::{ClientError, Wallet};
 use crate::wire::cipher;
 use crate::wire::proto::{
-    generate_event::Event as Ev, inference_client::InferenceClient, GenerateRequest, PaymentMode,
+    generate_event::Event as Ev, inference_client::InferenceClient, GenerateEvent, GenerateRequest,
+    PaymentMode, ResumeRequest,
 };
+use tonic::Streaming;
 
 /// What happened, in order: for a caller that prints (`--json` prints these as they come).
 #[derive(Debug, Clone, Serialize)]
@@ -37,6 +39,12 @@ pub enum ClientEvent {
         chunk_tokens: u32,
         msat_per_token: u64,
         window_chunks: u32,
+    },
+    /// The stream dropped and the client reattached with `Resume` (`ms` from the drop to the
+    /// stream being back); the paid chunks from `from_chunk` on are replayed.
+    Resumed {
+        from_chunk: u32,
+        ms: u64,
     },
     /// A payment was sent: an invoice for `chunk`, or a keysend top-up (`chunk` null).
     Paying {
@@ -110,6 +118,10 @@ pub struct Summary {
     /// The signed receipt Done/Halted carried, as received.
     #[serde(skip)]
     pub receipt: Option<crate::wire::proto::Receipt>,
+    /// Times the stream dropped and was resumed.
+    pub resumes: u32,
+    /// The last resume: from the drop to the first chunk replayed (or received) after it.
+    pub resume_first_chunk_ms: Option<u64>,
     /// The receipt checked against the node this client paid and the text it received:
     /// "verified", "invalid: <why>", or "none" (the server sent none, or the client hung up).
     pub receipt_check: String,
@@ -122,6 +134,7 @@ struct Terms {
     msat_per_token: u64,
     chunk_tokens: u32,
     prompt_price_msat: u64,
+    resume_grace_secs: u32,
 }
 
 struct InFlight {
@@ -171,6 +184,11 @@ struct Run {
     max_tokens: u32,
     /// The text of each chunk shown, in order (what the receipt must cover).
     texts: Vec<String>,
+    /// Payment hashes of every invoice this client paid or tried to: an invoice sent again
+    /// after a resume is never paid twice.
+    asked: std::collections::HashSet<String>,
+    /// Since the stream dropped, until the next chunk arrives.
+    dropped_at: Option<Instant>,
 }
 
 /// Runs `request` against the server and pays for it from `wallet`, spending at most
@@ -186,7 +204,7 @@ pub async fn generate(
     // Subscribed before anything is paid, so no outcome can be missed.
     let mut ln_events = wallet.subscribe();
     let max_tokens = request.max_tokens;
-    let mut stream = client.generate(request).await?.into_inner();
+    let mut stream: Streaming<GenerateEvent> = client.generate(request).await?.into_inner();
     let mut run = Run {
         budget_msat,
         max_tokens,
@@ -200,8 +218,23 @@ pub async fn generate(
         }
         tokio::select! {
             msg = stream.message() => {
-                let Some(ev) = msg?.and_then(|m| m.event) else {
-                    return Err(ClientError::Protocol("the stream ended without Done or Halted".into()));
+                let ev = match msg {
+                    Ok(Some(m)) => m.event,
+                    Ok(None) => None,
+                    Err(status) => {
+                        if !run.resumable(&status) {
+                            return Err(status.into());
+                        }
+                        None
+                    }
+                };
+                let Some(ev) = ev else {
+                    // The connection dropped mid-stream: reattach within the session's grace.
+                    if run.summary.session_id.is_empty() || run.terms.resume_grace_secs == 0 {
+                        return Err(ClientError::Protocol("the stream ended without Done or Halted".into()));
+                    }
+                    stream = run.resume(client, &mut on_event).await?;
+                    continue;
                 };
                 if run.on_server_event(ev, wallet, &mut on_event)? {
                     break;
@@ -530,6 +563,13 @@ impl Run {
         on_event: &mut impl FnMut(&ClientEvent),
     ) {
         self.owed.remove(&chunk);
+        // Replayed after a resume, or both decrypted and replayed: shown once.
+        if chunk < self.next_chunk || self.ready.contains_key(&chunk) {
+            return;
+        }
+        if let Some(t) = self.dropped_at.take() {
+            self.summary.resume_first_chunk_ms = Some(t.elapsed().as_millis() as u64);
+        }
         self.summary.tokens += tokens;
         self.summary.chunks += 1;
         self.ready.insert(
@@ -558,12 +598,16 @@ impl Run {
         on_event: &mut impl FnMut(&ClientEvent),
     ) -> Result<bool, ClientError> {
         match ev {
+            Ev::Accepted(_) if !self.summary.session_id.is_empty() => {
+                // Sent again on Resume: the same terms (without the token).
+            }
             Ev::Accepted(a) => {
                 self.terms = Terms {
                     node_id: a.node_id.clone(),
                     msat_per_token: a.msat_per_token,
                     chunk_tokens: a.max_chunk_tokens.max(a.chunk_tokens),
                     prompt_price_msat: a.prompt_price_msat,
+                    resume_grace_secs: a.resume_grace_secs,
                 };
                 self.chunk_price_msat = a.chunk_tokens as u64 * a.msat_per_token;
                 self.summary.session_id = a.session_id.clone();
@@ -581,8 +625,12 @@ impl Run {
                     window_chunks: a.window_chunks,
                 });
             }
+            Ev::Invoice(inv) if self.asked.contains(&inv.payment_hash) => {
+                // Sent again on Resume; paid (or being paid) already.
+            }
             Ev::Invoice(inv) => {
                 let amount = self.check_invoice(&inv)?;
+                self.asked.insert(inv.payment_hash.clone());
                 self.pay_invoice(wallet, inv.chunk_index, &inv.bolt11, amount, on_event)?;
             }
             Ev::Tokens(t) => self.text(t.chunk_index, t.first_token, t.tokens, t.text, on_event),
@@ -609,6 +657,7 @@ impl Run {
                     self.decrypt(hash, &key, on_event)?;
                 }
             }
+            Ev::SessionOpened(_) if self.keysend.is_some() => {}
             Ev::SessionOpened(so) => {
                 let session = hex::decode(&so.session_id)
                     .map_err(|_| ClientError::Protocol("session id is not hex".into()))?;
@@ -667,6 +716,54 @@ impl Run {
 }
 
 impl Run {
+    /// A stream error that a `Resume` may cure: the connection, not the server's refusal.
+    fn resumable(&self, s: &tonic::Status) -> bool {
+        use tonic::Code;
+        matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled | Code::Aborted
+        )
+    }
+
+    /// Reattaches to the session (`Resume`), retrying while the server is unreachable or has
+    /// not yet seen the old stream go, until the session's grace period is over.
+    async fn resume(
+        &mut self,
+        client: &mut InferenceClient<Channel>,
+        on_event: &mut impl FnMut(&ClientEvent),
+    ) -> Result<Streaming<GenerateEvent>, ClientError> {
+        let dropped = Instant::now();
+        let deadline =
+            dropped + std::time::Duration::from_secs(self.terms.resume_grace_secs as u64);
+        tracing::info!(session = %self.summary.session_id, "stream dropped: resuming");
+        loop {
+            let req = ResumeRequest {
+                session_id: self.summary.session_id.clone(),
+                session_token: self.summary.session_token.clone(),
+                from_chunk: self.next_chunk,
+            };
+            let e = match client.resume(req).await {
+                Ok(s) => {
+                    self.summary.resumes += 1;
+                    self.dropped_at = Some(dropped);
+                    on_event(&ClientEvent::Resumed {
+                        from_chunk: self.next_chunk,
+                        ms: dropped.elapsed().as_millis() as u64,
+                    });
+                    return Ok(s.into_inner());
+                }
+                Err(e) => e,
+            };
+            let busy = e.code() == tonic::Code::FailedPrecondition
+                && e.message().contains("another stream is attached");
+            if !(self.resumable(&e) || busy) || Instant::now() >= deadline {
+                return Err(e.into());
+            }
+            // Reconnecting: pace the attempts, not a synchronisation.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Verifies the receipt against the node this client paid (from Accepted) and the chunks
     /// it received, and records the result in the summary.
     fn check_receipt(&mut self, r: Option<crate::wire::proto::Receipt>) {
@@ -726,6 +823,7 @@ mod tests {
                 msat_per_token: 1_000,
                 chunk_tokens: 4,
                 prompt_price_msat: 3_000,
+                resume_grace_secs: 0,
             },
             ..Run::default()
         }

@@ -79,6 +79,10 @@ pub struct SessionSpec {
     pub params: GenerateParams,
     /// Lookahead and tokens per invoice (BOLT11/ATOMIC), adapted to the payment path.
     pub pace: super::Pace,
+    /// How long a session whose stream dropped waits for `Resume` (zero: it ends at once).
+    pub resume_grace: Duration,
+    /// The session's terms as first sent (its token blanked): sent again on `Resume`.
+    pub accepted: proto::Accepted,
 }
 
 struct Chunk {
@@ -94,6 +98,8 @@ struct Unpaid {
     payment_hash: Option<[u8; 32]>,
     key: Option<[u8; 32]>,
     since: Instant,
+    /// What asked the client for payment (EncryptedChunk, Invoice): sent again on `Resume`.
+    resend: Vec<Ev>,
 }
 
 /// The prompt's payment.
@@ -101,7 +107,11 @@ enum PromptPay {
     /// Free, or already paid (charged from a balance, or its HTLC held).
     Done,
     /// BOLT11/ATOMIC: its hold invoice is out, not yet held.
-    Invoiced { hash: [u8; 32], since: Instant },
+    Invoiced {
+        hash: [u8; 32],
+        since: Instant,
+        invoice: proto::Invoice,
+    },
     /// KEYSEND: waiting for enough balance.
     AwaitingBalance { since: Instant },
 }
@@ -132,7 +142,9 @@ impl End {
 struct Meter {
     app: Arc<App>,
     spec: SessionSpec,
-    out: Out,
+    /// The client's stream; None while it is detached (dropped, waiting for `Resume`).
+    out: Option<Out>,
+    detached_since: Option<Instant>,
     held_tx: mpsc::UnboundedSender<HeldHtlc>,
     current: Chunk,
     next_index: u32,
@@ -191,6 +203,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| End::engine(format!("internal task failed: {e}")))
 }
 
+/// Resolves when the client's stream closes; pending while detached.
+async fn closed(out: &Option<Out>) {
+    match out {
+        Some(o) => o.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next engine event, or pending forever while no generation runs.
 async fn next_token(gen: &mut Option<Generation>) -> Option<TokenEvent> {
     match gen {
@@ -211,10 +231,12 @@ async fn run_session(
     let (held_tx, mut held_rx) = mpsc::unbounded_channel();
     let (notice_tx, mut notice_rx) = mpsc::unbounded_channel();
     app.lightning.register_session(sid, notice_tx);
+    let mut attach_rx = app.resumable.open(sid);
     let mut m = Meter {
         app: app.clone(),
         spec,
-        out: out.clone(),
+        out: Some(out),
+        detached_since: None,
         held_tx,
         current: Chunk {
             index: 0,
@@ -247,16 +269,29 @@ async fn run_session(
             break 'session e;
         }
         loop {
-            if let Some(r) = &finished {
+            // A detached client gets its last chunks and Done when it resumes.
+            if let (Some(r), Some(_)) = (&finished, &m.out) {
                 if m.unpaid.is_empty() && m.current.tokens == 0 {
                     break End::Done(r.clone());
                 }
             }
-            let deadline = m.deadline().unwrap_or_else(|| Instant::now() + far);
+            let deadline = match m.detached_since {
+                Some(t) => t + m.spec.resume_grace,
+                None => m.deadline().unwrap_or_else(|| Instant::now() + far),
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break End::halt(proto::HaltReason::Shutdown, "the server is shutting down"),
-                _ = out.closed() => break End::ClientGone,
+                _ = closed(&m.out) => {
+                    if let Err(e) = m.detach() {
+                        break e;
+                    }
+                }
+                Some(a) = attach_rx.recv() => {
+                    if let Err(e) = m.attach(a).await {
+                        break e;
+                    }
+                }
                 Some(h) = held_rx.recv() => {
                     if let Err(e) = m.on_held(h).await {
                         break e;
@@ -303,7 +338,13 @@ async fn run_session(
                     }
                     None => break End::engine("the engine stream ended unexpectedly"),
                 },
-                _ = tokio::time::sleep_until(deadline) => break m.timeout_end(),
+                _ = tokio::time::sleep_until(deadline) => {
+                    if m.detached_since.is_some() {
+                        tracing::info!(grace = ?m.spec.resume_grace, "the client did not resume in time");
+                        break End::ClientGone;
+                    }
+                    break m.timeout_end();
+                }
             }
         }
     };
@@ -322,6 +363,9 @@ async fn run_session(
         paused += t.elapsed();
     }
     app.metrics.session(m.started.elapsed(), paused);
+    // No more attaching: a Resume from now on finds the session ended.
+    app.resumable.close(&sid);
+    drop(attach_rx);
     m.finish(end, &mut notice_rx).await;
     app.lightning.unregister_session(&sid);
 }
@@ -331,19 +375,101 @@ impl Meter {
         self.spec.session_id
     }
 
-    /// Writes one event to the client, waiting at most `send_timeout` for it to read.
-    async fn send(&self, e: Ev) -> Result<(), End> {
-        match tokio::time::timeout(self.spec.send_timeout, self.out.send(event(e))).await {
+    /// Writes one event to the client, waiting at most `send_timeout` for it to read. While
+    /// the client is detached nothing is written: what it paid for is replayed on `Resume`.
+    async fn send(&mut self, e: Ev) -> Result<(), End> {
+        let Some(out) = &self.out else {
+            return Ok(());
+        };
+        match tokio::time::timeout(self.spec.send_timeout, out.send(event(e))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => {
                 tracing::debug!("the client's stream is closed");
-                Err(End::ClientGone)
+                self.detach()
             }
             Err(_) => {
                 tracing::info!(timeout = ?self.spec.send_timeout, "the client stopped reading");
                 Err(End::ClientStalled)
             }
         }
+    }
+
+    /// The client's stream dropped: keep the session for `resume_grace` (payment deadlines
+    /// wait, PREPAID stops drawing on the account), or end it when there is no grace.
+    fn detach(&mut self) -> Result<(), End> {
+        if self.spec.resume_grace.is_zero() {
+            return Err(End::ClientGone);
+        }
+        if self.out.take().is_some() {
+            tracing::info!(grace = ?self.spec.resume_grace, "the client's stream dropped: waiting for Resume");
+            self.detached_since = Some(Instant::now());
+            self.allow();
+        }
+        Ok(())
+    }
+
+    /// `Resume`: a new stream for this session. The terms again, the paid chunks from
+    /// `from_chunk` replayed from the store, what waits for payment asked again (its deadline
+    /// restarts: the client could not pay what it could not see), then on as before.
+    async fn attach(&mut self, a: super::Attach) -> Result<(), End> {
+        if self.out.as_ref().is_some_and(|o| !o.is_closed()) {
+            let _ = a.reply.send(Err(Status::failed_precondition(
+                "another stream is attached to this session",
+            )));
+            return Ok(());
+        }
+        let away = self.detached_since.map(|t| t.elapsed());
+        self.out = Some(a.out);
+        self.detached_since = None;
+        let _ = a.reply.send(Ok(()));
+        tracing::info!(?away, from_chunk = a.from_chunk, "client resumed");
+        let now = Instant::now();
+        for u in self.unpaid.values_mut() {
+            u.since = now;
+        }
+        if let PromptPay::Invoiced { since, .. } | PromptPay::AwaitingBalance { since } =
+            &mut self.prompt
+        {
+            *since = now;
+        }
+        self.send(Ev::Accepted(self.spec.accepted.clone())).await?;
+        let (store, sid) = (self.app.store.clone(), self.sid());
+        let delivered = blocking(move || store.delivered_chunks(&sid))
+            .await?
+            .map_err(|e| End::payment(format!("store: {e}")))?;
+        for c in delivered
+            .into_iter()
+            .filter(|c| c.chunk_index >= a.from_chunk)
+        {
+            self.send(Ev::Tokens(proto::Tokens {
+                chunk_index: c.chunk_index,
+                text: c.text.unwrap_or_default(),
+                first_token: c.first_token,
+                tokens: c.tokens,
+            }))
+            .await?;
+        }
+        if let PromptPay::Invoiced { invoice, .. } = &self.prompt {
+            let inv = invoice.clone();
+            self.send(Ev::Invoice(inv)).await?;
+        }
+        let resend: Vec<Ev> = self
+            .unpaid
+            .values()
+            .flat_map(|u| u.resend.iter().cloned())
+            .collect();
+        for e in resend {
+            self.send(e).await?;
+        }
+        self.send_balance().await?;
+        if self.spec.mode == Mode::Prepaid {
+            // Chunks sealed while the client was away were not drawn yet.
+            while let Some((_, u)) = self.unpaid.pop_first() {
+                self.deliver_from_account(u).await?;
+            }
+        }
+        self.allow();
+        Ok(())
     }
 
     /// Nothing paid yet: the first payment's deadline applies.
@@ -409,6 +535,8 @@ impl Meter {
     fn allowance(&self) -> u32 {
         let chunk = self.spec.price.chunk_tokens;
         match self.spec.mode {
+            // Away: nothing more is drawn until the client is back.
+            Mode::Prepaid if self.detached_since.is_some() => self.paid_tokens,
             Mode::Prepaid => {
                 let per = self.spec.price.msat_per_token.max(1);
                 let covered = (self.available_msat() / per).min(u32::MAX as u64) as u32;
@@ -479,19 +607,20 @@ impl Meter {
                     preimage: None,
                 };
                 let inv = self.create_invoice(spec).await?;
-                self.prompt = PromptPay::Invoiced {
-                    hash: inv.payment_hash,
-                    since: Instant::now(),
-                };
-                self.send(Ev::Invoice(proto::Invoice {
+                let invoice = proto::Invoice {
                     chunk_index: None,
                     bolt11: inv.bolt11,
                     payment_hash: hex::encode(inv.payment_hash),
                     amount_msat: price,
                     tokens: self.spec.prompt_tokens,
                     expires_at_unix: inv.expires_at_unix,
-                }))
-                .await
+                };
+                self.prompt = PromptPay::Invoiced {
+                    hash: inv.payment_hash,
+                    since: Instant::now(),
+                    invoice: invoice.clone(),
+                };
+                self.send(Ev::Invoice(invoice)).await
             }
             Mode::Keysend => {
                 self.prompt = PromptPay::AwaitingBalance {
@@ -581,11 +710,16 @@ impl Meter {
             payment_hash,
             key,
             since: Instant::now(),
+            resend: Vec::new(),
         };
         match self.spec.mode {
             Mode::Keysend => {
                 self.unpaid.insert(k, waiting(chunk, None, None));
                 self.release_from_balance().await
+            }
+            Mode::Prepaid if self.detached_since.is_some() => {
+                self.unpaid.insert(k, waiting(chunk, None, None));
+                Ok(())
             }
             Mode::Prepaid => self.deliver_from_account(waiting(chunk, None, None)).await,
             Mode::Bolt11 | Mode::Atomic => {
@@ -617,26 +751,32 @@ impl Meter {
                 if self.app.lightning.faults().point("send_invoice").is_err() {
                     return Err(End::ClientGone);
                 }
+                let mut ask = Vec::new();
                 if let Some(s) = sealed {
-                    self.send(Ev::EncryptedChunk(proto::EncryptedChunk {
+                    ask.push(Ev::EncryptedChunk(proto::EncryptedChunk {
                         chunk_index: k,
                         ciphertext: s.ciphertext,
                         nonce: s.nonce.to_vec(),
                         first_token,
                         tokens,
                         payment_hash: hex::encode(inv.payment_hash),
-                    }))
-                    .await?;
+                    }));
                 }
-                self.send(Ev::Invoice(proto::Invoice {
+                ask.push(Ev::Invoice(proto::Invoice {
                     chunk_index: Some(k),
                     bolt11: inv.bolt11,
                     payment_hash: hex::encode(inv.payment_hash),
                     amount_msat: price_msat,
                     tokens,
                     expires_at_unix: inv.expires_at_unix,
-                }))
-                .await
+                }));
+                if let Some(u) = self.unpaid.get_mut(&k) {
+                    u.resend = ask.clone();
+                }
+                for e in ask {
+                    self.send(e).await?;
+                }
+                Ok(())
             }
         }
     }
@@ -763,7 +903,7 @@ impl Meter {
         }
     }
 
-    async fn send_balance(&self) -> Result<(), End> {
+    async fn send_balance(&mut self) -> Result<(), End> {
         if !matches!(self.spec.mode, Mode::Keysend | Mode::Prepaid) {
             return Ok(());
         }

@@ -9,6 +9,48 @@ pub mod receipt;
 pub use meter::{run, Mode, SessionSpec};
 pub use pace::Pace;
 
+/// A request to attach a new client stream to a running session (`Resume`).
+pub struct Attach {
+    pub out: tokio::sync::mpsc::Sender<Result<crate::wire::proto::GenerateEvent, tonic::Status>>,
+    pub from_chunk: u32,
+    /// The meter's answer: attached, or why not (FailedPrecondition).
+    pub reply: tokio::sync::oneshot::Sender<Result<(), tonic::Status>>,
+}
+
+/// Running sessions that a client may reattach to: one mailbox per session, for its meter's
+/// lifetime.
+#[derive(Default)]
+pub struct Resumable {
+    mailboxes: Mutex<HashMap<[u8; 16], tokio::sync::mpsc::Sender<Attach>>>,
+}
+
+impl Resumable {
+    pub(crate) fn open(&self, sid: [u8; 16]) -> tokio::sync::mpsc::Receiver<Attach> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        self.lock().insert(sid, tx);
+        rx
+    }
+
+    pub(crate) fn close(&self, sid: &[u8; 16]) {
+        self.lock().remove(sid);
+    }
+
+    /// Hands `a` to the session's meter; Err(a) when the session is not running.
+    pub fn attach(&self, sid: &[u8; 16], a: Attach) -> Result<(), Attach> {
+        let tx = self.lock().get(sid).cloned();
+        match tx {
+            Some(tx) => tx.try_send(a).map_err(|e| e.into_inner()),
+            None => Err(a),
+        }
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], tokio::sync::mpsc::Sender<Attach>>> {
+        self.mailboxes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};

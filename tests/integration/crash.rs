@@ -35,6 +35,8 @@ async fn world() -> (ProcessWorld, tempfile::TempDir) {
                 "payments.first_payment_timeout_secs=5".into(),
                 "payments.claim_confirm_timeout_secs=3".into(),
                 "server.shutdown_timeout_secs=5".into(),
+                // A killed server's sessions cannot be resumed: the client ends at the drop.
+                "payments.resume_grace_secs=0".into(),
             ],
             channel_sat: 1_000_000,
             log: None,

@@ -11,4 +11,5 @@ mod money;
 mod paid;
 mod prepaid;
 mod receipts;
+mod resume;
 mod support;

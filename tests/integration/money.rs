@@ -226,6 +226,9 @@ async fn a_client_that_stops_reading_is_halted() {
         account_id: None,
         params: GenerateParams::new(Prompt::Text("a".into()), 400),
         pace: satstream::session::Pace::new(false, 2, super::paid::CHUNK, 256),
+        // A stalled reader is not a dropped stream: the grace for Resume does not apply.
+        resume_grace: Duration::from_secs(60),
+        accepted: Default::default(),
     };
     // Room for one event: the EncryptedChunk of chunk 0; its Invoice then waits for a reader.
     let (tx, rx) = tokio::sync::mpsc::channel(1);

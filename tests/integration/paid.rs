@@ -366,7 +366,8 @@ async fn payer_stops_paying_halts_and_late_payment_is_failed_back(backend: Backe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_disconnect_ends_the_session_and_withdraws_invoices() {
-    let w = world(&[]).await;
+    // A dropped stream is kept for Resume this long, then ends as a disconnect.
+    let w = world(&["payments.resume_grace_secs=1"]).await;
     let mut s = open(&w, request(40, PaymentMode::Bolt11)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
@@ -386,6 +387,19 @@ async fn client_disconnect_ends_the_session_and_withdraws_invoices() {
     let sess = assert_invariants(&w, &acc.session_id);
     assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
     assert_eq!(w.h.server().app.live.count(), 0);
+    // After the grace period it cannot be resumed.
+    let mut c = InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
+        .await
+        .unwrap();
+    let e = c
+        .resume(satstream::wire::proto::ResumeRequest {
+            session_id: acc.session_id.clone(),
+            session_token: acc.session_token.clone(),
+            from_chunk: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     let out = w.h.payer.pay(&inv.bolt11, T).await.unwrap();
     assert!(matches!(out, PayOutcome::Failed { .. }), "{out:?}");
     w.h.stop().await;

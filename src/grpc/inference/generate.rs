@@ -12,7 +12,7 @@ use crate::store::NewSession;
 /// Events buffered towards a slow client; beyond, writes wait at most
 /// `payments.client_send_timeout_secs` (the engine never waits: it has its own buffer and is
 /// paced by payment).
-const CLIENT_BUFFER: usize = 64;
+pub(super) const CLIENT_BUFFER: usize = 64;
 
 /// The cap on unpaid tokens per session when `payments.max_unpaid_msat` is 0.
 const AUTO_UNPAID_TOKENS: u32 = 256;
@@ -155,21 +155,26 @@ pub(super) async fn handle(
     );
     let (tx, rx) = tokio::sync::mpsc::channel(CLIENT_BUFFER);
     let send = |e: Ev| Ok::<_, Status>(GenerateEvent { event: Some(e) });
+    let accepted = proto::Accepted {
+        session_id: hex::encode(session_id),
+        session_token: String::new(),
+        model: c.model.id.clone(),
+        mode: req.mode.max(1),
+        prompt_tokens,
+        prompt_price_msat: prompt_price,
+        chunk_tokens: price.chunk_tokens,
+        msat_per_token: price.msat_per_token,
+        window_chunks: window,
+        payment_timeout_secs: p.payment_timeout_secs as u32,
+        node_id: app.lightning.node_id(),
+        first_payment_timeout_secs: p.first_payment_timeout_secs as u32,
+        max_chunk_tokens: pace.max_chunk_tokens(),
+        resume_grace_secs: p.resume_grace_secs.min(u32::MAX as u64) as u32,
+    };
     let _ = tx
         .send(send(Ev::Accepted(proto::Accepted {
-            session_id: hex::encode(session_id),
             session_token: token_hex,
-            model: c.model.id.clone(),
-            mode: req.mode.max(1),
-            prompt_tokens,
-            prompt_price_msat: prompt_price,
-            chunk_tokens: price.chunk_tokens,
-            msat_per_token: price.msat_per_token,
-            window_chunks: window,
-            payment_timeout_secs: p.payment_timeout_secs as u32,
-            node_id: app.lightning.node_id(),
-            first_payment_timeout_secs: p.first_payment_timeout_secs as u32,
-            max_chunk_tokens: pace.max_chunk_tokens(),
+            ..accepted.clone()
         })))
         .await;
     if c.mode == Mode::Keysend {
@@ -205,6 +210,8 @@ pub(super) async fn handle(
             allowance: 0,
         },
         pace,
+        resume_grace: Duration::from_secs(p.resume_grace_secs),
+        accepted,
     };
     let shutdown = app.shutdown.clone();
     tokio::spawn(session::run(

@@ -8,6 +8,7 @@ mod owner;
 mod quote;
 mod refund;
 mod request;
+mod resume;
 mod top_up;
 
 use std::pin::Pin;
@@ -56,6 +57,17 @@ impl Inference for InferenceService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let client = r.remote_addr().map(|a| a.ip());
         generate::handle(self.app.clone(), r.into_inner(), client)
+            .await
+            .map(Response::new)
+    }
+
+    type ResumeStream = EventStream;
+
+    async fn resume(
+        &self,
+        r: Request<proto::ResumeRequest>,
+    ) -> Result<Response<Self::ResumeStream>, Status> {
+        resume::handle(&self.app, r.into_inner())
             .await
             .map(Response::new)
     }

@@ -1,0 +1,310 @@
+//! Resumable streams on the real harness: a client whose TCP connection is cut (through a
+//! proxy the test controls) resumes on its own, gets exactly the text an uninterrupted run
+//! gets, and pays each chunk once, checked against both nodes' payment records; the rules of
+//! `Resume` (the owner only, one stream at a time, not after the session ended).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use ldk_node::payment::{PaymentDirection, PaymentStatus};
+use satstream::client::ClientEvent;
+use satstream::harness::wait_until;
+use satstream::wire::proto::{
+    generate_event::Event as Ev, inference_client::InferenceClient, GenerateEvent, PaymentMode,
+    ResumeRequest,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+use super::paid::{assert_invariants, letters, next, open, request, world, World, T};
+use super::prepaid::{prepaid, top_up};
+
+/// A TCP proxy in front of the server whose connections the test can cut at once.
+struct Proxy {
+    addr: SocketAddr,
+    generation: Arc<Mutex<CancellationToken>>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let generation = Arc::new(Mutex::new(CancellationToken::new()));
+        let g = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = l.accept().await {
+                let cut = g.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, generation }
+    }
+
+    /// Drops every connection open now (both sides see it closed); new ones are served.
+    fn cut(&self) {
+        let mut g = self.generation.lock().unwrap();
+        g.cancel();
+        *g = CancellationToken::new();
+    }
+}
+
+/// What the payer's node sent and saw succeed (fees excluded).
+fn payer_sent_msat(w: &World) -> u64 {
+    w.h.payer
+        .node
+        .list_payments()
+        .into_iter()
+        .filter(|p| {
+            p.direction == PaymentDirection::Outbound && p.status == PaymentStatus::Succeeded
+        })
+        .filter_map(|p| p.amount_msat)
+        .sum()
+}
+
+/// One paid generation of 40 tokens through the proxy, the connection cut after the second
+/// chunk's text: the client resumes by itself and ends with the uninterrupted text, each
+/// chunk paid once.
+async fn a_cut_connection_resumes(mode: PaymentMode) {
+    let w = world(&[]).await;
+    let proxy = Proxy::start(w.h.server().grpc_addr).await;
+    let mut c = InferenceClient::connect(format!("http://{}", proxy.addr))
+        .await
+        .unwrap();
+    let before = payer_sent_msat(&w);
+    let (mut shown, mut text, mut back_ms) = (0, String::new(), None);
+    let s = satstream::client::generate(&mut c, &w.h.payer, request(40, mode), None, |e| {
+        if let ClientEvent::Resumed { ms, .. } = e {
+            back_ms = Some(*ms);
+        }
+        if let ClientEvent::Text { text: t, .. } = e {
+            text.push_str(t);
+            shown += 1;
+            if shown == 2 {
+                proxy.cut();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(s.resumes >= 1, "{mode:?}: the cut was resumed ({s:?})");
+    assert_eq!(s.outcome, "length", "{mode:?}");
+    assert_eq!(
+        text,
+        letters(40),
+        "{mode:?}: the text of an uninterrupted run"
+    );
+    assert_eq!(s.tokens, 40);
+    assert_eq!(s.receipt_check, "verified", "{mode:?}");
+    eprintln!(
+        "{mode:?}: resumed {}x, drop → stream back {back_ms:?} ms, → first chunk after it {:?} ms",
+        s.resumes, s.resume_first_chunk_ms
+    );
+    // Exactly once: what the payer's node paid is what the server's node received and booked
+    // for this session, and that is the delivered text (plus, in KEYSEND, the refundable
+    // leftover).
+    let sess = assert_invariants(&w, &s.session_id);
+    assert_eq!(payer_sent_msat(&w) - before, sess.paid_msat, "{mode:?}");
+    assert_eq!(sess.spent_msat, 40 * super::paid::MSAT_PER_TOKEN);
+    assert_eq!(sess.paid_msat, sess.spent_msat + sess.refundable_msat());
+    if mode != PaymentMode::Keysend {
+        assert_eq!(sess.refundable_msat(), 0, "{mode:?}");
+    }
+    w.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_connection_resumes_bolt11() {
+    a_cut_connection_resumes(PaymentMode::Bolt11).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_connection_resumes_atomic() {
+    a_cut_connection_resumes(PaymentMode::Atomic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_connection_resumes_keysend() {
+    a_cut_connection_resumes(PaymentMode::Keysend).await;
+}
+
+async fn resume(
+    w: &World,
+    session_id: &str,
+    token: &str,
+    from_chunk: u32,
+) -> Result<Streaming<GenerateEvent>, tonic::Status> {
+    let mut c: InferenceClient<Channel> =
+        InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
+            .await
+            .unwrap();
+    c.resume(ResumeRequest {
+        session_id: session_id.into(),
+        session_token: token.into(),
+        from_chunk,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Resumes a dropped session, waiting for the server to notice the drop (until then the
+/// session still has a stream attached, and Resume says so).
+async fn resume_when_detached(
+    w: &World,
+    sid: &str,
+    token: &str,
+) -> (Streaming<GenerateEvent>, std::time::Instant) {
+    let attached = Arc::new(tokio::sync::Mutex::new(None));
+    wait_until("the session to take a resumed stream", T, || {
+        let (sid, tk, attached) = (sid.to_string(), token.to_string(), attached.clone());
+        async move {
+            let called = std::time::Instant::now();
+            match resume(w, &sid, &tk, 0).await {
+                Ok(s) => {
+                    *attached.lock().await = Some((s, called));
+                    true
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+                    assert!(e.message().contains("another stream"), "{e}");
+                    false
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let s = attached.lock().await.take().unwrap();
+    s
+}
+
+/// BOLT11, dropped with chunk 0's invoice unpaid: Resume sends the same invoice again (its
+/// deadline restarted), a second Resume is refused while this one is attached, and paying
+/// the re-sent invoices finishes the text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bolt11_resume_resends_the_same_invoice_and_allows_one_stream() {
+    let w = world(&[]).await;
+    let mut s = open(&w, request(12, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::Invoice(first) = next(&mut s).await else {
+        panic!("an invoice")
+    };
+    drop(s);
+    let (mut r, _) = resume_when_detached(&w, &acc.session_id, &acc.session_token).await;
+    // Waiting for payment, so it cannot end meanwhile: one stream at a time.
+    let e = resume(&w, &acc.session_id, &acc.session_token, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("another stream"), "{e}");
+    let Ev::Accepted(_) = next(&mut r).await else {
+        panic!("Accepted again first")
+    };
+    let (mut text, mut invoices) = (String::new(), Vec::new());
+    let done = loop {
+        match next(&mut r).await {
+            Ev::Invoice(inv) => {
+                invoices.push(inv.payment_hash.clone());
+                w.h.payer.send(&inv.bolt11).unwrap();
+            }
+            Ev::Tokens(t) => text.push_str(&t.text),
+            Ev::Done(d) => break d,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(
+        invoices[0], first.payment_hash,
+        "the same invoice, not a new one"
+    );
+    assert_eq!(text, letters(12));
+    assert_eq!(done.paid_msat, 12 * super::paid::MSAT_PER_TOKEN);
+    assert_invariants(&w, &acc.session_id);
+    w.h.stop().await;
+}
+
+/// PREPAID, dropped right after Accepted: while the client is away nothing more is drawn
+/// from the account; Resume replays what was delivered and continues to Done. Only the owner
+/// may resume, and not once the session has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prepaid_resume_replays_and_continues_for_its_owner_only() {
+    let w = world(&[]).await;
+    let token = top_up(&w, "", 60_000).await;
+    let mut s = open(&w, prepaid(40, &token)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    drop(s);
+    let sid = acc.session_id.clone();
+    let e = resume(&w, &sid, &hex::encode([7u8; 32]), 0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let e = resume(&w, &sid, "", 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    let (mut r, resumed_at) = resume_when_detached(&w, &sid, &acc.session_token).await;
+    let Ev::Accepted(again) = next(&mut r).await else {
+        panic!("Accepted again first")
+    };
+    assert_eq!(again.session_id, sid);
+    assert!(
+        again.session_token.is_empty(),
+        "the token is not sent again"
+    );
+    let mut chunks = Vec::new();
+    let done = loop {
+        match next(&mut r).await {
+            Ev::Tokens(t) => {
+                if chunks.is_empty() {
+                    eprintln!(
+                        "PREPAID: Resume called (new connection) → first replayed chunk {:.2} ms",
+                        resumed_at.elapsed().as_secs_f64() * 1e3
+                    );
+                }
+                chunks.push((t.chunk_index, t.text));
+            }
+            Ev::Balance(_) => {}
+            Ev::Done(d) => break d,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let indices: Vec<u32> = chunks.iter().map(|c| c.0).collect();
+    assert_eq!(
+        indices,
+        (0..10).collect::<Vec<_>>(),
+        "each chunk once, in order"
+    );
+    let text: String = chunks.into_iter().map(|c| c.1).collect();
+    assert_eq!(text, letters(40));
+    assert_eq!(done.completion_tokens, 40);
+    assert!(done.receipt.is_some());
+    // Ended: no more resuming.
+    wait_until("the session to end", T, || {
+        let store = w.h.server().app.store.clone();
+        let id: [u8; 16] = hex::decode(&sid).unwrap().try_into().unwrap();
+        async move {
+            store.session(&id).unwrap().unwrap().state != satstream::store::SessionState::Open
+        }
+    })
+    .await
+    .unwrap();
+    let e = resume(&w, &sid, &acc.session_token, 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    let sess = assert_invariants(&w, &sid);
+    assert_eq!(
+        sess.spent_msat,
+        40 * super::paid::MSAT_PER_TOKEN,
+        "drawn once per chunk"
+    );
+    w.h.stop().await;
+}
