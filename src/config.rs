@@ -195,6 +195,9 @@ pub struct ChainConfig {
     pub electrum_url: String,
 }
 
+/// Longest a dropped session waits for `Resume`.
+pub const MAX_RESUME_GRACE_SECS: u64 = 600;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PaymentsConfig {
@@ -461,6 +464,17 @@ impl Config {
             if v == 0 {
                 return Err(err(key, "must be at least 1"));
             }
+        }
+        // A detached session may hold a paid prompt's HTLC; keep that far inside any HTLC's
+        // on-chain deadline (hours).
+        if p.resume_grace_secs > MAX_RESUME_GRACE_SECS {
+            return Err(err(
+                "payments.resume_grace_secs",
+                format!(
+                    "must be at most {MAX_RESUME_GRACE_SECS} (got {}); 0 turns Resume off",
+                    p.resume_grace_secs
+                ),
+            ));
         }
         let sv = &self.server;
         if sv.tls_cert_file.as_os_str().is_empty() != sv.tls_key_file.as_os_str().is_empty() {
@@ -775,6 +789,10 @@ msat_per_token = 1000
         let e = load("", &[], &["payments.keysend_tlv_type=65538"]).unwrap_err();
         assert_eq!(e.key, "payments.keysend_tlv_type");
         assert!(e.reason.contains("odd"), "{e}");
+
+        let e = load("", &[], &["payments.resume_grace_secs=3601"]).unwrap_err();
+        assert_eq!(e.key, "payments.resume_grace_secs");
+        assert!(e.reason.contains("at most 600"), "{e}");
 
         let e = load("", &[("SATSTREAM_SERVER_GRPC_LISTEN", "nowhere")], &[]).unwrap_err();
         assert_eq!(e.key, "server.grpc_listen");
