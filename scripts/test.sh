@@ -8,4 +8,6 @@ scripts/apt-install.sh protobuf-compiler cmake pkg-config libboost-dev libevent-
 BITCOIND_EXE="$(scripts/setup-bitcoind.sh | tail -n1)"; export BITCOIND_EXE
 GRPCURL="$(scripts/setup-grpcurl.sh | tail -n1)"; export GRPCURL
 cargo fmt --all -- --check
+# The server and client build, lint-clean, without the test tooling (harness, bench, tiny model).
+cargo clippy --release --locked --no-default-features --lib --bins -- -D warnings
 cargo test --release --locked "$@"

@@ -33,8 +33,12 @@
 //! - [`bench`]: `satstream bench`, the performance goals measured in one run on the harness.
 //! - [`harness`]: a real regtest world (Bitcoin Core, the server, a payer node, a channel) for
 //!   tests, benchmarks and the demo.
+//!
+//! `bench`, `harness` and `engine::tiny_model` are test and measurement tooling: they exist with
+//! the default `devtools` feature; a server built with `--no-default-features` has none of them.
 
 pub mod app;
+#[cfg(feature = "devtools")]
 pub mod bench;
 pub mod client;
 pub mod config;
@@ -42,6 +46,7 @@ pub mod engine;
 pub mod fault;
 pub mod files;
 pub mod grpc;
+#[cfg(feature = "devtools")]
 pub mod harness;
 pub mod lightning;
 pub mod logging;

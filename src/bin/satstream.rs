@@ -6,8 +6,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+#[cfg(feature = "devtools")]
 use satstream::bench::cli::BenchArgs;
-use satstream::client::cmd::{account, demo, generate, receipt, regtest, wallet};
+use satstream::client::cmd::{account, generate, receipt, wallet};
+#[cfg(feature = "devtools")]
+use satstream::client::cmd::{demo, regtest};
 use satstream::config::Config;
 
 #[derive(Parser)]
@@ -39,9 +42,11 @@ enum Cmd {
     Config,
     /// Start a local regtest world (bitcoind, this server, a funded payer node with a channel
     /// to it) and print grpcurl commands to try. Ctrl-C stops everything.
+    #[cfg(feature = "devtools")]
     Regtest(regtest::RegtestArgs),
     /// The whole product on one machine: bitcoind -regtest, the server (default model), a
     /// client wallet with a channel to it, and one paid chat generation shown live.
+    #[cfg(feature = "devtools")]
     Demo(demo::DemoArgs),
     /// One paid generation against any satstream server, paid from the client's own wallet.
     Generate(generate::GenerateArgs),
@@ -55,6 +60,7 @@ enum Cmd {
     Receipt(receipt::ReceiptArgs),
     /// Measure the performance goals on the regtest harness; print the table and write it to
     /// docs/benchmarks.md.
+    #[cfg(feature = "devtools")]
     Bench(BenchArgs),
     /// Write a GGUF model with its quantized weights converted (e.g. Q4_1 → Q8_0, which
     /// mistral.rs decodes faster on a CPU).
@@ -70,9 +76,9 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let default_log = match cli.cmd {
-        Cmd::Serve | Cmd::Regtest(_) | Cmd::Config => {
-            "info,ldk_node=warn,lightning=warn,llama_cpp_2=warn"
-        }
+        Cmd::Serve | Cmd::Config => "info,ldk_node=warn,lightning=warn,llama_cpp_2=warn",
+        #[cfg(feature = "devtools")]
+        Cmd::Regtest(_) => "info,ldk_node=warn,lightning=warn,llama_cpp_2=warn",
         _ => "warn",
     };
     let log = cli.log.clone().unwrap_or_else(|| default_log.to_string());
@@ -113,13 +119,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Serve => serve(load_config(&cli)?).await?,
+        #[cfg(feature = "devtools")]
         Cmd::Regtest(a) => regtest::run(&load_config(&cli)?, &cli.sets, a).await?,
+        #[cfg(feature = "devtools")]
         Cmd::Demo(a) => demo::run(&load_config(&cli)?, &cli.sets, a).await?,
         Cmd::Generate(a) => generate::run(a, false).await?,
         Cmd::Chat(a) => generate::run(a, true).await?,
         Cmd::Wallet(a) => wallet::run(a).await?,
         Cmd::Account(a) => account::run(a).await?,
         Cmd::Receipt(a) => receipt::run(a)?,
+        #[cfg(feature = "devtools")]
         Cmd::Bench(a) => satstream::bench::cli::command(&load_config(&cli)?, a).await?,
         Cmd::Requantize { to, src, dst } => {
             use satstream::engine::requantize::{parse_type, requantize};

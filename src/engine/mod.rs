@@ -15,6 +15,7 @@ pub mod llamacpp;
 pub mod mistral;
 mod pump;
 pub mod requantize;
+#[cfg(feature = "devtools")]
 pub mod tiny_model;
 
 use std::collections::HashMap;

@@ -102,7 +102,7 @@ pub fn parse_type(name: &str) -> Result<GgmlDType, String> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "devtools"))]
 mod tests {
     use super::*;
 

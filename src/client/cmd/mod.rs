@@ -9,9 +9,11 @@
 //! - [`demo`] and [`regtest`]: the whole product on one machine.
 
 pub mod account;
+#[cfg(feature = "devtools")]
 pub mod demo;
 pub mod generate;
 pub mod receipt;
+#[cfg(feature = "devtools")]
 pub mod regtest;
 pub mod wallet;
 
