@@ -395,9 +395,15 @@ impl Meter {
     }
 
     /// The client's stream dropped: keep the session for `resume_grace` (payment deadlines
-    /// wait, PREPAID stops drawing on the account), or end it when there is no grace.
+    /// wait, PREPAID stops drawing on the account), or end it when there is no grace or
+    /// nothing was paid yet.
     fn detach(&mut self) -> Result<(), End> {
-        if self.spec.resume_grace.is_zero() {
+        // Nothing paid, nothing to protect: an unpaid session is not kept (it would hold an
+        // engine slot for the grace period for free). PREPAID's account is money at stake.
+        let at_stake = self.spec.mode == Mode::Prepaid
+            || !self.first_payment_pending()
+            || self.credited_msat > 0;
+        if self.spec.resume_grace.is_zero() || !at_stake {
             return Err(End::ClientGone);
         }
         if self.out.take().is_some() {

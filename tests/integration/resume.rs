@@ -162,13 +162,14 @@ async fn resume_when_detached(
     w: &World,
     sid: &str,
     token: &str,
+    from_chunk: u32,
 ) -> (Streaming<GenerateEvent>, std::time::Instant) {
     let attached = Arc::new(tokio::sync::Mutex::new(None));
     wait_until("the session to take a resumed stream", T, || {
         let (sid, tk, attached) = (sid.to_string(), token.to_string(), attached.clone());
         async move {
             let called = std::time::Instant::now();
-            match resume(w, &sid, &tk, 0).await {
+            match resume(w, &sid, &tk, from_chunk).await {
                 Ok(s) => {
                     *attached.lock().await = Some((s, called));
                     true
@@ -187,23 +188,33 @@ async fn resume_when_detached(
     s
 }
 
-/// BOLT11, dropped with chunk 0's invoice unpaid: Resume sends the same invoice again (its
-/// deadline restarted), a second Resume is refused while this one is attached, and paying
-/// the re-sent invoices finishes the text.
+/// BOLT11, dropped after paying chunk 0 with chunk 1's invoice out: Resume from chunk 1 sends
+/// that same invoice again (its deadline restarted), a second Resume is refused while this one
+/// is attached, and paying the re-sent invoices finishes the text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bolt11_resume_resends_the_same_invoice_and_allows_one_stream() {
-    let w = world(&[]).await;
+    let w = world(&["payments.adaptive_lookahead=false"]).await;
     let mut s = open(&w, request(12, PaymentMode::Bolt11)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
     };
-    let Ev::Invoice(first) = next(&mut s).await else {
-        panic!("an invoice")
-    };
+    let (mut first_text, mut second) = (String::new(), None);
+    while second.is_none() || first_text.is_empty() {
+        match next(&mut s).await {
+            Ev::Invoice(inv) if inv.chunk_index == Some(0) => {
+                w.h.payer.send(&inv.bolt11).unwrap();
+            }
+            Ev::Invoice(inv) => second = Some(inv),
+            Ev::Tokens(t) => first_text.push_str(&t.text),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let second = second.unwrap();
+    assert_eq!(second.chunk_index, Some(1));
     drop(s);
-    let (mut r, _) = resume_when_detached(&w, &acc.session_id, &acc.session_token).await;
-    // Waiting for payment, so it cannot end meanwhile: one stream at a time.
-    let e = resume(&w, &acc.session_id, &acc.session_token, 0)
+    let (mut r, _) = resume_when_detached(&w, &acc.session_id, &acc.session_token, 1).await;
+    // Chunk 1 waits for payment, so the session cannot end meanwhile: one stream at a time.
+    let e = resume(&w, &acc.session_id, &acc.session_token, 1)
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
@@ -211,7 +222,7 @@ async fn bolt11_resume_resends_the_same_invoice_and_allows_one_stream() {
     let Ev::Accepted(_) = next(&mut r).await else {
         panic!("Accepted again first")
     };
-    let (mut text, mut invoices) = (String::new(), Vec::new());
+    let (mut text, mut invoices) = (first_text, Vec::new());
     let done = loop {
         match next(&mut r).await {
             Ev::Invoice(inv) => {
@@ -224,12 +235,66 @@ async fn bolt11_resume_resends_the_same_invoice_and_allows_one_stream() {
         }
     };
     assert_eq!(
-        invoices[0], first.payment_hash,
+        invoices[0], second.payment_hash,
         "the same invoice, not a new one"
     );
-    assert_eq!(text, letters(12));
+    assert_eq!(
+        text,
+        letters(12),
+        "chunk 0 once before the drop, the rest after"
+    );
     assert_eq!(done.paid_msat, 12 * super::paid::MSAT_PER_TOKEN);
     assert_invariants(&w, &acc.session_id);
+    w.h.stop().await;
+}
+
+/// A session with a paid chunk whose client does not come back within the grace period ends
+/// as a disconnect: the unpaid invoice is withdrawn, the books are exact, Resume is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paid_session_not_resumed_in_its_grace_ends_and_settles() {
+    let w = world(&[
+        "payments.resume_grace_secs=1",
+        "payments.adaptive_lookahead=false",
+    ])
+    .await;
+    let mut s = open(&w, request(12, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let (mut paid_text, mut second) = (String::new(), None);
+    while second.is_none() || paid_text.is_empty() {
+        match next(&mut s).await {
+            Ev::Invoice(inv) if inv.chunk_index == Some(0) => {
+                w.h.payer.send(&inv.bolt11).unwrap();
+            }
+            Ev::Invoice(inv) => second = Some(inv),
+            Ev::Tokens(t) => paid_text.push_str(&t.text),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(s);
+    let store = w.h.server().app.store.clone();
+    let id: [u8; 16] = hex::decode(&acc.session_id).unwrap().try_into().unwrap();
+    wait_until("the session to end after its grace", T, || {
+        let store = store.clone();
+        async move {
+            store.session(&id).unwrap().unwrap().state != satstream::store::SessionState::Open
+        }
+    })
+    .await
+    .unwrap();
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
+    assert_eq!(sess.completion_tokens as usize, paid_text.len());
+    let e = resume(&w, &acc.session_id, &acc.session_token, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    let out = w.h.payer.pay(&second.unwrap().bolt11, T).await.unwrap();
+    assert!(
+        matches!(out, satstream::harness::PayOutcome::Failed { .. }),
+        "the withdrawn invoice cannot be paid: {out:?}"
+    );
     w.h.stop().await;
 }
 
@@ -252,7 +317,7 @@ async fn prepaid_resume_replays_and_continues_for_its_owner_only() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     let e = resume(&w, &sid, "", 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
-    let (mut r, resumed_at) = resume_when_detached(&w, &sid, &acc.session_token).await;
+    let (mut r, resumed_at) = resume_when_detached(&w, &sid, &acc.session_token, 0).await;
     let Ev::Accepted(again) = next(&mut r).await else {
         panic!("Accepted again first")
     };
