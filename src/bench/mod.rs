@@ -559,13 +559,13 @@ pub async fn run(opts: BenchOptions) -> Result<String, BenchError> {
     }
     let m = h.server().app.metrics.take();
     row(
-        "Tokens generated after the payer stops (window 2 × chunk 16)",
+        "Tokens generated after the payer stops (window 2 × chunk 16, adaptive lookahead)",
         format!(
             "max {:?} over {} halts",
             m.halt_overrun_tokens.iter().max(),
             m.halt_overrun_tokens.len()
         ),
-        "≤ window × chunk + 2 = 34",
+        "≤ the lookahead: at least window × chunk = 32, at most the unpaid cap (default 256 tokens)",
     );
     row(
         "Timeout → engine free",

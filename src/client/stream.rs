@@ -22,8 +22,8 @@ use tonic::transport::Channel;
 use super::{ClientError, Wallet};
 use crate::wire::cipher;
 use crate::wire::proto::{
-    generate_event::Event as Ev, inference_client::InferenceClient, GenerateEvent, GenerateRequest,
-    PaymentMode, ResumeRequest,
+    generate_event::Event as Ev, inference_client::InferenceClient, EndSessionRequest,
+    GenerateEvent, GenerateRequest, PaymentMode, ResumeRequest,
 };
 use tonic::Streaming;
 
@@ -249,7 +249,17 @@ pub async fn generate(
         }
     }
     let stream_ms = started.elapsed().as_millis() as u64;
-    // Hanging up here (dropping the stream) is what halts a budget-limited generation.
+    // A budget-limited generation is ended on purpose: say so (no grace for Resume is kept),
+    // then hang up.
+    if run.budget_hit && !run.summary.session_id.is_empty() {
+        let end = EndSessionRequest {
+            session_id: run.summary.session_id.clone(),
+            session_token: run.summary.session_token.clone(),
+        };
+        if let Err(e) = client.end_session(end).await {
+            tracing::warn!(error = %e, "could not end the session; it ends when its grace runs out");
+        }
+    }
     drop(stream);
     // The server claims before it delivers, so payments still in flight are settling now:
     // wait for their outcomes (bounded) so that the summary counts what was really spent.

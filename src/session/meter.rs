@@ -231,7 +231,7 @@ async fn run_session(
     let (held_tx, mut held_rx) = mpsc::unbounded_channel();
     let (notice_tx, mut notice_rx) = mpsc::unbounded_channel();
     app.lightning.register_session(sid, notice_tx);
-    let mut attach_rx = app.resumable.open(sid);
+    let (mut attach_rx, ended_by_owner) = app.resumable.open(sid);
     let mut m = Meter {
         app: app.clone(),
         spec,
@@ -282,6 +282,10 @@ async fn run_session(
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break End::halt(proto::HaltReason::Shutdown, "the server is shutting down"),
+                _ = ended_by_owner.cancelled() => {
+                    tracing::info!("the owner ended the session");
+                    break End::ClientGone;
+                }
                 _ = closed(&m.out) => {
                     if let Err(e) = m.detach() {
                         break e;

@@ -21,14 +21,45 @@ pub struct Attach {
 /// lifetime.
 #[derive(Default)]
 pub struct Resumable {
-    mailboxes: Mutex<HashMap<[u8; 16], tokio::sync::mpsc::Sender<Attach>>>,
+    mailboxes: Mutex<HashMap<[u8; 16], Mailbox>>,
+}
+
+#[derive(Clone)]
+struct Mailbox {
+    attach: tokio::sync::mpsc::Sender<Attach>,
+    /// The owner ended the session (`EndSession`).
+    end: tokio_util::sync::CancellationToken,
 }
 
 impl Resumable {
-    pub(crate) fn open(&self, sid: [u8; 16]) -> tokio::sync::mpsc::Receiver<Attach> {
+    pub(crate) fn open(
+        &self,
+        sid: [u8; 16],
+    ) -> (
+        tokio::sync::mpsc::Receiver<Attach>,
+        tokio_util::sync::CancellationToken,
+    ) {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        self.lock().insert(sid, tx);
-        rx
+        let end = tokio_util::sync::CancellationToken::new();
+        self.lock().insert(
+            sid,
+            Mailbox {
+                attach: tx,
+                end: end.clone(),
+            },
+        );
+        (rx, end)
+    }
+
+    /// Tells a running session its owner ended it; false when it is not running.
+    pub fn end(&self, sid: &[u8; 16]) -> bool {
+        match self.lock().get(sid) {
+            Some(m) => {
+                m.end.cancel();
+                true
+            }
+            None => false,
+        }
     }
 
     pub(crate) fn close(&self, sid: &[u8; 16]) {
@@ -37,16 +68,14 @@ impl Resumable {
 
     /// Hands `a` to the session's meter; Err(a) when the session is not running.
     pub fn attach(&self, sid: &[u8; 16], a: Attach) -> Result<(), Attach> {
-        let tx = self.lock().get(sid).cloned();
+        let tx = self.lock().get(sid).map(|m| m.attach.clone());
         match tx {
             Some(tx) => tx.try_send(a).map_err(|e| e.into_inner()),
             None => Err(a),
         }
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], tokio::sync::mpsc::Sender<Attach>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], Mailbox>> {
         self.mailboxes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

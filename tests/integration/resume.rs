@@ -304,8 +304,12 @@ async fn a_paid_session_not_resumed_in_its_grace_ends_and_settles() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn prepaid_resume_replays_and_continues_for_its_owner_only() {
     let w = world(&[]).await;
-    let token = top_up(&w, "", 60_000).await;
-    let mut s = open(&w, prepaid(40, &token)).await;
+    // PREPAID never waits for a payment, so the generation must outlast the server's noticing
+    // the drop (well under a millisecond): 2 000 tokens take the tiny model about a second.
+    // Should it finish first anyway, Resume says "has ended" and the test fails loudly.
+    const N: u32 = 2_000;
+    let token = top_up(&w, "", N as u64 * super::paid::MSAT_PER_TOKEN + 10_000).await;
+    let mut s = open(&w, prepaid(N, &token)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
     };
@@ -346,12 +350,12 @@ async fn prepaid_resume_replays_and_continues_for_its_owner_only() {
     let indices: Vec<u32> = chunks.iter().map(|c| c.0).collect();
     assert_eq!(
         indices,
-        (0..10).collect::<Vec<_>>(),
+        (0..N / super::paid::CHUNK).collect::<Vec<_>>(),
         "each chunk once, in order"
     );
     let text: String = chunks.into_iter().map(|c| c.1).collect();
-    assert_eq!(text, letters(40));
-    assert_eq!(done.completion_tokens, 40);
+    assert_eq!(text, letters(N as usize));
+    assert_eq!(done.completion_tokens, N);
     assert!(done.receipt.is_some());
     // Ended: no more resuming.
     wait_until("the session to end", T, || {
@@ -368,8 +372,65 @@ async fn prepaid_resume_replays_and_continues_for_its_owner_only() {
     let sess = assert_invariants(&w, &sid);
     assert_eq!(
         sess.spent_msat,
-        40 * super::paid::MSAT_PER_TOKEN,
+        N as u64 * super::paid::MSAT_PER_TOKEN,
         "drawn once per chunk"
     );
     w.h.stop().await;
+}
+
+/// A client that stops at its budget ends the session on purpose (EndSession): it ends at
+/// once, not after the grace for Resume, with the books exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_stop_ends_the_session_at_once() {
+    let w = world(&["payments.adaptive_lookahead=false"]).await;
+    let mut c = client_of(&w).await;
+    let s = satstream::client::generate(
+        &mut c,
+        &w.h.payer,
+        request(40, PaymentMode::Bolt11),
+        Some(8 * super::paid::MSAT_PER_TOKEN),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.outcome, "budget");
+    let store = w.h.server().app.store.clone();
+    let id: [u8; 16] = hex::decode(&s.session_id).unwrap().try_into().unwrap();
+    wait_until(
+        "the session to end (well before the 60 s grace)",
+        std::time::Duration::from_secs(20),
+        || {
+            let store = store.clone();
+            async move {
+                store.session(&id).unwrap().unwrap().state != satstream::store::SessionState::Open
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let sess = assert_invariants(&w, &s.session_id);
+    assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
+    assert_eq!(
+        sess.paid_msat, s.spent_msat,
+        "what the client paid, and no more"
+    );
+    // Ending it again is a no-op; another token may not.
+    let end = |token: String| satstream::wire::proto::EndSessionRequest {
+        session_id: s.session_id.clone(),
+        session_token: token,
+    };
+    let again = c.end_session(end(s.session_token.clone())).await.unwrap();
+    assert!(!again.into_inner().ended_now);
+    let e = c
+        .end_session(end(hex::encode([7u8; 32])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    w.h.stop().await;
+}
+
+async fn client_of(w: &World) -> InferenceClient<Channel> {
+    InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
+        .await
+        .unwrap()
 }

@@ -74,7 +74,7 @@ pub async fn paid_generation(
     let mut summary = tokio::select! {
         s = run => s?,
         _ = stop.cancelled() => {
-            eprintln!("\ninterrupted: hung up, the server halts the generation");
+            eprintln!("\ninterrupted: hung up; the server ends the generation (a paid one after its grace for Resume)");
             return Ok(None);
         }
     };

@@ -1,5 +1,6 @@
 //! The Inference service: one file per RPC.
 
+mod end_session;
 mod generate;
 mod get_account;
 mod get_receipt;
@@ -68,6 +69,15 @@ impl Inference for InferenceService {
         r: Request<proto::ResumeRequest>,
     ) -> Result<Response<Self::ResumeStream>, Status> {
         resume::handle(&self.app, r.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn end_session(
+        &self,
+        r: Request<proto::EndSessionRequest>,
+    ) -> Result<Response<proto::EndSessionResponse>, Status> {
+        end_session::handle(&self.app, r.into_inner())
             .await
             .map(Response::new)
     }
