@@ -589,6 +589,31 @@ mod tests {
         assert!(verify(&r, Some(&node), None, Some(&other)).is_err());
     }
 
+    /// The size the docs quote: a 1 000-token BOLT11 session at 16-token chunks.
+    #[test]
+    fn a_thousand_token_receipt_is_about_ten_kilobytes() {
+        let mut b = body();
+        b.chunks = (0..63u32)
+            .map(|i| {
+                let tokens = if i == 62 { 1000 - 62 * 16 } else { 16 };
+                ReceiptChunk {
+                    index: i,
+                    first_token: i * 16,
+                    tokens,
+                    price_msat: tokens as u64 * 1000,
+                    payment_hash: Some([0xab; 32]),
+                    text_sha256: [0xcd; 32],
+                }
+            })
+            .collect();
+        b.completion_tokens = 1000;
+        b.spent_msat = b.prompt_price_msat + 1_000_000;
+        b.check_totals().unwrap();
+        let n = b.encode().unwrap().len();
+        eprintln!("1 000-token BOLT11 receipt: {n} bytes of signed text");
+        assert!((9_000..12_000).contains(&n), "{n} bytes");
+    }
+
     #[test]
     fn file_form_round_trips() {
         let b = body();
