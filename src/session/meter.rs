@@ -472,11 +472,15 @@ impl Meter {
             self.send(e).await?;
         }
         self.send_balance().await?;
-        if self.spec.mode == Mode::Prepaid {
+        match self.spec.mode {
             // Chunks sealed while the client was away were not drawn yet.
-            while let Some((_, u)) = self.unpaid.pop_first() {
-                self.deliver_from_account(u).await?;
+            Mode::Prepaid => {
+                while let Some((_, u)) = self.unpaid.pop_first() {
+                    self.deliver_from_account(u).await?;
+                }
             }
+            Mode::Keysend => self.release_from_balance().await?,
+            _ => {}
         }
         self.allow();
         Ok(())
@@ -545,8 +549,8 @@ impl Meter {
     fn allowance(&self) -> u32 {
         let chunk = self.spec.price.chunk_tokens;
         match self.spec.mode {
-            // Away: nothing more is drawn until the client is back.
-            Mode::Prepaid if self.detached_since.is_some() => self.paid_tokens,
+            // Away: nothing more is drawn from a balance until the client is back.
+            Mode::Prepaid | Mode::Keysend if self.detached_since.is_some() => self.paid_tokens,
             Mode::Prepaid => {
                 let per = self.spec.price.msat_per_token.max(1);
                 let covered = (self.available_msat() / per).min(u32::MAX as u64) as u32;
@@ -932,8 +936,12 @@ impl Meter {
         blocking(move || store.deliver_chunk(&d)).await
     }
 
-    /// KEYSEND: release waiting chunks, in order, while the balance covers them.
+    /// KEYSEND: release waiting chunks, in order, while the balance covers them (not while
+    /// the client is away: its balance is spent only on chunks it can see).
     async fn release_from_balance(&mut self) -> Result<(), End> {
+        if self.detached_since.is_some() {
+            return Ok(());
+        }
         let mut spent_any = false;
         while let Some((&k, u)) = self.unpaid.iter().next() {
             if u.price_msat > self.available_msat() {

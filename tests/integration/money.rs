@@ -284,7 +284,18 @@ async fn shutdown_completes_within_its_deadline_with_a_stalled_client() {
     )
     .await;
     let max = 24_000;
-    let mut s = open(&w, request(max, PaymentMode::Keysend)).await;
+    // The client (and its connection) stays alive while it does not read.
+    let mut client = satstream::wire::proto::inference_client::InferenceClient::connect(format!(
+        "http://{}",
+        w.h.server().grpc_addr
+    ))
+    .await
+    .unwrap();
+    let mut s = client
+        .generate(request(max, PaymentMode::Keysend))
+        .await
+        .unwrap()
+        .into_inner();
     let Ev::Accepted(_) = next(&mut s).await else {
         panic!("Accepted first")
     };
