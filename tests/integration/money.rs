@@ -6,32 +6,16 @@
 use std::time::{Duration, Instant};
 
 use satstream::harness::{wait_until, PayOutcome};
-use satstream::store::{InvoiceState, SessionState};
+use satstream::store::InvoiceState;
 use satstream::wire::proto::{generate_event::Event as Ev, HaltReason, PaymentMode};
 
-use super::paid::{assert_invariants, letters, next, open, request, world, world_with, T};
-
-fn sid(hex_id: &str) -> [u8; 16] {
-    hex::decode(hex_id).unwrap().try_into().unwrap()
-}
+use super::paid::{
+    assert_invariants, letters, next, open, request, session_ended_within, sid, world, world_with,
+    T,
+};
 
 async fn session_ended(w: &super::paid::World, id: [u8; 16]) -> satstream::store::Session {
     session_ended_within(w, id, T).await
-}
-
-async fn session_ended_within(
-    w: &super::paid::World,
-    id: [u8; 16],
-    timeout: Duration,
-) -> satstream::store::Session {
-    let store = w.h.server().app.store.clone();
-    wait_until("the session to end", timeout, || {
-        let store = store.clone();
-        async move { store.session(&id).unwrap().unwrap().state != SessionState::Open }
-    })
-    .await
-    .unwrap();
-    store.session(&id).unwrap().unwrap()
 }
 
 /// A claim LDK refuses fails the HTLC back at once (the payer is not kept waiting for a
@@ -285,12 +269,7 @@ async fn shutdown_completes_within_its_deadline_with_a_stalled_client() {
     .await;
     let max = 24_000;
     // The client (and its connection) stays alive while it does not read.
-    let mut client = satstream::wire::proto::inference_client::InferenceClient::connect(format!(
-        "http://{}",
-        w.h.server().grpc_addr
-    ))
-    .await
-    .unwrap();
+    let mut client = super::paid::client(&w).await;
     let mut s = client
         .generate(request(max, PaymentMode::Keysend))
         .await

@@ -105,11 +105,35 @@ pub(super) fn letters(n: usize) -> String {
     (0..n).map(|i| (b'a' + (i % 26) as u8) as char).collect()
 }
 
-pub(super) async fn open(w: &World, req: GenerateRequest) -> Streaming<GenerateEvent> {
-    let mut c = InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
+/// A client of the world's server.
+pub(super) async fn client(w: &World) -> InferenceClient<tonic::transport::Channel> {
+    InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
         .await
-        .unwrap();
-    c.generate(req).await.unwrap().into_inner()
+        .unwrap()
+}
+
+pub(super) async fn open(w: &World, req: GenerateRequest) -> Streaming<GenerateEvent> {
+    client(w).await.generate(req).await.unwrap().into_inner()
+}
+
+pub(super) fn sid(hex_id: &str) -> [u8; 16] {
+    hex::decode(hex_id).unwrap().try_into().unwrap()
+}
+
+/// Waits (up to `timeout`) for the session to end; returns it as stored.
+pub(super) async fn session_ended_within(
+    w: &World,
+    id: [u8; 16],
+    timeout: Duration,
+) -> satstream::store::Session {
+    let store = w.h.server().app.store.clone();
+    wait_until("the session to end", timeout, || {
+        let store = store.clone();
+        async move { store.session(&id).unwrap().unwrap().state != SessionState::Open }
+    })
+    .await
+    .unwrap();
+    store.session(&id).unwrap().unwrap()
 }
 
 pub(super) async fn next(s: &mut Streaming<GenerateEvent>) -> Ev {
@@ -377,26 +401,14 @@ async fn client_disconnect_ends_the_session_and_withdraws_invoices() {
         panic!("an invoice")
     };
     drop(s);
-    let store = w.h.server().app.store.clone();
-    let sid: [u8; 16] = hex::decode(&acc.session_id).unwrap().try_into().unwrap();
-    wait_until(
-        "session to end (well before the 60 s grace)",
-        Duration::from_secs(20),
-        || {
-            let store = store.clone();
-            async move { store.session(&sid).unwrap().unwrap().state != SessionState::Open }
-        },
-    )
-    .await
-    .unwrap();
+    // Well before the 60 s grace.
+    session_ended_within(&w, sid(&acc.session_id), Duration::from_secs(20)).await;
     let sess = assert_invariants(&w, &acc.session_id);
     assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
     assert_eq!(w.h.server().app.live.count(), 0);
     // And it cannot be resumed.
-    let mut c = InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
+    let e = client(&w)
         .await
-        .unwrap();
-    let e = c
         .resume(satstream::wire::proto::ResumeRequest {
             session_id: acc.session_id.clone(),
             session_token: acc.session_token.clone(),

@@ -11,15 +11,8 @@ use satstream::wire::proto::{
     generate_event::Event as Ev, inference_client::InferenceClient, GenerateRequest,
     GetAccountRequest, HaltReason, PaymentMode, RefundRequest, TopUpRequest,
 };
-use tonic::transport::Channel;
 
-use super::paid::{assert_invariants, letters, next, open, request, world_with, World, T};
-
-async fn client(w: &World) -> InferenceClient<Channel> {
-    InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
-        .await
-        .unwrap()
-}
+use super::paid::{assert_invariants, client, letters, next, open, request, world_with, World, T};
 
 /// Tops up (a new account when `token` is empty), pays it, waits for the credit. Returns the
 /// account token.

@@ -9,20 +9,12 @@ use std::process::Command;
 use ldk_node::lightning::ln::channelmanager::PaymentId;
 use ldk_node::payment::PaymentStatus;
 use satstream::wire::proto::{
-    generate_event::Event as Ev, inference_client::InferenceClient, GetReceiptRequest, PaymentMode,
-    Receipt,
+    generate_event::Event as Ev, GetReceiptRequest, PaymentMode, Receipt,
 };
 use satstream::wire::receipt::{self, ReceiptBody};
-use tonic::transport::Channel;
 
-use super::paid::{letters, next, open, request, world, World, MSAT_PER_TOKEN};
+use super::paid::{client, letters, next, open, request, world, World, MSAT_PER_TOKEN};
 use super::prepaid::{prepaid, top_up};
-
-async fn client(w: &World) -> InferenceClient<Channel> {
-    InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
-        .await
-        .unwrap()
-}
 
 async fn get_receipt(w: &World, session_id: &str, token: &str) -> Result<Receipt, tonic::Status> {
     client(w)

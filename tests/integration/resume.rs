@@ -10,15 +10,17 @@ use ldk_node::payment::{PaymentDirection, PaymentStatus};
 use satstream::client::ClientEvent;
 use satstream::harness::wait_until;
 use satstream::wire::proto::{
-    generate_event::Event as Ev, inference_client::InferenceClient, GenerateEvent, PaymentMode,
-    ResumeRequest,
+    generate_event::Event as Ev, inference_client::InferenceClient, Accepted, GenerateEvent,
+    Invoice, PaymentMode, ResumeRequest,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::Streaming;
 
-use super::paid::{assert_invariants, letters, next, open, request, world, World, T};
+use super::paid::{
+    assert_invariants, client, letters, next, open, request, session_ended_within, sid, world,
+    World, T,
+};
 use super::prepaid::{prepaid, top_up};
 
 /// A TCP proxy in front of the server whose connections the test can cut at once.
@@ -143,17 +145,15 @@ async fn resume(
     token: &str,
     from_chunk: u32,
 ) -> Result<Streaming<GenerateEvent>, tonic::Status> {
-    let mut c: InferenceClient<Channel> =
-        InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
-            .await
-            .unwrap();
-    c.resume(ResumeRequest {
-        session_id: session_id.into(),
-        session_token: token.into(),
-        from_chunk,
-    })
-    .await
-    .map(|r| r.into_inner())
+    client(w)
+        .await
+        .resume(ResumeRequest {
+            session_id: session_id.into(),
+            session_token: token.into(),
+            from_chunk,
+        })
+        .await
+        .map(|r| r.into_inner())
 }
 
 /// Resumes a dropped session, waiting for the server to notice the drop (until then the
@@ -188,30 +188,36 @@ async fn resume_when_detached(
     s
 }
 
+/// A 12-token BOLT11 session (chunks of 4, fixed window): pays chunk 0, reads its text and
+/// chunk 1's invoice, then drops the stream. Returns Accepted, chunk 0's text, that invoice.
+async fn pay_chunk_zero_then_drop(w: &World) -> (Accepted, String, Invoice) {
+    let mut s = open(w, request(12, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let (mut text, mut second) = (String::new(), None);
+    while second.is_none() || text.is_empty() {
+        match next(&mut s).await {
+            Ev::Invoice(inv) if inv.chunk_index == Some(0) => {
+                w.h.payer.send(&inv.bolt11).unwrap();
+            }
+            Ev::Invoice(inv) => second = Some(inv),
+            Ev::Tokens(t) => text.push_str(&t.text),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let second = second.unwrap();
+    assert_eq!(second.chunk_index, Some(1));
+    (acc, text, second)
+}
+
 /// BOLT11, dropped after paying chunk 0 with chunk 1's invoice out: Resume from chunk 1 sends
 /// that same invoice again (its deadline restarted), a second Resume is refused while this one
 /// is attached, and paying the re-sent invoices finishes the text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bolt11_resume_resends_the_same_invoice_and_allows_one_stream() {
     let w = world(&["payments.adaptive_lookahead=false"]).await;
-    let mut s = open(&w, request(12, PaymentMode::Bolt11)).await;
-    let Ev::Accepted(acc) = next(&mut s).await else {
-        panic!("Accepted first")
-    };
-    let (mut first_text, mut second) = (String::new(), None);
-    while second.is_none() || first_text.is_empty() {
-        match next(&mut s).await {
-            Ev::Invoice(inv) if inv.chunk_index == Some(0) => {
-                w.h.payer.send(&inv.bolt11).unwrap();
-            }
-            Ev::Invoice(inv) => second = Some(inv),
-            Ev::Tokens(t) => first_text.push_str(&t.text),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    let second = second.unwrap();
-    assert_eq!(second.chunk_index, Some(1));
-    drop(s);
+    let (acc, first_text, second) = pay_chunk_zero_then_drop(&w).await;
     let (mut r, _) = resume_when_detached(&w, &acc.session_id, &acc.session_token, 1).await;
     // Chunk 1 waits for payment, so the session cannot end meanwhile: one stream at a time.
     let e = resume(&w, &acc.session_id, &acc.session_token, 1)
@@ -257,32 +263,8 @@ async fn a_paid_session_not_resumed_in_its_grace_ends_and_settles() {
         "payments.adaptive_lookahead=false",
     ])
     .await;
-    let mut s = open(&w, request(12, PaymentMode::Bolt11)).await;
-    let Ev::Accepted(acc) = next(&mut s).await else {
-        panic!("Accepted first")
-    };
-    let (mut paid_text, mut second) = (String::new(), None);
-    while second.is_none() || paid_text.is_empty() {
-        match next(&mut s).await {
-            Ev::Invoice(inv) if inv.chunk_index == Some(0) => {
-                w.h.payer.send(&inv.bolt11).unwrap();
-            }
-            Ev::Invoice(inv) => second = Some(inv),
-            Ev::Tokens(t) => paid_text.push_str(&t.text),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    drop(s);
-    let store = w.h.server().app.store.clone();
-    let id: [u8; 16] = hex::decode(&acc.session_id).unwrap().try_into().unwrap();
-    wait_until("the session to end after its grace", T, || {
-        let store = store.clone();
-        async move {
-            store.session(&id).unwrap().unwrap().state != satstream::store::SessionState::Open
-        }
-    })
-    .await
-    .unwrap();
+    let (acc, paid_text, second) = pay_chunk_zero_then_drop(&w).await;
+    session_ended_within(&w, sid(&acc.session_id), T).await;
     let sess = assert_invariants(&w, &acc.session_id);
     assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
     assert_eq!(sess.completion_tokens as usize, paid_text.len());
@@ -290,7 +272,7 @@ async fn a_paid_session_not_resumed_in_its_grace_ends_and_settles() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
-    let out = w.h.payer.pay(&second.unwrap().bolt11, T).await.unwrap();
+    let out = w.h.payer.pay(&second.bolt11, T).await.unwrap();
     assert!(
         matches!(out, satstream::harness::PayOutcome::Failed { .. }),
         "the withdrawn invoice cannot be paid: {out:?}"
@@ -358,15 +340,7 @@ async fn prepaid_resume_replays_and_continues_for_its_owner_only() {
     assert_eq!(done.completion_tokens, N);
     assert!(done.receipt.is_some());
     // Ended: no more resuming.
-    wait_until("the session to end", T, || {
-        let store = w.h.server().app.store.clone();
-        let id: [u8; 16] = hex::decode(&sid).unwrap().try_into().unwrap();
-        async move {
-            store.session(&id).unwrap().unwrap().state != satstream::store::SessionState::Open
-        }
-    })
-    .await
-    .unwrap();
+    session_ended_within(&w, super::paid::sid(&sid), T).await;
     let e = resume(&w, &sid, &acc.session_token, 0).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     let sess = assert_invariants(&w, &sid);
@@ -383,7 +357,7 @@ async fn prepaid_resume_replays_and_continues_for_its_owner_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_budget_stop_ends_the_session_at_once() {
     let w = world(&["payments.adaptive_lookahead=false"]).await;
-    let mut c = client_of(&w).await;
+    let mut c = client(&w).await;
     let s = satstream::client::generate(
         &mut c,
         &w.h.payer,
@@ -394,20 +368,8 @@ async fn a_budget_stop_ends_the_session_at_once() {
     .await
     .unwrap();
     assert_eq!(s.outcome, "budget");
-    let store = w.h.server().app.store.clone();
-    let id: [u8; 16] = hex::decode(&s.session_id).unwrap().try_into().unwrap();
-    wait_until(
-        "the session to end (well before the 60 s grace)",
-        std::time::Duration::from_secs(20),
-        || {
-            let store = store.clone();
-            async move {
-                store.session(&id).unwrap().unwrap().state != satstream::store::SessionState::Open
-            }
-        },
-    )
-    .await
-    .unwrap();
+    // Well before the 60 s grace.
+    session_ended_within(&w, sid(&s.session_id), std::time::Duration::from_secs(20)).await;
     let sess = assert_invariants(&w, &s.session_id);
     assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
     assert_eq!(
@@ -427,10 +389,4 @@ async fn a_budget_stop_ends_the_session_at_once() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     w.h.stop().await;
-}
-
-async fn client_of(w: &World) -> InferenceClient<Channel> {
-    InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
-        .await
-        .unwrap()
 }
