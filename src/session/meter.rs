@@ -139,12 +139,17 @@ impl End {
     }
 }
 
+/// The client's side of a session: its stream, or since when it has been away (its stream
+/// dropped; the session waits `resume_grace` for `Resume`).
+enum Client {
+    Attached(Out),
+    Away { since: Instant },
+}
+
 struct Meter {
     app: Arc<App>,
     spec: SessionSpec,
-    /// The client's stream; None while it is detached (dropped, waiting for `Resume`).
-    out: Option<Out>,
-    detached_since: Option<Instant>,
+    client: Client,
     held_tx: mpsc::UnboundedSender<HeldHtlc>,
     current: Chunk,
     next_index: u32,
@@ -203,11 +208,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| End::engine(format!("internal task failed: {e}")))
 }
 
-/// Resolves when the client's stream closes; pending while detached.
-async fn closed(out: &Option<Out>) {
-    match out {
-        Some(o) => o.closed().await,
-        None => std::future::pending().await,
+/// Resolves when the client's stream closes; pending while the client is away.
+async fn closed(client: &Client) {
+    match client {
+        Client::Attached(o) => o.closed().await,
+        Client::Away { .. } => std::future::pending().await,
     }
 }
 
@@ -235,8 +240,7 @@ async fn run_session(
     let mut m = Meter {
         app: app.clone(),
         spec,
-        out: Some(out),
-        detached_since: None,
+        client: Client::Attached(out),
         held_tx,
         current: Chunk {
             index: 0,
@@ -270,12 +274,12 @@ async fn run_session(
         }
         loop {
             // A detached client gets its last chunks and Done when it resumes.
-            if let (Some(r), Some(_)) = (&finished, &m.out) {
+            if let (Some(r), Client::Attached(_)) = (&finished, &m.client) {
                 if m.unpaid.is_empty() && m.current.tokens == 0 {
                     break End::Done(r.clone());
                 }
             }
-            let deadline = match m.detached_since {
+            let deadline = match m.away_since() {
                 Some(t) => t + m.spec.resume_grace,
                 None => m.deadline().unwrap_or_else(|| Instant::now() + far),
             };
@@ -286,7 +290,7 @@ async fn run_session(
                     tracing::info!("the owner ended the session");
                     break End::ClientGone;
                 }
-                _ = closed(&m.out) => {
+                _ = closed(&m.client) => {
                     if let Err(e) = m.detach() {
                         break e;
                     }
@@ -343,7 +347,7 @@ async fn run_session(
                     None => break End::engine("the engine stream ended unexpectedly"),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
-                    if m.detached_since.is_some() {
+                    if m.away_since().is_some() {
                         tracing::info!(grace = ?m.spec.resume_grace, "the client did not resume in time");
                         break End::ClientGone;
                     }
@@ -379,10 +383,18 @@ impl Meter {
         self.spec.session_id
     }
 
+    /// Since when the client has been away; None while its stream is attached.
+    fn away_since(&self) -> Option<Instant> {
+        match self.client {
+            Client::Away { since } => Some(since),
+            Client::Attached(_) => None,
+        }
+    }
+
     /// Writes one event to the client, waiting at most `send_timeout` for it to read. While
     /// the client is detached nothing is written: what it paid for is replayed on `Resume`.
     async fn send(&mut self, e: Ev) -> Result<(), End> {
-        let Some(out) = &self.out else {
+        let Client::Attached(out) = &self.client else {
             return Ok(());
         };
         match tokio::time::timeout(self.spec.send_timeout, out.send(event(e))).await {
@@ -410,9 +422,11 @@ impl Meter {
         if self.spec.resume_grace.is_zero() || !at_stake {
             return Err(End::ClientGone);
         }
-        if self.out.take().is_some() {
+        if let Client::Attached(_) = self.client {
             tracing::info!(grace = ?self.spec.resume_grace, "the client's stream dropped: waiting for Resume");
-            self.detached_since = Some(Instant::now());
+            self.client = Client::Away {
+                since: Instant::now(),
+            };
             self.allow();
         }
         Ok(())
@@ -422,15 +436,14 @@ impl Meter {
     /// `from_chunk` replayed from the store, what waits for payment asked again (its deadline
     /// restarts: the client could not pay what it could not see), then on as before.
     async fn attach(&mut self, a: super::Attach) -> Result<(), End> {
-        if self.out.as_ref().is_some_and(|o| !o.is_closed()) {
+        if matches!(&self.client, Client::Attached(o) if !o.is_closed()) {
             let _ = a.reply.send(Err(Status::failed_precondition(
                 "another stream is attached to this session",
             )));
             return Ok(());
         }
-        let away = self.detached_since.map(|t| t.elapsed());
-        self.out = Some(a.out);
-        self.detached_since = None;
+        let away = self.away_since().map(|t| t.elapsed());
+        self.client = Client::Attached(a.out);
         let _ = a.reply.send(Ok(()));
         tracing::info!(?away, from_chunk = a.from_chunk, "client resumed");
         let now = Instant::now();
@@ -550,7 +563,7 @@ impl Meter {
         let chunk = self.spec.price.chunk_tokens;
         match self.spec.mode {
             // Away: nothing more is drawn from a balance until the client is back.
-            Mode::Prepaid | Mode::Keysend if self.detached_since.is_some() => self.paid_tokens,
+            Mode::Prepaid | Mode::Keysend if self.away_since().is_some() => self.paid_tokens,
             Mode::Prepaid => {
                 let per = self.spec.price.msat_per_token.max(1);
                 let covered = (self.available_msat() / per).min(u32::MAX as u64) as u32;
@@ -731,7 +744,7 @@ impl Meter {
                 self.unpaid.insert(k, waiting(chunk, None, None));
                 self.release_from_balance().await
             }
-            Mode::Prepaid if self.detached_since.is_some() => {
+            Mode::Prepaid if self.away_since().is_some() => {
                 self.unpaid.insert(k, waiting(chunk, None, None));
                 Ok(())
             }
@@ -939,7 +952,7 @@ impl Meter {
     /// KEYSEND: release waiting chunks, in order, while the balance covers them (not while
     /// the client is away: its balance is spent only on chunks it can see).
     async fn release_from_balance(&mut self) -> Result<(), End> {
-        if self.detached_since.is_some() {
+        if self.away_since().is_some() {
             return Ok(());
         }
         let mut spent_any = false;
