@@ -15,7 +15,9 @@
 //! timeout (the first payment has its own, shorter one) halts the session.
 //!
 //! Every write to the client is bounded in time: a client that stops reading is halted like
-//! one that stops paying. Store commits and LDK calls run on blocking threads.
+//! one that stops paying. A client whose stream drops after paying something is kept for
+//! `resume_grace` (`Resume` replays what it paid for and goes on); one that paid nothing ends
+//! at once. Store commits and LDK calls run on blocking threads.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
