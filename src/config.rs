@@ -37,10 +37,88 @@ pub struct ModelConfig {
     /// Generations waiting for a slot before new ones get ResourceExhausted.
     #[serde(default = "default_max_queue")]
     pub max_queue: u32,
-    /// The inference engine: `mistralrs` (the default) or `llamacpp` (batched decode, a true
-    /// pause: a paused generation keeps its KV cache).
+    /// The inference engine: `mistralrs` (the default), `llamacpp` (batched decode, a true
+    /// pause: a paused generation keeps its KV cache) or `openai` (remote OpenAI-compatible
+    /// servers, set in `upstream`; `path` is then only read for its tokenizer).
     #[serde(default)]
     pub backend: BackendKind,
+    /// The remote engines of an `openai` model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamConfig>,
+}
+
+/// Remote OpenAI-compatible engines serving one model (`backend = "openai"`): replicas behind
+/// one name, routed least-loaded among the healthy ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URLs of the replicas, up to and including the API version
+    /// (`http://10.0.0.5:8000/v1`); `/completions` and `/models` are appended.
+    pub urls: Vec<String>,
+    /// The model name the upstream serves (its `/models` id). Empty: the model's `id`.
+    pub model: String,
+    /// File holding the API key sent as `Authorization: Bearer` (must be 0600).
+    pub api_key_file: PathBuf,
+    /// Or: the environment variable holding it.
+    pub api_key_env: String,
+    /// Seconds between health checks (`GET /models`) of each replica.
+    pub health_interval_secs: u64,
+    /// Deadline to connect, and to get the response headers of a request.
+    pub connect_timeout_secs: u64,
+    /// Longest the upstream may go silent in a running stream before the replica is declared
+    /// failed (a prefill counts: keep it above the longest prompt's prefill).
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            urls: Vec::new(),
+            model: String::new(),
+            api_key_file: PathBuf::new(),
+            api_key_env: String::new(),
+            health_interval_secs: 5,
+            connect_timeout_secs: 5,
+            idle_timeout_secs: 60,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    fn validate(&self, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        if self.urls.is_empty() {
+            return Err(err(key("upstream.urls"), "list at least one upstream URL"));
+        }
+        for (i, u) in self.urls.iter().enumerate() {
+            let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                && u.len() > "https://".len();
+            if !ok || u.chars().any(char::is_whitespace) {
+                return Err(err(
+                    key(&format!("upstream.urls.{i}")),
+                    format!("{u:?} is not an http(s) URL (e.g. \"http://10.0.0.5:8000/v1\")"),
+                ));
+            }
+        }
+        if !self.api_key_file.as_os_str().is_empty() && !self.api_key_env.is_empty() {
+            return Err(err(
+                key("upstream.api_key_env"),
+                "set api_key_file or api_key_env, not both",
+            ));
+        }
+        for (k, v) in [
+            ("health_interval_secs", self.health_interval_secs),
+            ("connect_timeout_secs", self.connect_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+        ] {
+            if v == 0 || v > 3600 {
+                return Err(err(
+                    key(&format!("upstream.{k}")),
+                    "must be between 1 and 3600 seconds",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -49,6 +127,9 @@ pub enum BackendKind {
     #[default]
     Mistralrs,
     Llamacpp,
+    /// Needs `upstream` settings, so the demo and the client's `--backend` leave it out.
+    #[value(skip)]
+    Openai,
 }
 
 impl BackendKind {
@@ -56,6 +137,7 @@ impl BackendKind {
         match self {
             BackendKind::Mistralrs => "mistralrs",
             BackendKind::Llamacpp => "llamacpp",
+            BackendKind::Openai => "openai",
         }
     }
 }
@@ -74,6 +156,7 @@ impl ModelConfig {
             max_concurrent: default_max_concurrent(),
             max_queue: default_max_queue(),
             backend: BackendKind::default(),
+            upstream: None,
         }
     }
 }
@@ -554,6 +637,25 @@ impl Config {
             if m.max_concurrent == 0 {
                 return Err(err(key("max_concurrent"), "must be at least 1"));
             }
+            match (m.backend, &m.upstream) {
+                (BackendKind::Openai, None) => {
+                    return Err(err(
+                        key("upstream.urls"),
+                        "backend \"openai\" needs the upstream's URLs ([models.upstream] urls = [\"http://host:port/v1\"])",
+                    ))
+                }
+                (BackendKind::Openai, Some(u)) => u.validate(&key)?,
+                (_, Some(_)) => {
+                    return Err(err(
+                        key("upstream"),
+                        format!(
+                            "only used with backend = \"openai\" (this model's backend is {:?})",
+                            m.backend.as_str()
+                        ),
+                    ))
+                }
+                (_, None) => {}
+            }
         }
         Ok(())
     }
@@ -809,6 +911,55 @@ msat_per_token = 1000
 
         let e = load("not toml [", &[], &[]).unwrap_err();
         assert!(e.key.starts_with("file "), "{e}");
+    }
+
+    #[test]
+    fn remote_models_need_urls_and_nothing_else_takes_them() {
+        let remote = format!(
+            "{MODEL}backend = \"openai\"\n[models.upstream]\nurls = [\"http://10.0.0.5:8000/v1\"]\n"
+        );
+        let c = load(&remote, &[], &[]).unwrap();
+        let u = c.models[0].upstream.as_ref().unwrap();
+        assert_eq!(c.models[0].backend, BackendKind::Openai);
+        assert_eq!(u.urls, vec!["http://10.0.0.5:8000/v1".to_string()]);
+        assert_eq!((u.health_interval_secs, u.idle_timeout_secs), (5, 60));
+        // The replica list from the environment, as a TOML array.
+        let c = load(
+            &remote,
+            &[(
+                "SATSTREAM_MODELS_0_UPSTREAM_URLS",
+                "[\"http://a:1/v1\", \"https://b/v1\"]",
+            )],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.models[0].upstream.as_ref().unwrap().urls.len(), 2);
+
+        let e = load(&format!("{MODEL}backend = \"openai\"\n"), &[], &[]).unwrap_err();
+        assert_eq!(e.key, "models.0.upstream.urls");
+        let e = load(
+            &remote,
+            &[],
+            &["models.0.upstream.urls=[\"10.0.0.5:8000\"]"],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "models.0.upstream.urls.0");
+        assert!(e.reason.contains("http"), "{e}");
+        let e = load(&remote, &[], &["models.0.upstream.idle_timeout_secs=0"]).unwrap_err();
+        assert_eq!(e.key, "models.0.upstream.idle_timeout_secs");
+        let e = load(
+            &remote,
+            &[],
+            &[
+                "models.0.upstream.api_key_env=K",
+                "models.0.upstream.api_key_file=/k",
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "models.0.upstream.api_key_env");
+        let e = load(&remote, &[], &["models.0.backend=llamacpp"]).unwrap_err();
+        assert_eq!(e.key, "models.0.upstream");
+        assert!(e.reason.contains("openai"), "{e}");
     }
 
     #[test]

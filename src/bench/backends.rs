@@ -154,6 +154,7 @@ pub async fn measure(
         backend: match backend {
             BackendKind::Mistralrs => "mistral.rs",
             BackendKind::Llamacpp => "llama.cpp",
+            BackendKind::Openai => "openai",
         },
         load_s,
         ttft_ms,

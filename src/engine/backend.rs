@@ -43,6 +43,8 @@ pub enum SegmentEnd {
     Ended,
     /// The backend reported an error; tokens reported before it are valid.
     Failed(String),
+    /// A remote engine failed or became unreachable; tokens reported before it are valid.
+    UpstreamFailed(String),
 }
 
 /// A running segment. Dropping it cancels the work immediately.
@@ -64,4 +66,9 @@ pub trait Backend: Send + Sync + 'static {
         request: SegmentRequest,
         observer: Arc<dyn TokenObserver>,
     ) -> BoxFuture<'_, Result<Box<dyn Segment>, String>>;
+    /// Whether new generations can run now (a remote backend with no healthy replica cannot);
+    /// the reason otherwise. Checked at admission.
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

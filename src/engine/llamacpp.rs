@@ -30,7 +30,7 @@ use super::backend::{Backend, BoxFuture, Segment, SegmentEnd, SegmentRequest, To
 use super::Prompt;
 
 /// llama.cpp's process-wide initialisation (once per process).
-fn backend() -> Result<&'static LlamaBackend, String> {
+pub(super) fn backend() -> Result<&'static LlamaBackend, String> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
@@ -168,7 +168,7 @@ impl Backend for LlamaCppBackend {
 
 /// Exact prompt tokens: the GGUF's chat template applied by llama.cpp, special tokens parsed
 /// (as mistral.rs tokenizes), BOS added when the model asks for it.
-fn tokenize(model: &LlamaModel, prompt: Prompt) -> Result<Vec<u32>, String> {
+pub(super) fn tokenize(model: &LlamaModel, prompt: Prompt) -> Result<Vec<u32>, String> {
     let text = match prompt {
         Prompt::Tokens(ids) => return Ok(ids),
         Prompt::Text(t) => t,

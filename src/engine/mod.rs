@@ -2,8 +2,8 @@
 //! and queue per model), and streams exactly one event per generated token, with pause/resume
 //! by allowance so the payment layer can meter generation without ever blocking the backend.
 //!
-//! Layout: [`backend`] is the interface to an inference library and [`mistral`] its first
-//! implementation; [`pump`] drives one generation over backend segments; [`gguf`] validates
+//! Layout: [`backend`] is the interface to an inference library, implemented by [`mistral`]
+//! and [`llamacpp`] in process and by [`openai`] for remote engine clusters; [`pump`] drives one generation over backend segments; [`gguf`] validates
 //! model files before any library sees them; [`detok`] attributes text to tokens;
 //! [`tiny_model`] writes a deterministic test model.
 
@@ -13,6 +13,7 @@ mod error;
 pub mod gguf;
 pub mod llamacpp;
 pub mod mistral;
+pub mod openai;
 mod pump;
 pub mod requantize;
 #[cfg(feature = "devtools")]
@@ -115,6 +116,9 @@ pub enum FinishReason {
     Cancelled,
     /// The backend failed; the tokens delivered before are valid.
     Error(String),
+    /// A remote engine failed mid-generation or could not be reached; the tokens delivered
+    /// before are valid.
+    UpstreamFailed(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,6 +318,13 @@ impl Engine {
     /// queue is full).
     pub async fn admit(&self, model: &str) -> Result<Admission, EngineError> {
         let m = self.get(model)?;
+        m.backend
+            .available()
+            .map_err(|reason| EngineError::Backend {
+                model: model.to_string(),
+                backend: m.backend.name(),
+                reason,
+            })?;
         Ok(Admission {
             model: model.to_string(),
             permit: admit(m).await?,
@@ -528,6 +539,19 @@ async fn load_one(cfg: &ModelConfig) -> Result<LoadedModel, EngineError> {
                 .await
                 .map_err(fail)?,
         ),
+        crate::config::BackendKind::Openai => {
+            let upstream = cfg.upstream.as_ref().ok_or_else(|| {
+                EngineError::Config(format!(
+                    "model `{}`: backend openai needs [models.upstream] urls",
+                    cfg.id
+                ))
+            })?;
+            Arc::new(
+                openai::OpenAiBackend::load(&cfg.id, &path, upstream)
+                    .await
+                    .map_err(fail)?,
+            )
+        }
     };
     info!(
         architecture = %header.architecture,

@@ -508,6 +508,10 @@ impl Driver {
                 warn!(error = %e, generated = n, "backend failed");
                 Some(FinishReason::Error(e))
             }
+            (None, SegmentEnd::UpstreamFailed(e)) => {
+                warn!(error = %e, generated = n, "upstream failed");
+                Some(FinishReason::UpstreamFailed(e))
+            }
             (None, SegmentEnd::Ended) if n >= self.spec.max_tokens => {
                 Some(FinishReason::Length(self.spec.max_tokens))
             }

@@ -6,6 +6,7 @@
 pub mod audit;
 mod bitcoind;
 pub mod process;
+pub mod upstream;
 
 pub use crate::client::{PayOutcome, Wallet};
 pub use bitcoind::{cached_bitcoind, find_bitcoind, free_port, Bitcoind};

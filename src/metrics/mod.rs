@@ -138,8 +138,40 @@ pub fn set_gauges(g: &Gauges) {
     gauge!("satstream_engine_running").set(g.engine_running as f64);
 }
 
+/// A remote engine replica's health as last checked (1 healthy, 0 not).
+pub fn upstream_health(model: &str, url: &str, healthy: bool) {
+    gauge!("satstream_upstream_healthy", "model" => model.to_string(), "url" => url.to_string())
+        .set(if healthy { 1.0 } else { 0.0 });
+}
+
+/// A request to a remote engine ended: `outcome` is ok, cancelled (the gateway stopped reading:
+/// a pause or a halt), failed (mid-stream) or unreachable.
+pub fn upstream_request(model: &str, url: &str, outcome: &'static str) {
+    counter!("satstream_upstream_requests_total", "model" => model.to_string(),
+        "url" => url.to_string(), "outcome" => outcome)
+    .increment(1);
+}
+
+/// The upstream's own `usage.completion_tokens` disagreed with the tokens the gateway counted.
+pub fn upstream_count_mismatch(model: &str) {
+    counter!("satstream_upstream_token_count_mismatch_total", "model" => model.to_string())
+        .increment(1);
+}
+
 /// Help texts, once at install.
 fn describe() {
+    describe_gauge!(
+        "satstream_upstream_healthy",
+        "Remote engine replica health (1 = its last check passed)"
+    );
+    describe_counter!(
+        "satstream_upstream_requests_total",
+        "Requests to remote engine replicas by outcome"
+    );
+    describe_counter!(
+        "satstream_upstream_token_count_mismatch_total",
+        "Streams whose upstream usage count disagreed with the gateway's token count"
+    );
     describe_counter!(
         "satstream_sessions_total",
         "Sessions ended, by payment mode and end reason"

@@ -335,6 +335,9 @@ async fn run_session(
                         tracing::debug!(?reason, completion_tokens, "engine finished");
                         match reason {
                             FinishReason::Error(e) => break End::engine(e),
+                            FinishReason::UpstreamFailed(e) => {
+                                break End::halt(proto::HaltReason::UpstreamFailed, e)
+                            }
                             FinishReason::Cancelled => break End::engine("generation was cancelled"),
                             r => {
                                 if m.current.tokens > 0 {

@@ -6,11 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use satstream::config::{BackendKind, ModelConfig};
+use satstream::config::{BackendKind, ModelConfig, UpstreamConfig};
 use satstream::engine::tiny_model::{self, expected_output, TinyModelOptions};
 use satstream::engine::{
     ChatMessage, Engine, EngineError, EventStream, FinishReason, GenerateParams, Prompt, TokenEvent,
 };
+use satstream::harness::upstream::Upstream;
 use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -26,12 +27,30 @@ fn model_config(id: &str, path: &Path) -> ModelConfig {
         max_concurrent: 4,
         max_queue: 16,
         backend: BackendKind::Mistralrs,
+        upstream: None,
     }
 }
 
 struct Tiny {
     engine: Engine,
+    _upstreams: Vec<Upstream>,
     _dir: TempDir,
+}
+
+/// Two llama-cpp-python servers on the tiny model, as the `openai` backend's replicas.
+pub async fn tiny_upstreams(path: &Path, n: usize) -> Vec<Upstream> {
+    let starts = (0..n).map(|_| Upstream::start(path, "tiny", tiny_model::CONTEXT_LENGTH, 1));
+    futures_util::future::try_join_all(starts)
+        .await
+        .expect("upstream starts (scripts/setup-upstream.sh installs it)")
+}
+
+pub fn upstream_config(upstreams: &[Upstream]) -> UpstreamConfig {
+    UpstreamConfig {
+        urls: upstreams.iter().map(|u| u.url.clone()).collect(),
+        model: "tiny".into(),
+        ..UpstreamConfig::default()
+    }
 }
 
 async fn tiny(backend: BackendKind, edit: impl FnOnce(&mut ModelConfig)) -> Tiny {
@@ -39,14 +58,26 @@ async fn tiny(backend: BackendKind, edit: impl FnOnce(&mut ModelConfig)) -> Tiny
     let path = tiny_model::write_tiny_model(dir.path()).unwrap();
     let mut cfg = model_config("tiny", &path);
     cfg.backend = backend;
+    let upstreams = match backend {
+        BackendKind::Openai => tiny_upstreams(&path, 2).await,
+        _ => Vec::new(),
+    };
+    if backend == BackendKind::Openai {
+        cfg.upstream = Some(upstream_config(&upstreams));
+    }
     edit(&mut cfg);
     let engine = Engine::load(&[cfg]).await.expect("tiny model loads");
     let expected = match backend {
         BackendKind::Mistralrs => "mistral.rs",
         BackendKind::Llamacpp => "llama.cpp",
+        BackendKind::Openai => "openai",
     };
     assert_eq!(engine.models()[0].backend, expected);
-    Tiny { engine, _dir: dir }
+    Tiny {
+        engine,
+        _upstreams: upstreams,
+        _dir: dir,
+    }
 }
 
 fn text(s: &str) -> Prompt {
@@ -760,7 +791,8 @@ async fn tiny_concurrent_paced_generations_are_exact(backend: BackendKind) {
     }
 }
 
-/// Every tiny-model engine test runs on both backends (the same body, parametrized).
+/// Every tiny-model engine test runs on every backend (the same body, parametrized): the two
+/// in process, and the remote one against real llama-cpp-python servers.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         $(
@@ -775,6 +807,11 @@ macro_rules! on_both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn llamacpp() {
                     super::$name(BackendKind::Llamacpp).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn openai() {
+                    super::$name(BackendKind::Openai).await
                 }
             }
         )*

@@ -127,6 +127,7 @@ async fn grpcurl_generate_bolt11_paid_from_the_payer_node() {
             max_concurrent: 4,
             max_queue: 4,
             backend: Default::default(),
+            upstream: None,
         }],
         ..HarnessOptions::default()
     })

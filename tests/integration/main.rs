@@ -6,6 +6,7 @@ mod demo;
 mod engine;
 mod exposure;
 mod foundation;
+mod gateway;
 mod grpcurl;
 mod money;
 mod paid;

@@ -9,6 +9,7 @@ use tonic::Streaming;
 
 use satstream::config::{BackendKind, ModelConfig};
 use satstream::engine::tiny_model::write_tiny_model;
+use satstream::harness::upstream::Upstream;
 use satstream::harness::{wait_until, Harness, HarnessOptions, PayOutcome};
 use satstream::store::SessionState;
 use satstream::wire::cipher;
@@ -23,6 +24,8 @@ pub(super) const CHUNK: u32 = 4;
 
 pub(super) struct World {
     pub h: Harness,
+    /// The `openai` backend's replicas (none for the in-process backends).
+    pub upstreams: Vec<Upstream>,
     _model_dir: tempfile::TempDir,
 }
 
@@ -32,7 +35,12 @@ pub(super) async fn world(sets: &[&str]) -> World {
 
 /// A world whose tiny model runs on `backend`.
 pub(super) async fn world_on(backend: BackendKind, sets: &[&str]) -> World {
-    world_full(sets, 0, 0, CHUNK, backend).await
+    world_full(sets, 0, 0, CHUNK, backend, 2).await
+}
+
+/// A world whose tiny model is served by `replicas` llama-cpp-python servers (`openai`).
+pub(super) async fn world_remote(replicas: usize, sets: &[&str]) -> World {
+    world_full(sets, 0, 0, CHUNK, BackendKind::Openai, replicas).await
 }
 
 /// A world on the tiny model priced `msat_per_prompt_token` per prompt token, with a
@@ -49,6 +57,7 @@ pub(super) async fn world_with(
         server_channel_sat,
         chunk_tokens,
         BackendKind::Mistralrs,
+        0,
     )
     .await
 }
@@ -59,10 +68,17 @@ async fn world_full(
     server_channel_sat: u64,
     chunk_tokens: u32,
     backend: BackendKind,
+    replicas: usize,
 ) -> World {
     super::support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let path = write_tiny_model(dir.path()).unwrap();
+    let upstreams = match backend {
+        BackendKind::Openai => super::engine::tiny_upstreams(&path, replicas).await,
+        _ => Vec::new(),
+    };
+    let upstream =
+        (backend == BackendKind::Openai).then(|| super::engine::upstream_config(&upstreams));
     let h = Harness::start(HarnessOptions {
         models: vec![ModelConfig {
             id: "tiny".into(),
@@ -74,6 +90,7 @@ async fn world_full(
             max_concurrent: 8,
             max_queue: 16,
             backend,
+            upstream,
         }],
         sets: sets.iter().map(|s| s.to_string()).collect(),
         server_channel_sat,
@@ -81,7 +98,11 @@ async fn world_full(
     })
     .await
     .unwrap();
-    World { h, _model_dir: dir }
+    World {
+        h,
+        upstreams,
+        _model_dir: dir,
+    }
 }
 
 pub(super) fn request(max_tokens: u32, mode: PaymentMode) -> GenerateRequest {
@@ -625,7 +646,8 @@ async fn underpaid_chunk_htlc_is_failed_back_and_nothing_delivered() {
     w.h.stop().await;
 }
 
-/// The paid-stream tests that exercise the engine run on both backends.
+/// The paid-stream tests that exercise the engine run on every backend (the remote one
+/// against two real llama-cpp-python replicas).
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         $(
@@ -640,6 +662,11 @@ macro_rules! on_both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn llamacpp() {
                     super::$name(BackendKind::Llamacpp).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn openai() {
+                    super::$name(BackendKind::Openai).await
                 }
             }
         )*

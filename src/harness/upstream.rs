@@ -1,0 +1,233 @@
+//! A real OpenAI-compatible upstream for the `openai` backend's tests and benchmarks:
+//! llama-cpp-python's server (installed by `scripts/setup-upstream.sh`), run through
+//! `scripts/upstream.py`, which adds `GET /satstream/stats`: the tokens the upstream's engine
+//! sampled, counted on its own side.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::bitcoind::spawn_kept;
+use super::HarnessError;
+
+/// The launcher, built into the binary so that no checkout path is needed at run time.
+const LAUNCHER: &str = include_str!("../../scripts/upstream.py");
+
+/// The upstream's own counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct UpstreamStats {
+    /// Tokens its engine sampled since start (a sampled end-of-sequence token included).
+    pub sampled: u64,
+    /// Requests that got the model.
+    pub requests: u64,
+    /// Requests generating now.
+    pub active: u64,
+}
+
+pub struct Upstream {
+    child: Child,
+    _keeper: std::sync::mpsc::Sender<()>,
+    _dir: tempfile::TempDir,
+    /// The base URL the backend is configured with (`http://127.0.0.1:P/v1`).
+    pub url: String,
+    /// The model name it serves.
+    pub model: String,
+    http: reqwest::Client,
+}
+
+/// The Python interpreter that has llama-cpp-python: `SATSTREAM_UPSTREAM_PYTHON`, else the
+/// venv `scripts/setup-upstream.sh` makes.
+pub fn python() -> Result<PathBuf, HarnessError> {
+    if let Some(p) = std::env::var_os("SATSTREAM_UPSTREAM_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("SATSTREAM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/satstream")))
+        .ok_or_else(|| HarnessError::Setup("HOME is not set".into()))?;
+    let py = cache.join("upstream-venv/bin/python");
+    if py.exists() {
+        Ok(py)
+    } else {
+        Err(HarnessError::Setup(format!(
+            "{} is missing: run scripts/setup-upstream.sh (or set SATSTREAM_UPSTREAM_PYTHON)",
+            py.display()
+        )))
+    }
+}
+
+impl Upstream {
+    /// Starts a server for `model` (served under the name `name`) on a free port, with
+    /// `threads` threads, and returns once it answers.
+    pub async fn start(
+        model: &Path,
+        name: &str,
+        n_ctx: u32,
+        threads: u32,
+    ) -> Result<Upstream, HarnessError> {
+        Self::start_with(model, name, n_ctx, threads, &[]).await
+    }
+
+    /// [`Upstream::start`] with more llama_cpp.server settings (`["--api_key", "k"]`).
+    pub async fn start_with(
+        model: &Path,
+        name: &str,
+        n_ctx: u32,
+        threads: u32,
+        extra: &[&str],
+    ) -> Result<Upstream, HarnessError> {
+        let setup = |e: String| HarnessError::Setup(format!("upstream: {e}"));
+        let py = python()?;
+        let dir = tempfile::tempdir().map_err(|e| setup(e.to_string()))?;
+        let script = dir.path().join("upstream.py");
+        std::fs::write(&script, LAUNCHER).map_err(|e| setup(e.to_string()))?;
+        let log = std::fs::File::create(dir.path().join("upstream.log"))
+            .map_err(|e| setup(e.to_string()))?;
+        let mut cmd = Command::new(&py);
+        cmd.arg(&script)
+            .arg("--model")
+            .arg(model)
+            .args(["--model_alias", name, "--port", "0"])
+            .args(["--n_ctx", &n_ctx.to_string()])
+            .args(["--n_threads", &threads.to_string()])
+            .args(["--n_threads_batch", &threads.to_string()])
+            // Per-token logits for every position (logprobs) are not needed, and cost
+            // n_ctx × vocabulary floats.
+            .args(["--logits_all", "false"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let (mut child, keeper) =
+            spawn_kept(cmd, "upstream").map_err(|e| setup(format!("{}: {e}", py.display())))?;
+        let stdout = child.stdout.take().expect("piped");
+        // The ready line carries the port; read it off the async workers, with a deadline.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let port = lines.find_map(|l| {
+                l.ok()?
+                    .strip_prefix("upstream ready on 127.0.0.1:")?
+                    .trim()
+                    .parse::<u16>()
+                    .ok()
+            });
+            let _ = tx.send(port);
+            // Keep draining so the child never blocks on a full pipe.
+            lines.for_each(drop);
+        });
+        let log_tail = |dir: &Path| {
+            let s = std::fs::read_to_string(dir.join("upstream.log")).unwrap_or_default();
+            s.lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let port = match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(Ok(Some(p))) => p,
+            _ => {
+                let _ = child.kill();
+                return Err(setup(format!(
+                    "did not start within 60 s; its log ends:\n{}",
+                    log_tail(dir.path())
+                )));
+            }
+        };
+        Ok(Upstream {
+            child,
+            _keeper: keeper,
+            _dir: dir,
+            url: format!("http://127.0.0.1:{port}/v1"),
+            model: name.to_string(),
+            http: reqwest::Client::new(),
+        })
+    }
+
+    fn base(&self) -> &str {
+        self.url.trim_end_matches("/v1")
+    }
+
+    pub async fn stats(&self) -> Result<UpstreamStats, HarnessError> {
+        let err = |e: reqwest::Error| HarnessError::Setup(format!("upstream stats: {e}"));
+        self.http
+            .get(format!("{}/satstream/stats", self.base()))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(err)?
+            .json()
+            .await
+            .map_err(err)
+    }
+
+    /// Stats once no request is generating (then `sampled` is final for every ended request).
+    pub async fn idle_stats(&self, within: Duration) -> Result<UpstreamStats, HarnessError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let s = self.stats().await?;
+            if s.active == 0 {
+                return Ok(s);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(HarnessError::Timeout("the upstream to go idle"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A streamed completion straight from the upstream (no gateway): the texts of its events
+    /// and how long the stream took from the request to its end.
+    pub async fn complete(
+        &self,
+        prompt: &str,
+        max_tokens: u32,
+    ) -> Result<(Vec<String>, Duration), HarnessError> {
+        use eventsource_stream::Eventsource;
+        use futures_util::StreamExt;
+        let err = |e: String| HarnessError::Setup(format!("upstream completion: {e}"));
+        let started = std::time::Instant::now();
+        let resp = self
+            .http
+            .post(format!("{}/completions", self.url))
+            .json(&serde_json::json!({
+                "model": self.model, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0.0, "stream": true,
+            }))
+            .send()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut events = resp.bytes_stream().eventsource();
+        let mut texts = Vec::new();
+        while let Some(ev) = events.next().await {
+            let ev = ev.map_err(|e| err(e.to_string()))?;
+            if ev.data.trim() == "[DONE]" {
+                break;
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&ev.data).map_err(|e| err(e.to_string()))?;
+            if let Some(t) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
+                texts.push(t.to_string());
+            }
+        }
+        Ok((texts, started.elapsed()))
+    }
+
+    /// SIGKILL, as a crashed engine host.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
