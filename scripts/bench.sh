@@ -8,4 +8,8 @@ cd "$(dirname "$0")/.."
 source scripts/prepare.sh
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--model all)
+# The gateway bench runs a real upstream (llama-cpp-python's server).
+if [[ " ${args[*]} " == *" gateway "* ]]; then
+  SATSTREAM_UPSTREAM_PYTHON="$(scripts/setup-upstream.sh | tail -n1)"; export SATSTREAM_UPSTREAM_PYTHON
+fi
 exec "$CARGO_TARGET_DIR/release/satstream" --config config/satstream.toml bench "${args[@]}"

@@ -23,8 +23,9 @@
 //! - [`store`]: all SQL. Sessions, invoices (an explicit state machine), keysend credits,
 //!   prepaid accounts, refunds, losses and the append-only ledger; WAL mode, versioned
 //!   migrations.
-//! - [`engine`]: inference behind a small backend interface (mistral.rs first): loading,
-//!   admission, a never-blocking pump, exact token accounting, pause/resume by allowance.
+//! - [`engine`]: inference behind a small backend interface (mistral.rs and llama.cpp in
+//!   process, remote OpenAI-compatible replicas): loading, admission, a never-blocking pump,
+//!   exact token accounting, pause/resume by allowance.
 //! - [`client`]: the paying client: its own ldk-node [`client::Wallet`] and the loop that
 //!   runs a Generate stream and pays each chunk (BOLT11, ATOMIC decrypt, KEYSEND) in budget.
 //! - [`logging`]: tracing setup, with known library noise classified for what it is.
@@ -32,7 +33,7 @@
 //!   pause share, halt precision, money).
 //! - [`bench`]: `satstream bench`, the performance goals measured in one run on the harness.
 //! - [`harness`]: a real regtest world (Bitcoin Core, the server, a payer node, a channel) for
-//!   tests, benchmarks and the demo.
+//!   tests, benchmarks and the demo; a real upstream engine server for the remote backend.
 //!
 //! `bench`, `harness` and `engine::tiny_model` are test and measurement tooling: they exist with
 //! the default `devtools` feature; a server built with `--no-default-features` has none of them.

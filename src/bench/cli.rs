@@ -15,7 +15,9 @@ pub struct BenchArgs {
     /// Printed only: chaos (random SIGKILLs of a server process, tiny model), rpc (ListModels
     /// latency, completions and the server's peak RSS under 32 paid sessions, tiny model),
     /// soak (a server process's RSS over 1 000 distinct generations of the configured model),
-    /// tls (plaintext against TLS: RPC round trip and payment → text, tiny model).
+    /// tls (plaintext against TLS: RPC round trip and payment → text, tiny model), gateway
+    /// (the configured model on a real llama-cpp-python upstream, on its own and through the
+    /// `openai` backend: the gateway's overhead; needs scripts/setup-upstream.sh).
     #[arg(long, default_value = "smollm2")]
     pub model: String,
     /// Where to write the report.
@@ -34,6 +36,12 @@ pub struct BenchArgs {
 pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
     if matches!(a.model.as_str(), "chaos" | "rpc" | "soak" | "tls") {
         return faults_command(base, a).await;
+    }
+    if a.model == "gateway" {
+        let m = first_model(base)?;
+        println!("{}", super::gateway::overhead(&m, 128).await?);
+        eprintln!("machine: {}", super::machine());
+        return Ok(());
     }
     if a.model == "engines" {
         println!("{}", engines_table(&first_model(base)?).await?);

@@ -8,6 +8,7 @@
 pub mod backends;
 pub mod cli;
 pub mod faults;
+pub mod gateway;
 pub mod transport;
 
 use std::path::PathBuf;

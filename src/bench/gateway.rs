@@ -1,0 +1,163 @@
+//! `satstream bench --model gateway`: the gateway's overhead. One real upstream
+//! (llama-cpp-python's server on the configured model, all cores) is measured on its own and
+//! through satstream's `openai` backend, in alternated rounds of one run: the upstream's own
+//! streamed rate, the gateway unpaid (engine API, no Lightning) and paid BOLT11 / PREPAID
+//! streams, with how many upstream requests a paid stream cost (each pause is one).
+
+use std::time::{Duration, Instant};
+
+use super::{client, pct, BenchError, PROMPT};
+use crate::config::{BackendKind, ModelConfig, UpstreamConfig};
+use crate::engine::{GenerateParams, Prompt, TokenEvent};
+use crate::harness::upstream::Upstream;
+use crate::harness::{Harness, HarnessOptions};
+use crate::wire::proto::{PaymentMode, TopUpRequest};
+
+const ROUNDS: usize = 5;
+
+/// The chat prompt already rendered (ChatML, as SmolLM2's template renders one user message),
+/// so that the upstream on its own and the gateway are sent the very same text.
+fn prompt_text() -> String {
+    format!("<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n")
+}
+
+fn failed(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Failed(e.to_string())
+}
+
+/// Unpaid, through the gateway's engine (tokenize, route, stream, detokenize).
+async fn gateway_raw(h: &Harness, model: &str, tokens: u32) -> Result<(u32, f64), BenchError> {
+    let started = Instant::now();
+    let mut g = h
+        .server()
+        .app
+        .engine
+        .generate(
+            model,
+            GenerateParams::new(Prompt::Text(prompt_text()), tokens),
+        )
+        .await
+        .map_err(failed)?;
+    let mut n = 0;
+    while let Some(ev) = g.events.recv().await {
+        match ev {
+            TokenEvent::Token { .. } => n += 1,
+            TokenEvent::Finished { .. } => break,
+            TokenEvent::Paused { .. } => {}
+        }
+    }
+    Ok((n, n as f64 / started.elapsed().as_secs_f64()))
+}
+
+async fn gateway_paid(
+    h: &Harness,
+    model: &str,
+    tokens: u32,
+    mode: PaymentMode,
+) -> Result<(u32, f64), BenchError> {
+    let mut c = super::connect(h).await?;
+    let mut req = super::request(model, tokens, 2);
+    req.messages.clear();
+    req.prompt = prompt_text();
+    req.window_chunks = None;
+    req.mode = mode as i32;
+    if mode == PaymentMode::Prepaid {
+        let price = h.config.models[0].msat_per_token;
+        let t = c
+            .top_up(TopUpRequest {
+                account_token: String::new(),
+                amount_msat: tokens as u64 * price + 50_000,
+            })
+            .await
+            .map_err(client::ClientError::from)?
+            .into_inner();
+        h.payer.pay(&t.bolt11, Duration::from_secs(60)).await?;
+        req.account_token = t.account_token;
+    }
+    let s = client::generate(&mut c, &h.payer, req, None, |_| {}).await?;
+    if s.tokens == 0 || s.outcome.starts_with("halted") {
+        return Err(failed(format!("{mode:?} stream failed: {s:?}")));
+    }
+    Ok((s.tokens, s.tokens_per_sec))
+}
+
+/// Measures and returns the Markdown table.
+pub async fn overhead(model: &ModelConfig, tokens: u32) -> Result<String, BenchError> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
+    let up = Upstream::start(&model.path, &model.id, 2048, threads).await?;
+    let mut m = model.clone();
+    m.backend = BackendKind::Openai;
+    m.upstream = Some(UpstreamConfig {
+        urls: vec![up.url.clone()],
+        model: model.id.clone(),
+        ..UpstreamConfig::default()
+    });
+    // llama-cpp-python runs one request at a time.
+    m.max_concurrent = 1;
+    m.chunk_tokens = 16;
+    let h = Harness::start(HarnessOptions {
+        models: vec![m.clone()],
+        ..HarnessOptions::default()
+    })
+    .await?;
+    let id = m.id.clone();
+    // Warm-up: the upstream's first request loads pages and fills its prompt cache.
+    up.complete(&prompt_text(), tokens).await?;
+    gateway_paid(&h, &id, tokens, PaymentMode::Bolt11).await?;
+
+    let (mut direct, mut raw, mut bolt11, mut prepaid) = (vec![], vec![], vec![], vec![]);
+    let (mut r_raw, mut r_bolt11, mut r_prepaid) = (vec![], vec![], vec![]);
+    let mut requests_per_paid = vec![];
+    let mut counts = vec![];
+    for _ in 0..ROUNDS {
+        let (texts, took) = up.complete(&prompt_text(), tokens).await?;
+        let d = texts.len() as f64 / took.as_secs_f64();
+        let (n_raw, g) = gateway_raw(&h, &id, tokens).await?;
+        let before = up.idle_stats(Duration::from_secs(60)).await?.requests;
+        let (n_b, b) = gateway_paid(&h, &id, tokens, PaymentMode::Bolt11).await?;
+        let after = up.idle_stats(Duration::from_secs(60)).await?.requests;
+        let (_, p) = gateway_paid(&h, &id, tokens, PaymentMode::Prepaid).await?;
+        counts.push((texts.len(), n_raw, n_b));
+        requests_per_paid.push((after - before) as f64);
+        direct.push(d);
+        raw.push(g);
+        bolt11.push(b);
+        prepaid.push(p);
+        r_raw.push(g / d);
+        r_bolt11.push(b / d);
+        r_prepaid.push(p / d);
+    }
+    h.stop().await;
+    let med = |v: &[f64]| pct(v, 0.5);
+    let (n_d, n_r, n_b) = counts[0];
+    let mut md = format!(
+        "| {} through the gateway ({tokens} tokens, chunk 16, greedy; median of {ROUNDS} \
+         alternated rounds) | tok/s | ÷ upstream (per-round median) |\n|---|---|---|\n",
+        model.id
+    );
+    md.push_str(&format!(
+        "| Upstream on its own (llama-cpp-python {threads} threads, streamed /v1/completions) | {:.1} | 1 |\n",
+        med(&direct)
+    ));
+    md.push_str(&format!(
+        "| Gateway, unpaid (tokenize, route, stream, map tokens back) | {:.1} | {:.3} |\n",
+        med(&raw),
+        med(&r_raw)
+    ));
+    md.push_str(&format!(
+        "| Gateway, paid BOLT11 (adaptive lookahead) | {:.1} | {:.3} |\n",
+        med(&bolt11),
+        med(&r_bolt11)
+    ));
+    md.push_str(&format!(
+        "| Gateway, paid PREPAID | {:.1} | {:.3} |\n",
+        med(&prepaid),
+        med(&r_prepaid)
+    ));
+    md.push_str(&format!(
+        "\nTokens per stream: upstream {n_d} events, gateway {n_r} (unpaid) and {n_b} (BOLT11). \
+         Upstream requests per paid BOLT11 stream (1 + one per pause of the lookahead): median {:.0}.\n",
+        med(&requests_per_paid)
+    ));
+    Ok(md)
+}
