@@ -10,7 +10,7 @@ use crate::client;
 use crate::config::{BackendKind, ModelConfig};
 use crate::engine::{ChatMessage as EngineMessage, Engine, GenerateParams, Prompt, TokenEvent};
 use crate::harness::{Harness, HarnessOptions};
-use crate::wire::proto::{PaymentMode, TopUpRequest};
+use crate::wire::proto::{GenerateRequest, PaymentMode, TopUpRequest};
 
 /// The engine alone on `model`, and its load time in seconds.
 async fn load(model: &ModelConfig) -> Result<(Engine, f64), BenchError> {
@@ -97,16 +97,26 @@ async fn paid_mode(
     tokens: u32,
     mode: PaymentMode,
 ) -> Result<f64, BenchError> {
-    let mut c = connect(h).await?;
     let mut req = request(model, tokens, 2);
     req.window_chunks = None;
     req.mode = mode as i32;
+    Ok(paid_request(h, req).await?.tokens_per_sec)
+}
+
+/// Runs one paid stream of `req` to its end (a PREPAID one on a fresh account topped up for
+/// all its tokens); fails unless it completes.
+pub(super) async fn paid_request(
+    h: &Harness,
+    mut req: GenerateRequest,
+) -> Result<client::Summary, BenchError> {
+    let mut c = connect(h).await?;
+    let mode = req.mode();
     if mode == PaymentMode::Prepaid {
         let price = h.config.models[0].msat_per_token;
         let t = c
             .top_up(TopUpRequest {
                 account_token: String::new(),
-                amount_msat: tokens as u64 * price + 50_000,
+                amount_msat: req.max_tokens as u64 * price + 50_000,
             })
             .await
             .map_err(client::ClientError::from)?
@@ -118,7 +128,7 @@ async fn paid_mode(
     if s.tokens == 0 || s.outcome.starts_with("halted") {
         return Err(BenchError::Failed(format!("{mode:?} stream failed: {s:?}")));
     }
-    Ok(s.tokens_per_sec)
+    Ok(s)
 }
 
 /// Stall share of BOLT11 streams on a server with `sets`.

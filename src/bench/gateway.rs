@@ -6,12 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use super::{client, pct, BenchError, PROMPT};
+use super::{pct, BenchError, PROMPT};
 use crate::config::{BackendKind, ModelConfig, UpstreamConfig};
 use crate::engine::{GenerateParams, Prompt, TokenEvent};
 use crate::harness::upstream::Upstream;
 use crate::harness::{Harness, HarnessOptions};
-use crate::wire::proto::{PaymentMode, TopUpRequest};
+use crate::wire::proto::PaymentMode;
 
 const ROUNDS: usize = 5;
 
@@ -55,29 +55,12 @@ async fn gateway_paid(
     tokens: u32,
     mode: PaymentMode,
 ) -> Result<(u32, f64), BenchError> {
-    let mut c = super::connect(h).await?;
     let mut req = super::request(model, tokens, 2);
     req.messages.clear();
     req.prompt = prompt_text();
     req.window_chunks = None;
     req.mode = mode as i32;
-    if mode == PaymentMode::Prepaid {
-        let price = h.config.models[0].msat_per_token;
-        let t = c
-            .top_up(TopUpRequest {
-                account_token: String::new(),
-                amount_msat: tokens as u64 * price + 50_000,
-            })
-            .await
-            .map_err(client::ClientError::from)?
-            .into_inner();
-        h.payer.pay(&t.bolt11, Duration::from_secs(60)).await?;
-        req.account_token = t.account_token;
-    }
-    let s = client::generate(&mut c, &h.payer, req, None, |_| {}).await?;
-    if s.tokens == 0 || s.outcome.starts_with("halted") {
-        return Err(failed(format!("{mode:?} stream failed: {s:?}")));
-    }
+    let s = super::backends::paid_request(h, req).await?;
     Ok((s.tokens, s.tokens_per_sec))
 }
 

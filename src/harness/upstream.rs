@@ -219,6 +219,16 @@ impl Upstream {
         Ok((texts, started.elapsed()))
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a hung engine host, whose connections stay open
+    /// but say nothing.
+    pub fn freeze(&self, frozen: bool) {
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: a plain signal to our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+    }
+
     /// SIGKILL, as a crashed engine host.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -252,6 +252,41 @@ async fn replicas_share_the_load_and_a_dead_one_is_routed_around() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_upstream_ends_the_generation_at_its_idle_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model::write_tiny_model(dir.path()).unwrap();
+    let ups = tiny_upstreams(&path, 1).await;
+    let mut m = remote_model(&path, &ups);
+    m.upstream.as_mut().unwrap().idle_timeout_secs = 2;
+    let engine = Engine::load(&[m]).await.unwrap();
+    let mut g = engine
+        .generate("tiny", GenerateParams::new(Prompt::Text("a".into()), 30000))
+        .await
+        .unwrap();
+    read_tokens(&mut g.events, 5).await;
+    // The host hangs: its connection stays open and says nothing.
+    ups[0].freeze(true);
+    let hung = std::time::Instant::now();
+    let end = loop {
+        match tokio::time::timeout(T, g.events.recv()).await.unwrap() {
+            Some(TokenEvent::Finished { reason, .. }) => break reason,
+            Some(_) => {}
+            None => panic!("no Finished"),
+        }
+    };
+    let waited = hung.elapsed();
+    ups[0].freeze(false);
+    assert!(
+        matches!(&end, FinishReason::UpstreamFailed(m) if m.contains("sent nothing for 2 s") && m.contains(&ups[0].url)),
+        "{end:?}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(2),
+        "not before the deadline: {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_serving_another_model_fails_the_load_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model::write_tiny_model(dir.path()).unwrap();
@@ -302,6 +337,24 @@ async fn the_api_key_is_sent_and_a_wrong_one_fails_the_load() {
         }
     }
     assert_eq!(text, "lmn");
+    // From a file: it must be private, and then it is sent the same way.
+    let key_file = dir.path().join("upstream.key");
+    std::fs::write(&key_file, "s3cret\n").unwrap();
+    let mut from_file = m.clone();
+    let u = from_file.upstream.as_mut().unwrap();
+    u.api_key_env = String::new();
+    u.api_key_file = key_file.clone();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Engine::load(&[from_file.clone()])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Engine::load(&[from_file])
+        .await
+        .expect("the key file is read");
     // Without the key the replica answers 401: a configuration error, named at load.
     m.upstream.as_mut().unwrap().api_key_env = String::new();
     let err = Engine::load(&[m]).await.unwrap_err().to_string();

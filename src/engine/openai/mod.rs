@@ -89,11 +89,6 @@ impl OpenAiBackend {
             }),
         })
     }
-
-    /// Requests in flight per replica, in configuration order.
-    pub fn in_flight(&self) -> Vec<u32> {
-        self.ctx.pool.in_flight()
-    }
 }
 
 fn api_key(cfg: &UpstreamConfig) -> Result<Option<String>, String> {

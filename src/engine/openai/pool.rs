@@ -152,13 +152,6 @@ impl Pool {
         format!("no upstream replica is healthy ({})", each.join("; "))
     }
 
-    pub fn in_flight(&self) -> Vec<u32> {
-        self.replicas
-            .iter()
-            .map(|r| r.in_flight.load(Ordering::SeqCst))
-            .collect()
-    }
-
     /// Records a replica's state; logs transitions only.
     pub fn mark(&self, idx: usize, healthy: bool, why: &str) {
         let r = &self.replicas[idx];
