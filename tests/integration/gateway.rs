@@ -89,14 +89,26 @@ async fn a_halt_cancels_the_upstream_request_within_one_chunk() {
     w.h.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_upstream_killed_mid_stream_ends_the_session_cleanly() {
+/// Kills the only replica while it generates for a paid session in `mode`; checks the session
+/// ends with UPSTREAM_FAILED, the books exact against LDK, and what was paid and not delivered
+/// refundable. Returns the Halted event.
+async fn kill_mid_stream(mode: PaymentMode) -> satstream::wire::proto::Halted {
     // A lookahead of up to 400 tokens keeps the upstream streaming while chunks are paid.
     let mut w = world_remote(1, &["payments.max_unpaid_msat=400000"]).await;
-    let mut s = open(&w, request(20000, PaymentMode::Bolt11)).await;
+    let mut s = open(&w, request(20000, mode)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
     };
+    if mode == PaymentMode::Keysend {
+        let Ev::SessionOpened(so) = next(&mut s).await else {
+            panic!("SessionOpened second")
+        };
+        // Credit for 20 000 tokens: far more than will be delivered.
+        let sid = hex::decode(&so.session_id).unwrap();
+        w.h.payer
+            .keysend(&so.node_id, 20_000_000, vec![(so.tlv_type, sid)])
+            .unwrap();
+    }
     let url = w.upstreams[0].url.clone();
     let (mut text, mut chunks, mut killed) = (String::new(), 0, false);
     let halted = loop {
@@ -104,6 +116,7 @@ async fn an_upstream_killed_mid_stream_ends_the_session_cleanly() {
             Ev::Invoice(inv) => {
                 w.h.payer.send(&inv.bolt11).unwrap();
             }
+            Ev::Balance(_) => {}
             Ev::Tokens(t) => {
                 text.push_str(&t.text);
                 chunks += 1;
@@ -147,6 +160,7 @@ async fn an_upstream_killed_mid_stream_ends_the_session_cleanly() {
             + halted.refundable_msat,
         "paid and not delivered is refundable"
     );
+    assert_eq!(sess.refundable_msat(), halted.refundable_msat);
     // With no replica left, a new session is refused up front, saying why.
     let err = super::paid::client(&w)
         .await
@@ -159,6 +173,19 @@ async fn an_upstream_killed_mid_stream_ends_the_session_cleanly() {
         "{err:?}"
     );
     w.h.stop().await;
+    halted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_killed_mid_stream_ends_a_bolt11_session_cleanly() {
+    kill_mid_stream(PaymentMode::Bolt11).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_killed_mid_stream_leaves_a_keysend_credit_refundable() {
+    let h = kill_mid_stream(PaymentMode::Keysend).await;
+    assert_eq!(h.paid_msat, 20_000_000);
+    assert!(h.refundable_msat > 0, "{h:?}");
 }
 
 fn remote_model(path: &std::path::Path, upstreams: &[Upstream]) -> ModelConfig {
