@@ -253,8 +253,19 @@ fn ggml_dtype(id: u32) -> Option<GgmlDType> {
     })
 }
 
-/// Reads and validates the header of the GGUF file at `path`.
+/// Reads and validates the header of the GGUF file at `path`: its metadata and its tensor
+/// table (every tensor of a type candle loads, inside the file).
 pub fn read_info(path: &Path) -> Result<GgufInfo, GgufError> {
+    read(path, true)
+}
+
+/// Reads the metadata only (architecture, context length, tokenizer), for a backend that
+/// never loads the weights (a remote one): any tensor types, or none (a vocabulary-only file).
+pub fn read_metadata(path: &Path) -> Result<GgufInfo, GgufError> {
+    read(path, false)
+}
+
+fn read(path: &Path, check_tensors: bool) -> Result<GgufInfo, GgufError> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(GgufError::NotFound),
@@ -347,7 +358,7 @@ pub fn read_info(path: &Path) -> Result<GgufInfo, GgufError> {
     // Tensor table: every tensor must have a known type and lie inside the file, otherwise the
     // loader would fail deep inside mistral.rs (or read out of bounds of the mmap).
     let mut tensor_end: u64 = 0;
-    for _ in 0..tensor_count {
+    for _ in 0..if check_tensors { tensor_count } else { 0 } {
         let name = rd.string()?;
         let n_dims = rd.u32()?;
         if n_dims == 0 || n_dims > MAX_DIMS {
@@ -381,7 +392,7 @@ pub fn read_info(path: &Path) -> Result<GgufInfo, GgufError> {
     }
     let header_end = rd.r.stream_position().map_err(GgufError::Io)?;
     let data_start = header_end.div_ceil(alignment) * alignment;
-    if data_start.saturating_add(tensor_end) > file_len {
+    if check_tensors && data_start.saturating_add(tensor_end) > file_len {
         return Err(GgufError::Corrupt(format!(
             "file is truncated: tensor data needs {} bytes, file has {file_len}",
             data_start.saturating_add(tensor_end)
@@ -452,6 +463,36 @@ mod tests {
 
     fn info_supported(p: &Path) {
         read_info(p).unwrap().check_supported().unwrap();
+    }
+
+    #[test]
+    fn metadata_alone_ignores_the_tensors() {
+        // A tensor of a type candle cannot load (an IQ quantization, id 16) whose data is not
+        // in the file: the full check refuses it, the metadata read (a remote backend's) does
+        // not look.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        write_gguf(&p, "gemma", Some(8192));
+        let mut bytes = std::fs::read(&p).unwrap();
+        // The tensor record: name "w" (u64 length + bytes), 2 dims (u32 + 2 × u64), type u32.
+        let rec = [&1u64.to_le_bytes()[..], b"w", &2u32.to_le_bytes()].concat();
+        let at = bytes
+            .windows(rec.len())
+            .position(|w| w == rec.as_slice())
+            .expect("tensor record")
+            + rec.len()
+            + 16;
+        bytes[at..at + 4].copy_from_slice(&16u32.to_le_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let err = read_info(&p).unwrap_err();
+        assert!(
+            err.to_string().contains("unsupported ggml type 16"),
+            "{err}"
+        );
+        let info = read_metadata(&p).unwrap();
+        assert_eq!(info.architecture, "gemma");
+        assert_eq!(info.context_length, Some(8192));
+        assert_eq!(info.tokenizer.unwrap().tokens, vec!["a", "b"]);
     }
 
     #[test]

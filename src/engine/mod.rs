@@ -495,8 +495,17 @@ async fn load_one(cfg: &ModelConfig) -> Result<LoadedModel, EngineError> {
         path: path.clone(),
         reason,
     };
-    let header = gguf::read_info(&path).map_err(|e| fail(e.to_string()))?;
-    header.check_supported().map_err(|e| fail(e.to_string()))?;
+    let header = match cfg.backend {
+        // Only the tokenizer is read here: the weights (any architecture and quantization
+        // the upstream runs) stay on the engine hosts.
+        crate::config::BackendKind::Openai => gguf::read_metadata(&path),
+        _ => gguf::read_info(&path),
+    }
+    .map_err(|e| fail(e.to_string()))?;
+    if cfg.backend == crate::config::BackendKind::Mistralrs {
+        // llama.cpp knows more architectures than mistral.rs, and says so itself.
+        header.check_supported().map_err(|e| fail(e.to_string()))?;
+    }
     let tok = header
         .tokenizer
         .as_ref()

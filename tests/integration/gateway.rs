@@ -314,6 +314,40 @@ async fn a_hung_upstream_ends_the_generation_at_its_idle_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_reads_only_the_tokenizer_of_its_model_file() {
+    // The gateway's copy of the model is one no local engine here could run (an architecture
+    // mistral.rs does not know): only its vocabulary and template are used; the upstream runs
+    // the weights.
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model::write_tiny_model(dir.path()).unwrap();
+    let ups = tiny_upstreams(&path, 1).await;
+    let opts = tiny_model::TinyModelOptions {
+        file_name: "tokenizer.gguf".into(),
+        architecture: "gemma".into(),
+        ..Default::default()
+    };
+    let tokenizer = tiny_model::write_tiny_model_with(dir.path(), &opts).unwrap();
+    let local = ModelConfig::new("tiny", &tokenizer, 1000);
+    let err = Engine::load(&[local]).await.unwrap_err().to_string();
+    assert!(err.contains("unsupported architecture"), "{err}");
+    let engine = Engine::load(&[remote_model(&tokenizer, &ups)])
+        .await
+        .unwrap();
+    assert_eq!(engine.models()[0].architecture, "gemma");
+    let mut g = engine
+        .generate("tiny", GenerateParams::new(Prompt::Text("p".into()), 4))
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while let Some(ev) = tokio::time::timeout(T, g.events.recv()).await.unwrap() {
+        if let TokenEvent::Token { text: t, .. } = ev {
+            text.push_str(&t);
+        }
+    }
+    assert_eq!(text, "qrst");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_serving_another_model_fails_the_load_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model::write_tiny_model(dir.path()).unwrap();
