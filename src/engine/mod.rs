@@ -502,8 +502,7 @@ async fn load_one(cfg: &ModelConfig) -> Result<LoadedModel, EngineError> {
         _ => gguf::read_info(&path),
     }
     .map_err(|e| fail(e.to_string()))?;
-    if cfg.backend == crate::config::BackendKind::Mistralrs {
-        // llama.cpp knows more architectures than mistral.rs, and says so itself.
+    if cfg.backend != crate::config::BackendKind::Openai {
         header.check_supported().map_err(|e| fail(e.to_string()))?;
     }
     let tok = header
