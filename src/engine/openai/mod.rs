@@ -282,7 +282,11 @@ async fn attempt(
     };
     let status = resp.status();
     if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
+        let text = tokio::time::timeout(ctx.idle_timeout, resp.text())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
         let text: String = text.chars().take(500).collect();
         if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             return Attempt::Retry(format!("answered {status}: {text}"));
