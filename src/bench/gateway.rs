@@ -2,7 +2,9 @@
 //! (llama-cpp-python's server on the configured model, all cores) is measured on its own and
 //! through satstream's `openai` backend, in alternated rounds of one run: the upstream's own
 //! streamed rate, the gateway unpaid (engine API, no Lightning) and paid BOLT11 / PREPAID
-//! streams, with how many upstream requests a paid stream cost (each pause is one).
+//! streams, with how many upstream requests a paid stream cost (each pause is one). Then two
+//! replicas (one thread each) under two concurrent streams: aggregate tok/s through the
+//! gateway's least-loaded routing against the two upstreams driven directly.
 
 use std::time::{Duration, Instant};
 
@@ -64,6 +66,88 @@ async fn gateway_paid(
     Ok((s.tokens, s.tokens_per_sec))
 }
 
+/// Two replicas, two concurrent streams: (direct aggregate tok/s, gateway unpaid aggregate,
+/// gateway paid BOLT11 aggregate, requests each replica served through the gateway).
+async fn two_replicas(model: &ModelConfig, tokens: u32) -> Result<String, BenchError> {
+    let ups = vec![
+        Upstream::start(&model.path, &model.id, 2048, 1).await?,
+        Upstream::start(&model.path, &model.id, 2048, 1).await?,
+    ];
+    let mut m = model.clone();
+    m.backend = BackendKind::Openai;
+    m.upstream = Some(UpstreamConfig {
+        urls: ups.iter().map(|u| u.url.clone()).collect(),
+        model: model.id.clone(),
+        ..UpstreamConfig::default()
+    });
+    m.max_concurrent = 2;
+    m.chunk_tokens = 16;
+    let h = Harness::start(HarnessOptions {
+        models: vec![m.clone()],
+        ..HarnessOptions::default()
+    })
+    .await?;
+    let id = m.id.clone();
+    let aggregate = |n: u64, started: Instant| n as f64 / started.elapsed().as_secs_f64();
+    for u in &ups {
+        u.complete(&prompt_text(), tokens).await?;
+    }
+    let (mut direct, mut raw, mut paid) = (vec![], vec![], vec![]);
+    let text = prompt_text();
+    let before: Vec<u64> = futures_util::future::try_join_all(
+        ups.iter().map(|u| u.idle_stats(Duration::from_secs(60))),
+    )
+    .await?
+    .iter()
+    .map(|s| s.requests)
+    .collect();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let outs =
+            futures_util::future::try_join_all(ups.iter().map(|u| u.complete(&text, tokens)))
+                .await?;
+        direct.push(aggregate(outs.iter().map(|(t, _)| t.len() as u64).sum(), t));
+        let t = Instant::now();
+        let outs = futures_util::future::try_join_all((0..2).map(|_| gateway_raw(&h, &id, tokens)))
+            .await?;
+        raw.push(aggregate(outs.iter().map(|(n, _)| *n as u64).sum(), t));
+        let t = Instant::now();
+        let outs = futures_util::future::try_join_all(
+            (0..2).map(|_| gateway_paid(&h, &id, tokens, PaymentMode::Bolt11)),
+        )
+        .await?;
+        paid.push(aggregate(outs.iter().map(|(n, _)| *n as u64).sum(), t));
+    }
+    let after: Vec<u64> = futures_util::future::try_join_all(
+        ups.iter().map(|u| u.idle_stats(Duration::from_secs(60))),
+    )
+    .await?
+    .iter()
+    .map(|s| s.requests)
+    .collect();
+    h.stop().await;
+    let served: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (a - b).to_string())
+        .collect();
+    let med = |v: &[f64]| pct(v, 0.5);
+    Ok(format!(
+        "| two replicas (1 thread each), two concurrent streams (median of 3) | aggregate tok/s | ÷ direct |\n\
+         |---|---|---|\n\
+         | Both upstreams driven directly | {:.1} | 1 |\n\
+         | Through the gateway, unpaid | {:.1} | {:.3} |\n\
+         | Through the gateway, paid BOLT11 | {:.1} | {:.3} |\n\n\
+         Upstream requests each replica served through the gateway: {}.\n",
+        med(&direct),
+        med(&raw),
+        med(&raw) / med(&direct),
+        med(&paid),
+        med(&paid) / med(&direct),
+        served.join(" and ")
+    ))
+}
+
 /// Measures and returns the Markdown table.
 pub async fn overhead(model: &ModelConfig, tokens: u32) -> Result<String, BenchError> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
@@ -111,6 +195,7 @@ pub async fn overhead(model: &ModelConfig, tokens: u32) -> Result<String, BenchE
         r_prepaid.push(p / d);
     }
     h.stop().await;
+    drop(up);
     let med = |v: &[f64]| pct(v, 0.5);
     let (n_d, n_r, n_b) = counts[0];
     let mut md = format!(
@@ -142,5 +227,7 @@ pub async fn overhead(model: &ModelConfig, tokens: u32) -> Result<String, BenchE
          Upstream requests per paid BOLT11 stream (1 + one per pause of the lookahead): median {:.0}.\n",
         med(&requests_per_paid)
     ));
+    md.push('\n');
+    md.push_str(&two_replicas(model, tokens).await?);
     Ok(md)
 }
