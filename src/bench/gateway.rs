@@ -66,13 +66,13 @@ async fn gateway_paid(
     Ok((s.tokens, s.tokens_per_sec))
 }
 
-/// Two replicas, two concurrent streams: (direct aggregate tok/s, gateway unpaid aggregate,
-/// gateway paid BOLT11 aggregate, requests each replica served through the gateway).
-async fn two_replicas(model: &ModelConfig, tokens: u32) -> Result<String, BenchError> {
-    let ups = vec![
-        Upstream::start(&model.path, &model.id, 2048, 1).await?,
-        Upstream::start(&model.path, &model.id, 2048, 1).await?,
-    ];
+/// A regtest world selling `model` from the replicas `ups` (the `openai` backend, chunk 16),
+/// `max_concurrent` generations at once.
+async fn gateway_world(
+    model: &ModelConfig,
+    ups: &[Upstream],
+    max_concurrent: u32,
+) -> Result<Harness, BenchError> {
     let mut m = model.clone();
     m.backend = BackendKind::Openai;
     m.upstream = Some(UpstreamConfig {
@@ -80,27 +80,40 @@ async fn two_replicas(model: &ModelConfig, tokens: u32) -> Result<String, BenchE
         model: model.id.clone(),
         ..UpstreamConfig::default()
     });
-    m.max_concurrent = 2;
+    m.max_concurrent = max_concurrent;
     m.chunk_tokens = 16;
-    let h = Harness::start(HarnessOptions {
-        models: vec![m.clone()],
+    Ok(Harness::start(HarnessOptions {
+        models: vec![m],
         ..HarnessOptions::default()
     })
+    .await?)
+}
+
+/// Requests each replica has served, once all are idle.
+async fn requests_served(ups: &[Upstream]) -> Result<Vec<u64>, BenchError> {
+    let stats = futures_util::future::try_join_all(
+        ups.iter().map(|u| u.idle_stats(Duration::from_secs(60))),
+    )
     .await?;
-    let id = m.id.clone();
+    Ok(stats.iter().map(|s| s.requests).collect())
+}
+
+/// Two replicas (one thread each) under two concurrent streams: aggregate tok/s driven
+/// directly and through the gateway, and how the gateway split the requests.
+async fn two_replicas(model: &ModelConfig, tokens: u32) -> Result<String, BenchError> {
+    let ups = vec![
+        Upstream::start(&model.path, &model.id, 2048, 1).await?,
+        Upstream::start(&model.path, &model.id, 2048, 1).await?,
+    ];
+    let h = gateway_world(model, &ups, 2).await?;
+    let id = model.id.clone();
     let aggregate = |n: u64, started: Instant| n as f64 / started.elapsed().as_secs_f64();
     for u in &ups {
         u.complete(&prompt_text(), tokens).await?;
     }
     let (mut direct, mut raw, mut paid) = (vec![], vec![], vec![]);
     let text = prompt_text();
-    let before: Vec<u64> = futures_util::future::try_join_all(
-        ups.iter().map(|u| u.idle_stats(Duration::from_secs(60))),
-    )
-    .await?
-    .iter()
-    .map(|s| s.requests)
-    .collect();
+    let before = requests_served(&ups).await?;
     for _ in 0..3 {
         let t = Instant::now();
         let outs =
@@ -118,13 +131,7 @@ async fn two_replicas(model: &ModelConfig, tokens: u32) -> Result<String, BenchE
         .await?;
         paid.push(aggregate(outs.iter().map(|(n, _)| *n as u64).sum(), t));
     }
-    let after: Vec<u64> = futures_util::future::try_join_all(
-        ups.iter().map(|u| u.idle_stats(Duration::from_secs(60))),
-    )
-    .await?
-    .iter()
-    .map(|s| s.requests)
-    .collect();
+    let after = requests_served(&ups).await?;
     h.stop().await;
     let served: Vec<String> = before
         .iter()
@@ -152,22 +159,9 @@ async fn two_replicas(model: &ModelConfig, tokens: u32) -> Result<String, BenchE
 pub async fn overhead(model: &ModelConfig, tokens: u32) -> Result<String, BenchError> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u32;
     let up = Upstream::start(&model.path, &model.id, 2048, threads).await?;
-    let mut m = model.clone();
-    m.backend = BackendKind::Openai;
-    m.upstream = Some(UpstreamConfig {
-        urls: vec![up.url.clone()],
-        model: model.id.clone(),
-        ..UpstreamConfig::default()
-    });
     // llama-cpp-python runs one request at a time.
-    m.max_concurrent = 1;
-    m.chunk_tokens = 16;
-    let h = Harness::start(HarnessOptions {
-        models: vec![m.clone()],
-        ..HarnessOptions::default()
-    })
-    .await?;
-    let id = m.id.clone();
+    let h = gateway_world(model, std::slice::from_ref(&up), 1).await?;
+    let id = model.id.clone();
     // Warm-up: the upstream's first request loads pages and fills its prompt cache.
     up.complete(&prompt_text(), tokens).await?;
     gateway_paid(&h, &id, tokens, PaymentMode::Bolt11).await?;

@@ -195,6 +195,25 @@ fn remote_model(path: &std::path::Path, upstreams: &[Upstream]) -> ModelConfig {
     m
 }
 
+/// Generates `max_tokens` from the text prompt `prompt`: the text and how it finished.
+async fn generate_text(engine: &Engine, prompt: &str, max_tokens: u32) -> (String, FinishReason) {
+    let mut g = engine
+        .generate(
+            "tiny",
+            GenerateParams::new(Prompt::Text(prompt.into()), max_tokens),
+        )
+        .await
+        .unwrap();
+    let mut text = String::new();
+    loop {
+        match tokio::time::timeout(T, g.events.recv()).await.unwrap() {
+            Some(TokenEvent::Token { text: t, .. }) => text.push_str(&t),
+            Some(TokenEvent::Finished { reason, .. }) => return (text, reason),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 /// Reads `n` tokens (the generation is running on its replica by then).
 async fn read_tokens(events: &mut satstream::engine::EventStream, n: u32) {
     for _ in 0..n {
@@ -237,18 +256,7 @@ async fn replicas_share_the_load_and_a_dead_one_is_routed_around() {
     // token, so the other replica serves it, exactly.
     ups[0].kill();
     for letter in ["b", "c"] {
-        let mut g = engine
-            .generate("tiny", GenerateParams::new(Prompt::Text(letter.into()), 6))
-            .await
-            .unwrap();
-        let mut text = String::new();
-        let end = loop {
-            match tokio::time::timeout(T, g.events.recv()).await.unwrap() {
-                Some(TokenEvent::Token { text: t, .. }) => text.push_str(&t),
-                Some(TokenEvent::Finished { reason, .. }) => break reason,
-                other => panic!("unexpected {other:?}"),
-            }
-        };
+        let (text, end) = generate_text(&engine, letter, 6).await;
         assert_eq!(end, FinishReason::Length(6));
         let expect: String = (1..=6)
             .map(|i| (letter.as_bytes()[0] + i) as char)
@@ -334,17 +342,10 @@ async fn the_gateway_reads_only_the_tokenizer_of_its_model_file() {
         .await
         .unwrap();
     assert_eq!(engine.models()[0].architecture, "gemma");
-    let mut g = engine
-        .generate("tiny", GenerateParams::new(Prompt::Text("p".into()), 4))
-        .await
-        .unwrap();
-    let mut text = String::new();
-    while let Some(ev) = tokio::time::timeout(T, g.events.recv()).await.unwrap() {
-        if let TokenEvent::Token { text: t, .. } = ev {
-            text.push_str(&t);
-        }
-    }
-    assert_eq!(text, "qrst");
+    assert_eq!(
+        generate_text(&engine, "p", 4).await,
+        ("qrst".into(), FinishReason::Length(4))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,17 +388,7 @@ async fn the_api_key_is_sent_and_a_wrong_one_fails_the_load() {
     std::env::set_var(var, "s3cret");
     m.upstream.as_mut().unwrap().api_key_env = var.into();
     let engine = Engine::load(&[m.clone()]).await.unwrap();
-    let mut g = engine
-        .generate("tiny", GenerateParams::new(Prompt::Text("k".into()), 3))
-        .await
-        .unwrap();
-    let mut text = String::new();
-    while let Some(ev) = tokio::time::timeout(T, g.events.recv()).await.unwrap() {
-        if let TokenEvent::Token { text: t, .. } = ev {
-            text.push_str(&t);
-        }
-    }
-    assert_eq!(text, "lmn");
+    assert_eq!(generate_text(&engine, "k", 3).await.0, "lmn");
     // From a file: it must be private, and then it is sent the same way.
     let key_file = dir.path().join("upstream.key");
     std::fs::write(&key_file, "s3cret\n").unwrap();

@@ -251,12 +251,26 @@ async fn attempt(
     partial: &[u8],
     observer: &dyn TokenObserver,
 ) -> Attempt {
-    let pool = &ctx.pool;
-    let url = lease.url().to_string();
     if !observer.proceed() {
         lease.outcome = "cancelled";
         return Attempt::Done(SegmentEnd::Ended);
     }
+    let resp = match send(ctx, lease, req, prompt).await {
+        Ok(r) => r,
+        Err(a) => return a,
+    };
+    read(ctx, lease, req, partial, observer, resp).await
+}
+
+/// Sends the completions request; a refusal or an unreachable replica is the attempt's end.
+async fn send(
+    ctx: &Ctx,
+    lease: &mut Lease,
+    req: &SegmentRequest,
+    prompt: &str,
+) -> Result<reqwest::Response, Attempt> {
+    let pool = &ctx.pool;
+    let url = lease.url().to_string();
     let body = serde_json::json!({
         "model": pool.upstream_model,
         "prompt": prompt,
@@ -272,12 +286,12 @@ async fn attempt(
         .send();
     let resp = match tokio::time::timeout(ctx.idle_timeout, sent).await {
         Err(_) => {
-            return Attempt::Retry(format!(
+            return Err(Attempt::Retry(format!(
                 "no response within {} s",
                 ctx.idle_timeout.as_secs()
-            ))
+            )))
         }
-        Ok(Err(e)) => return Attempt::Retry(error_chain(&e)),
+        Ok(Err(e)) => return Err(Attempt::Retry(error_chain(&e))),
         Ok(Ok(r)) => r,
     };
     let status = resp.status();
@@ -289,14 +303,28 @@ async fn attempt(
             .unwrap_or_default();
         let text: String = text.chars().take(500).collect();
         if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            return Attempt::Retry(format!("answered {status}: {text}"));
+            return Err(Attempt::Retry(format!("answered {status}: {text}")));
         }
         // The request itself was refused (a client error): another replica would refuse too.
         lease.outcome = "refused";
-        return Attempt::Done(SegmentEnd::Failed(format!(
+        return Err(Attempt::Done(SegmentEnd::Failed(format!(
             "upstream {url} refused the request ({status}): {text}"
-        )));
+        ))));
     }
+    Ok(resp)
+}
+
+/// Reads the stream, passing each token on while the driver allows.
+async fn read(
+    ctx: &Ctx,
+    lease: &mut Lease,
+    req: &SegmentRequest,
+    partial: &[u8],
+    observer: &dyn TokenObserver,
+    resp: reqwest::Response,
+) -> Attempt {
+    let pool = &ctx.pool;
+    let url = lease.url().to_string();
     let mut events = resp.bytes_stream().eventsource();
     let mut passed = 0u32;
     let mut finish: Option<String> = None;
@@ -351,49 +379,43 @@ async fn attempt(
             return failed(lease, passed, format!("reported an error: {err}"));
         }
         if let Some(choice) = chunk.choices.into_iter().next() {
-            if let Some(text) = choice.text.filter(|t| !t.is_empty()) {
-                let mut piece = text.as_bytes();
-                if !skip.is_empty() {
-                    if let Some(rest) = piece.strip_prefix(skip.as_slice()) {
-                        piece = rest;
-                        skip.clear();
-                    } else if skip.starts_with(piece) {
-                        skip.drain(..piece.len());
-                        continue;
-                    } else {
-                        // Sampled differently this time: the held-back character stays broken.
-                        skip.clear();
-                    }
+            let mut piece = choice.text.as_deref().unwrap_or_default().as_bytes();
+            if !skip.is_empty() && !piece.is_empty() {
+                if let Some(rest) = piece.strip_prefix(skip.as_slice()) {
+                    piece = rest;
+                    skip.clear();
+                } else if skip.starts_with(piece) {
+                    skip.drain(..piece.len());
+                    piece = &[];
+                } else {
+                    // Sampled differently this time: the held-back character stays broken.
+                    skip.clear();
                 }
+            }
+            ids.clear();
+            if !piece.is_empty() {
                 ctx.vocab.ids(piece, &mut ids);
-                for &id in &ids {
-                    observer.on_token(id);
-                    passed += 1;
-                    // Asked after each token, as a local engine asks before its next sampling
-                    // step: at the allowance (or a stop/cancel) the request is dropped at once,
-                    // which cancels it upstream while it computes the next token.
-                    if !observer.proceed() {
-                        lease.outcome = "cancelled";
-                        debug!(passed, "upstream stream ended by the driver");
-                        return Attempt::Done(SegmentEnd::Ended);
-                    }
-                }
             }
             if choice.finish_reason.as_deref() == Some("length") {
                 // "length" means max_tokens were generated. Fewer passed on means the upstream
                 // dropped an unfinished character at the end (llama-cpp-python decodes its
                 // last event with errors="ignore"): at most 3 tokens of UTF-8. They were
                 // generated and are counted, as text-less tokens.
-                let missing = req.max_new_tokens.saturating_sub(passed);
+                let missing = req.max_new_tokens.saturating_sub(passed + ids.len() as u32);
                 if (1..=3).contains(&missing) {
-                    for _ in 0..missing {
-                        observer.on_token(ctx.vocab.textless());
-                        passed += 1;
-                        if !observer.proceed() {
-                            lease.outcome = "cancelled";
-                            return Attempt::Done(SegmentEnd::Ended);
-                        }
-                    }
+                    ids.extend(std::iter::repeat_n(ctx.vocab.textless(), missing as usize));
+                }
+            }
+            for &id in &ids {
+                observer.on_token(id);
+                passed += 1;
+                // Asked after each token, as a local engine asks before its next sampling
+                // step: at the allowance (or a stop/cancel) the request is dropped at once,
+                // which cancels it upstream while it computes the next token.
+                if !observer.proceed() {
+                    lease.outcome = "cancelled";
+                    debug!(passed, "upstream stream ended by the driver");
+                    return Attempt::Done(SegmentEnd::Ended);
                 }
             }
             if choice.finish_reason.is_some() {
