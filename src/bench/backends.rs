@@ -3,7 +3,10 @@
 //! (adaptive lookahead), the stall share with adaptive lookahead against fixed windows,
 //! aggregate rates of 1/8/40 concurrent streams, and a server process's peak RSS under 40.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+use candle_core::quantized::GgmlDType;
 
 use super::{concurrent, connect, pct, raw_rate, request, BenchError, PROMPT};
 use crate::client;
@@ -358,4 +361,107 @@ pub async fn raw_engine(
         }
     }
     Ok((load_s, pct(&rates, 0.5)))
+}
+
+/// The weights: raw decode of each backend on the configured file's Q4_1 / Q8_0 siblings
+/// (scripts/setup-model.sh installs both) and on a Q4_0 derived from the Q4_1 here, with each
+/// file's quality; then llama.cpp on the configured file beside a second, idle llama.cpp
+/// model in the process.
+pub async fn engines(m: &ModelConfig) -> Result<String, BenchError> {
+    let fail = |e: &dyn std::fmt::Display| BenchError::Failed(e.to_string());
+    let tmp = tempfile::tempdir().map_err(|e| fail(&e))?;
+    let name = m.path.file_name().unwrap_or_default().to_string_lossy();
+    let sibling = |q: &str| {
+        m.path
+            .with_file_name(name.replace("Q4_1", q).replace("Q8_0", q))
+    };
+    let q4_1 = sibling("Q4_1");
+    let mut files: Vec<PathBuf> = [q4_1.clone(), sibling("Q8_0")]
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect();
+    files.dedup();
+    if files.is_empty() {
+        files.push(m.path.clone());
+    }
+    // Q4_0 is what llama.cpp repacks for its AVX2 kernels; derived from the Q4_1 (the only
+    // weights a machine of this kind can get), so it is quantized twice.
+    if q4_1.exists() {
+        let q4_0 = tmp
+            .path()
+            .join(name.replace("Q4_1", "Q4_0").replace("Q8_0", "Q4_0"));
+        let (src, dst) = (q4_1.clone(), q4_0.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::engine::requantize::requantize(&src, &dst, GgmlDType::Q4_0)
+        })
+        .await
+        .map_err(|e| fail(&e))?
+        .map_err(BenchError::Failed)?;
+        files.push(q4_0);
+    }
+    // Quality on one text, scored by llama.cpp (the weights are the same for either engine):
+    // perplexity, and how often a file's most likely next token is the shipped Q4_1's.
+    let score = |f: PathBuf| async move {
+        tokio::task::spawn_blocking(move || {
+            crate::engine::llamacpp::predictions(&f, include_str!("quality.txt"))
+        })
+        .await
+        .map_err(|e| fail(&e))?
+        .map_err(BenchError::Failed)
+    };
+    let reference = match q4_1.exists() {
+        true => Some(score(q4_1.clone()).await?),
+        false => None,
+    };
+    let mut md = String::from(
+        "| file | backend | load | decode tok/s (median of 3) | perplexity | top-1 = Q4_1's |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for f in files {
+        let p = score(f.clone()).await?;
+        let agree = reference.as_ref().map_or(String::new(), |r| {
+            let same = r.top1.iter().zip(&p.top1).filter(|(a, b)| a == b).count();
+            format!("{:.1} %", 100.0 * same as f64 / r.top1.len().max(1) as f64)
+        });
+        for b in [BackendKind::Mistralrs, BackendKind::Llamacpp] {
+            let mut mc = m.clone();
+            mc.path = f.clone();
+            mc.backend = b;
+            let (load, rate) = raw_engine(&mc, 128, 3).await?;
+            md.push_str(&format!(
+                "| {} | {} | {load:.2} s | {rate:.1} | {:.2} | {agree} |\n",
+                f.file_name().unwrap_or_default().to_string_lossy(),
+                b.as_str(),
+                p.perplexity
+            ));
+        }
+    }
+    // A second llama.cpp model in the process (the tiny one, idle after one generation).
+    let mut own = m.clone();
+    own.backend = BackendKind::Llamacpp;
+    let alone = raw_engine(&own, 128, 3).await?.1;
+    let tiny_path =
+        crate::engine::tiny_model::write_tiny_model(tmp.path()).map_err(|e| fail(&e))?;
+    let mut tiny = ModelConfig::new("tiny", tiny_path, m.msat_per_token);
+    tiny.backend = BackendKind::Llamacpp;
+    let (other, _) = load(&tiny).await?;
+    let mut g = other
+        .generate(
+            &tiny.id,
+            GenerateParams::new(Prompt::Text("hello".into()), 8),
+        )
+        .await
+        .map_err(|e| fail(&e))?;
+    while let Some(ev) = g.events.recv().await {
+        if matches!(ev, TokenEvent::Finished { .. }) {
+            break;
+        }
+    }
+    let beside = raw_engine(&own, 128, 3).await?.1;
+    drop(other);
+    md.push_str(&format!(
+        "\nllama.cpp on {name} beside a second, idle llama.cpp model in the process: \
+         {beside:.1} tok/s (alone, just before: {alone:.1}).\n"
+    ));
+    Ok(md)
 }

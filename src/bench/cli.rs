@@ -11,7 +11,8 @@ pub struct BenchArgs {
     /// smollm2 (the configured default model), tiny (generated), all, or store (only the
     /// ldk-node store comparison, on tiny; all includes it), written to docs/benchmarks.md;
     /// backends (mistral.rs and llama.cpp side by side on the configured model, written to
-    /// docs/backends.md); engines (raw decode of both backends on the Q4_1 and Q8_0 files).
+    /// docs/backends.md); engines (raw decode of both backends on the Q4_1, Q8_0 and Q4_0 files,
+    /// each file's perplexity, and llama.cpp beside a second loaded model).
     /// Printed only: chaos (random SIGKILLs of a server process, tiny model), rpc (ListModels
     /// latency, completions and the server's peak RSS under 32 paid sessions, tiny model),
     /// soak (a server process's RSS over 1 000 distinct generations of the configured model),
@@ -44,7 +45,7 @@ pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
         return Ok(());
     }
     if a.model == "engines" {
-        println!("{}", engines_table(&first_model(base)?).await?);
+        println!("{}", super::backends::engines(&first_model(base)?).await?);
         return Ok(());
     }
     if a.model == "backends" {
@@ -53,7 +54,7 @@ pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
         let path = crate::engine::tiny_model::write_tiny_model(tmp.path())
             .map_err(|e| BenchError::Failed(e.to_string()))?;
         let tiny = crate::config::ModelConfig::new("tiny", path, m.msat_per_token);
-        let engines = engines_table(&m).await?;
+        let engines = super::backends::engines(&m).await?;
         println!("{engines}");
         let table = super::backends::compare(&m, &tiny, 128).await?;
         println!("{table}");
@@ -221,43 +222,6 @@ async fn faults_command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> 
         }
     }
     Ok(())
-}
-
-/// Raw decode rate of each backend on the configured model file and its Q4_1/Q8_0 siblings.
-async fn engines_table(m: &crate::config::ModelConfig) -> Result<String, BenchError> {
-    // The configured file and its Q4_1/Q8_0 siblings (scripts/setup-model.sh installs both).
-    let name = m.path.file_name().unwrap_or_default().to_string_lossy();
-    let mut files: Vec<PathBuf> = ["Q4_1", "Q8_0"]
-        .iter()
-        .map(|q| {
-            m.path
-                .with_file_name(name.replace("Q4_1", q).replace("Q8_0", q))
-        })
-        .filter(|p| p.exists())
-        .collect();
-    files.dedup();
-    if files.is_empty() {
-        files.push(m.path.clone());
-    }
-    let mut md =
-        String::from("| file | backend | load | decode tok/s (median of 3) |\n|---|---|---|---|\n");
-    for f in files {
-        for b in [
-            crate::config::BackendKind::Mistralrs,
-            crate::config::BackendKind::Llamacpp,
-        ] {
-            let mut mc = m.clone();
-            mc.path = f.clone();
-            mc.backend = b;
-            let (load, rate) = super::backends::raw_engine(&mc, 128, 3).await?;
-            md.push_str(&format!(
-                "| {} | {} | {load:.2} s | {rate:.1} |\n",
-                f.file_name().unwrap_or_default().to_string_lossy(),
-                b.as_str()
-            ));
-        }
-    }
-    Ok(md)
 }
 
 fn first_model(base: &Config) -> Result<crate::config::ModelConfig, BenchError> {

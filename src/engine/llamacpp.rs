@@ -503,3 +503,62 @@ impl<'m> Engine<'m> {
         }
     }
 }
+
+/// What the weights of a file predict on a text, for comparing quantizations of one model:
+/// perplexity, and each position's most likely next token.
+#[cfg(feature = "devtools")]
+#[derive(Debug, Clone)]
+pub struct Predictions {
+    pub perplexity: f64,
+    pub top1: Vec<u32>,
+}
+
+/// Scores `text` (BOS added) with the weights in `path`: one batch, logits at every position.
+/// Blocking; the text must fit one batch of [`BATCH`] tokens.
+#[cfg(feature = "devtools")]
+pub fn predictions(path: &Path, text: &str) -> Result<Predictions, String> {
+    let model = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
+        .map_err(|e| format!("llama.cpp failed to load: {e}"))?;
+    let tokens = model.vocab().tokenize(text.as_bytes(), true, false);
+    if tokens.len() < 2 || tokens.len() > BATCH {
+        return Err(format!(
+            "the text is {} tokens; it must be 2..={BATCH}",
+            tokens.len()
+        ));
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get() as i32)
+        .unwrap_or(2);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(BATCH as u32))
+        .with_n_batch(BATCH as u32)
+        .with_n_ubatch(BATCH as u32)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model
+        .new_context(backend()?, params)
+        .map_err(|e| format!("llama.cpp context: {e}"))?;
+    let mut batch = LlamaBatch::new(tokens.len(), 1);
+    for (i, t) in tokens.iter().enumerate() {
+        batch
+            .add(*t, i as i32, &[0], true)
+            .map_err(|e| format!("batch: {e}"))?;
+    }
+    ctx.decode(&mut batch).map_err(|e| format!("decode: {e}"))?;
+    let (mut nll, mut top1) = (0.0f64, Vec::with_capacity(tokens.len() - 1));
+    for i in 0..tokens.len() - 1 {
+        let logits = ctx.get_logits_ith(i as i32);
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|l| ((l - max) as f64).exp()).sum();
+        let next = tokens[i + 1].0 as usize;
+        nll -= (logits[next] - max) as f64 - sum.ln();
+        let best = (0..logits.len())
+            .max_by(|a, b| logits[*a].total_cmp(&logits[*b]))
+            .unwrap_or(0);
+        top1.push(best as u32);
+    }
+    Ok(Predictions {
+        perplexity: (nll / top1.len() as f64).exp(),
+        top1,
+    })
+}
