@@ -371,22 +371,22 @@ pub async fn engines(m: &ModelConfig) -> Result<String, BenchError> {
     let fail = |e: &dyn std::fmt::Display| BenchError::Failed(e.to_string());
     let tmp = tempfile::tempdir().map_err(|e| fail(&e))?;
     let name = m.path.file_name().unwrap_or_default().to_string_lossy();
-    let sibling = |q: &str| {
-        m.path
-            .with_file_name(name.replace("Q4_1", q).replace("Q8_0", q))
-    };
-    let q4_1 = sibling("Q4_1");
-    let mut files: Vec<PathBuf> = [q4_1.clone(), sibling("Q8_0")]
+    // Siblings are named like the configured file with its type tag replaced.
+    const TAGS: [&str; 3] = ["Q4_1", "Q8_0", "Q4_0"];
+    let tag = TAGS.iter().find(|t| name.contains(*t));
+    let sibling = |q: &str| tag.map(|t| m.path.with_file_name(name.replace(t, q)));
+    let q4_1 = sibling("Q4_1").filter(|p| p.exists());
+    let mut files: Vec<PathBuf> = [q4_1.clone(), sibling("Q8_0"), sibling("Q4_0")]
         .into_iter()
+        .flatten()
         .filter(|p| p.exists())
         .collect();
-    files.dedup();
     if files.is_empty() {
         files.push(m.path.clone());
     }
-    // Q4_0 is what llama.cpp repacks for its AVX2 kernels; derived from the Q4_1 (the only
-    // weights a machine of this kind can get), so it is quantized twice.
-    if q4_1.exists() {
+    // Q4_0 is what llama.cpp repacks for its AVX2 kernels; derived here from the Q4_1 (the
+    // only weights a machine of this kind can get), so it is quantized twice.
+    if let (Some(q4_1), None) = (&q4_1, sibling("Q4_0").filter(|p| p.exists())) {
         let q4_0 = tmp
             .path()
             .join(name.replace("Q4_1", "Q4_0").replace("Q8_0", "Q4_0"));
@@ -409,9 +409,9 @@ pub async fn engines(m: &ModelConfig) -> Result<String, BenchError> {
         .map_err(|e| fail(&e))?
         .map_err(BenchError::Failed)
     };
-    let reference = match q4_1.exists() {
-        true => Some(score(q4_1.clone()).await?),
-        false => None,
+    let reference = match &q4_1 {
+        Some(f) => Some(score(f.clone()).await?),
+        None => None,
     };
     let mut md = String::from(
         "| file | backend | load | decode tok/s (median of 3) | perplexity | top-1 = Q4_1's |\n\
