@@ -21,4 +21,6 @@ pub struct App {
     /// Cancelled when the server shuts down: sessions halt and fail back what they hold.
     pub shutdown: CancellationToken,
     pub metrics: crate::metrics::Metrics,
+    /// Recent payment latencies on this node: a new session's first lookahead.
+    pub payment_latency: Arc<crate::session::pace::Recent>,
 }

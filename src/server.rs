@@ -154,6 +154,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         resumable: Default::default(),
         shutdown: sessions_stop,
         metrics: Default::default(),
+        payment_latency: Default::default(),
     });
 
     let metrics_addr = match config.server.metrics_listen.as_str() {

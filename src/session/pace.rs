@@ -11,12 +11,49 @@
 //! ~16–19 payments/s), one invoice covers more tokens: when the invoices the engine would need
 //! per second exceed what this session's payments settle per second, the tokens per invoice
 //! double (each invoice still priced exactly for the tokens it covers), up to half the cap.
+//!
+//! A new session has no latency of its own yet, and its first payment is the one most likely
+//! to stall a fast engine (the window alone is 0.2 s of llama.cpp output, about one payment's
+//! latency). So until it has one, it plans with the node's recent payments ([`Recent`]).
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Recent payment latencies kept.
 const SAMPLES: usize = 32;
+
+/// The last [`SAMPLES`] payment latencies of every session on this node: a new session's
+/// prior. It only lengthens a lookahead the operator's cap still bounds.
+#[derive(Debug, Default)]
+pub struct Recent(Mutex<VecDeque<Duration>>);
+
+impl Recent {
+    fn record(&self, latency: Duration) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() == SAMPLES {
+            v.pop_front();
+        }
+        v.push_back(latency);
+    }
+
+    fn p95(&self) -> Option<Duration> {
+        p95(&self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn p95(latencies: &VecDeque<Duration>) -> Option<Duration> {
+    if latencies.is_empty() {
+        return None;
+    }
+    let mut v: Vec<_> = latencies.iter().copied().collect();
+    v.sort();
+    Some(
+        v[((v.len() as f64 * 0.95).ceil() as usize)
+            .saturating_sub(1)
+            .min(v.len() - 1)],
+    )
+}
 
 #[derive(Debug, Clone)]
 pub struct Pace {
@@ -33,6 +70,8 @@ pub struct Pace {
     last_token: Option<Instant>,
     /// Payments held, with when: their recent rate is what the path settles.
     held_at: VecDeque<Instant>,
+    /// The node's recent latencies, used until this session has its own.
+    prior: Option<Arc<Recent>>,
 }
 
 impl Pace {
@@ -47,7 +86,14 @@ impl Pace {
             secs_per_token: None,
             last_token: None,
             held_at: VecDeque::new(),
+            prior: None,
         }
+    }
+
+    /// Plans with `prior` until this session's own first payment, and adds its payments to it.
+    pub fn with_prior(mut self, prior: Arc<Recent>) -> Pace {
+        self.prior = Some(prior);
+        self
     }
 
     /// Tokens the next invoice covers.
@@ -87,6 +133,9 @@ impl Pace {
             self.latencies.pop_front();
         }
         self.latencies.push_back(latency);
+        if let Some(prior) = &self.prior {
+            prior.record(latency);
+        }
         if self.held_at.len() == SAMPLES {
             self.held_at.pop_front();
         }
@@ -99,16 +148,7 @@ impl Pace {
     }
 
     fn p95(&self) -> Option<Duration> {
-        if self.latencies.is_empty() {
-            return None;
-        }
-        let mut v: Vec<_> = self.latencies.iter().copied().collect();
-        v.sort();
-        Some(
-            v[((v.len() as f64 * 0.95).ceil() as usize)
-                .saturating_sub(1)
-                .min(v.len() - 1)],
-        )
+        p95(&self.latencies).or_else(|| self.prior.as_ref().and_then(|p| p.p95()))
     }
 
     /// Payments this session settled per second lately.
@@ -199,6 +239,41 @@ mod tests {
             p.on_paid(Duration::from_secs(10), t);
         }
         assert_eq!(p.lookahead(), 256);
+    }
+
+    #[test]
+    fn a_new_session_plans_with_the_nodes_recent_latency_until_it_has_its_own() {
+        let recent = Arc::new(Recent::default());
+        let mut t = Instant::now();
+        // An earlier session on the node: payments took 400 ms.
+        let mut earlier = Pace::new(true, 2, 16, 256).with_prior(recent.clone());
+        for _ in 0..5 {
+            t += Duration::from_millis(100);
+            earlier.on_paid(Duration::from_millis(400), t);
+        }
+        // A new one at 100 tok/s, before its first payment: 40 tokens in flight + a chunk,
+        // where without the prior it would have only its 2-chunk window.
+        let mut new = Pace::new(true, 2, 16, 256).with_prior(recent.clone());
+        let mut alone = Pace::new(true, 2, 16, 256);
+        feed_tokens(&mut new, 20, Duration::from_millis(10), &mut t);
+        feed_tokens(&mut alone, 20, Duration::from_millis(10), &mut t);
+        assert_eq!(alone.lookahead(), 32);
+        assert!((56..=58).contains(&new.lookahead()), "{}", new.lookahead());
+        // Its own payment (fast, 100 ms) replaces the prior.
+        t += Duration::from_millis(100);
+        new.on_paid(Duration::from_millis(100), t);
+        assert_eq!(
+            new.lookahead(),
+            32,
+            "10 tokens in flight: the window is larger"
+        );
+        // The cap still bounds a prior from slow payments.
+        for _ in 0..40 {
+            recent.record(Duration::from_secs(30));
+        }
+        let mut slow = Pace::new(true, 2, 16, 256).with_prior(recent);
+        feed_tokens(&mut slow, 20, Duration::from_millis(10), &mut t);
+        assert_eq!(slow.lookahead(), 256);
     }
 
     #[test]

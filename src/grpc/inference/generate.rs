@@ -152,7 +152,8 @@ pub(super) async fn handle(
         window,
         price.chunk_tokens,
         cap_tokens,
-    );
+    )
+    .with_prior(app.payment_latency.clone());
     let (tx, rx) = tokio::sync::mpsc::channel(CLIENT_BUFFER);
     let send = |e: Ev| Ok::<_, Status>(GenerateEvent { event: Some(e) });
     let accepted = proto::Accepted {
