@@ -386,10 +386,9 @@ pub async fn engines(m: &ModelConfig) -> Result<String, BenchError> {
     }
     // Q4_0 is what llama.cpp repacks for its AVX2 kernels; derived here from the Q4_1 (the
     // only weights a machine of this kind can get), so it is quantized twice.
-    if let (Some(q4_1), None) = (&q4_1, sibling("Q4_0").filter(|p| p.exists())) {
-        let q4_0 = tmp
-            .path()
-            .join(name.replace("Q4_1", "Q4_0").replace("Q8_0", "Q4_0"));
+    let installed_q4_0 = sibling("Q4_0").filter(|p| p.exists());
+    if let (Some(q4_1), None, Some(t)) = (&q4_1, installed_q4_0, tag) {
+        let q4_0 = tmp.path().join(name.replace(t, "Q4_0"));
         let (src, dst) = (q4_1.clone(), q4_0.clone());
         tokio::task::spawn_blocking(move || {
             crate::engine::requantize::requantize(&src, &dst, GgmlDType::Q4_0)
