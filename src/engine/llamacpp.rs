@@ -43,6 +43,13 @@ pub(super) fn backend() -> Result<&'static LlamaBackend, String> {
         .map_err(Clone::clone)
 }
 
+/// Threads a context decodes with: one per core.
+fn threads() -> i32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as i32)
+        .unwrap_or(2)
+}
+
 /// Prompt tokens decoded per batch (prefill chunks).
 const BATCH: usize = 512;
 
@@ -83,9 +90,7 @@ impl LlamaCppBackend {
         // One shared pool of KV cells: enough for a few full-length sequences, not for every
         // slot at full length (memory stays bounded; the pool evicts parked sequences).
         let cells = context_length.saturating_mul(max_concurrent.clamp(1, 4) as u32);
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get() as i32)
-            .unwrap_or(2);
+        let threads = threads();
         let (cmds, rx) = std_mpsc::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let m = model.clone();
@@ -526,9 +531,7 @@ pub fn predictions(path: &Path, text: &str) -> Result<Predictions, String> {
             tokens.len()
         ));
     }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get() as i32)
-        .unwrap_or(2);
+    let threads = threads();
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(BATCH as u32))
         .with_n_batch(BATCH as u32)

@@ -70,8 +70,11 @@ pub struct Pace {
     last_token: Option<Instant>,
     /// Payments held, with when: their recent rate is what the path settles.
     held_at: VecDeque<Instant>,
-    /// The node's recent latencies, used until this session has its own.
-    prior: Option<Arc<Recent>>,
+    /// The node's recent latencies: this session's payments are added to them.
+    recent: Option<Arc<Recent>>,
+    /// Their p95 when this session began, used until it has a latency of its own (taken
+    /// once: the lookahead is asked on every token, the node's record is shared).
+    prior_p95: Option<Duration>,
 }
 
 impl Pace {
@@ -86,13 +89,16 @@ impl Pace {
             secs_per_token: None,
             last_token: None,
             held_at: VecDeque::new(),
-            prior: None,
+            recent: None,
+            prior_p95: None,
         }
     }
 
-    /// Plans with `prior` until this session's own first payment, and adds its payments to it.
-    pub fn with_prior(mut self, prior: Arc<Recent>) -> Pace {
-        self.prior = Some(prior);
+    /// Plans with `recent` as it is now until this session's own first payment, and adds its
+    /// payments to it.
+    pub fn with_prior(mut self, recent: Arc<Recent>) -> Pace {
+        self.prior_p95 = recent.p95();
+        self.recent = Some(recent);
         self
     }
 
@@ -133,8 +139,8 @@ impl Pace {
             self.latencies.pop_front();
         }
         self.latencies.push_back(latency);
-        if let Some(prior) = &self.prior {
-            prior.record(latency);
+        if let Some(recent) = &self.recent {
+            recent.record(latency);
         }
         if self.held_at.len() == SAMPLES {
             self.held_at.pop_front();
@@ -148,7 +154,7 @@ impl Pace {
     }
 
     fn p95(&self) -> Option<Duration> {
-        p95(&self.latencies).or_else(|| self.prior.as_ref().and_then(|p| p.p95()))
+        p95(&self.latencies).or(self.prior_p95)
     }
 
     /// Payments this session settled per second lately.
