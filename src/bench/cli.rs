@@ -13,6 +13,8 @@ pub struct BenchArgs {
     /// backends (mistral.rs and llama.cpp side by side on the configured model, written to
     /// docs/backends.md); engines (raw decode of both backends on the Q4_1, Q8_0 and Q4_0 files,
     /// each file's perplexity, and llama.cpp beside a second loaded model).
+    /// stall (the configured model and backend: the stall share of paid BOLT11 streams with
+    /// adaptive lookahead, and how much of it comes before a session's first payment).
     /// Printed only: chaos (random SIGKILLs of a server process, tiny model), rpc (ListModels
     /// latency, completions and the server's peak RSS under 32 paid sessions, tiny model),
     /// soak (a server process's RSS over 1 000 distinct generations of the configured model),
@@ -29,7 +31,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub server_exe: Option<PathBuf>,
     /// chaos: sessions (each cut by a SIGKILL); rpc: concurrent paid sessions; soak:
-    /// generations.
+    /// generations; stall: paid streams (default 10).
     #[arg(long)]
     pub sessions: Option<usize>,
 }
@@ -41,6 +43,15 @@ pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
     if a.model == "gateway" {
         let m = first_model(base)?;
         println!("{}", super::gateway::overhead(&m, 128).await?);
+        eprintln!("machine: {}", super::machine());
+        return Ok(());
+    }
+    if a.model == "stall" {
+        let m = first_model(base)?;
+        println!(
+            "{}",
+            super::backends::stall_report(&m, a.sessions.unwrap_or(10), 128).await?
+        );
         eprintln!("machine: {}", super::machine());
         return Ok(());
     }

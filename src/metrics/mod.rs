@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub deliver_ms: Vec<f64>,
     /// Sum over sessions of the time their engine was paused waiting for payment.
     pub paused_ms: f64,
+    /// Of `paused_ms`, the pauses that began before the session's first paid chunk.
+    pub paused_first_ms: f64,
     /// Sum over sessions of their whole duration.
     pub session_ms: f64,
     /// Per payment-timeout halt: tokens generated beyond those paid for.
@@ -67,12 +69,14 @@ impl Metrics {
         });
     }
 
-    pub fn session(&self, total: Duration, paused: Duration) {
-        counter!("satstream_engine_paused_seconds_total").increment(paused.as_secs());
+    /// A session ended after `total`, its engine paused for payment `paused` of it (`first`
+    /// of that before its first paid chunk).
+    pub fn session(&self, total: Duration, paused: Duration, first: Duration) {
         histogram!("satstream_engine_pause_seconds").record(paused.as_secs_f64());
         self.with(|s| {
             s.session_ms += total.as_secs_f64() * 1e3;
             s.paused_ms += paused.as_secs_f64() * 1e3;
+            s.paused_first_ms += first.as_secs_f64() * 1e3;
         });
     }
 
@@ -206,11 +210,7 @@ fn describe() {
     );
     describe_histogram!(
         "satstream_engine_pause_seconds",
-        "Per session: time the engine sat paused waiting for payment"
-    );
-    describe_counter!(
-        "satstream_engine_paused_seconds_total",
-        "Time engines sat paused waiting for payment"
+        "Per session: time the engine sat paused waiting for payment (its _sum is the total)"
     );
     describe_gauge!(
         "satstream_engine_tokens_per_second",

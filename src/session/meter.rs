@@ -267,8 +267,10 @@ async fn run_session(
         live,
     };
     let mut finished: Option<FinishReason> = None;
-    let mut paused_since: Option<Instant> = None;
+    // When the engine paused, and whether that was before the session's first paid chunk.
+    let mut paused_since: Option<(Instant, bool)> = None;
     let mut paused = Duration::ZERO;
+    let mut paused_first = Duration::ZERO;
     let far = Duration::from_secs(365 * 24 * 3600);
     let end = 'session: {
         if let Err(e) = m.open_prompt().await {
@@ -314,8 +316,11 @@ async fn run_session(
                 }
                 ev = next_token(&mut m.gen), if finished.is_none() => match ev {
                     Some(TokenEvent::Token { text, .. }) => {
-                        if let Some(t) = paused_since.take() {
+                        if let Some((t, first)) = paused_since.take() {
                             paused += t.elapsed();
+                            if first {
+                                paused_first += t.elapsed();
+                            }
                         }
                         m.spec.pace.on_token(std::time::Instant::now());
                         m.current.text.push_str(&text);
@@ -327,7 +332,7 @@ async fn run_session(
                         }
                     }
                     Some(TokenEvent::Paused { generated }) => {
-                        paused_since = Some(Instant::now());
+                        paused_since = Some((Instant::now(), m.paid_chunks == 0));
                         m.spec.pace.on_pause();
                         tracing::debug!(generated, "engine paused: waiting for payment");
                     }
@@ -372,10 +377,14 @@ async fn run_session(
         app.metrics
             .halt(generated.saturating_sub(m.paid_tokens), halt_at.elapsed());
     }
-    if let Some(t) = paused_since {
+    if let Some((t, first)) = paused_since {
         paused += t.elapsed();
+        if first {
+            paused_first += t.elapsed();
+        }
     }
-    app.metrics.session(m.started.elapsed(), paused);
+    app.metrics
+        .session(m.started.elapsed(), paused, paused_first);
     // No more attaching: a Resume from now on finds the session ended.
     app.resumable.close(&sid);
     drop(attach_rx);
@@ -723,6 +732,11 @@ impl Meter {
 
     /// Closes the current chunk: price it and ask for (or take) payment.
     async fn seal(&mut self) -> Result<(), End> {
+        // The lookahead is planned with the engine's rate, which the session only knows once
+        // tokens come: at the start the allowance is the bare window. Replan at every chunk,
+        // not only when a payment lands, or a fast engine waits out its first payment at the
+        // window (the node's recent payment latency needs a rate to act on).
+        self.allow();
         let next_first = self.current.first_token + self.current.tokens;
         self.next_index += 1;
         let chunk = std::mem::replace(

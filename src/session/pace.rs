@@ -12,9 +12,12 @@
 //! per second exceed what this session's payments settle per second, the tokens per invoice
 //! double (each invoice still priced exactly for the tokens it covers), up to half the cap.
 //!
-//! A new session has no latency of its own yet, and its first payment is the one most likely
-//! to stall a fast engine (the window alone is 0.2 s of llama.cpp output, about one payment's
-//! latency). So until it has one, it plans with the node's recent payments ([`Recent`]).
+//! A session's own latencies are few (a 128-token stream makes 8 payments) and its first
+//! payment, with none to plan from, is the one most likely to stall a fast engine (the window
+//! alone is 0.2 s of llama.cpp output, about one payment's latency). So a session plans with
+//! the slower of its own recent p95 and the node's ([`Recent`]: the last payments of every
+//! session, LDK's periodic persistence stalls among them). A slow payer elsewhere lengthens
+//! the lookahead of the others; the operator's cap still bounds every one.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -29,12 +32,14 @@ const SAMPLES: usize = 32;
 pub struct Recent(Mutex<VecDeque<Duration>>);
 
 impl Recent {
-    fn record(&self, latency: Duration) {
+    /// Adds `latency`; the p95 with it.
+    fn record(&self, latency: Duration) -> Option<Duration> {
         let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if v.len() == SAMPLES {
             v.pop_front();
         }
         v.push_back(latency);
+        p95(&v)
     }
 
     fn p95(&self) -> Option<Duration> {
@@ -72,9 +77,9 @@ pub struct Pace {
     held_at: VecDeque<Instant>,
     /// The node's recent latencies: this session's payments are added to them.
     recent: Option<Arc<Recent>>,
-    /// Their p95 when this session began, used until it has a latency of its own (taken
-    /// once: the lookahead is asked on every token, the node's record is shared).
-    prior_p95: Option<Duration>,
+    /// Their p95 as of this session's start or its last payment (the node's record is
+    /// shared: read when it changes hands, not whenever the lookahead is planned).
+    node_p95: Option<Duration>,
 }
 
 impl Pace {
@@ -90,14 +95,13 @@ impl Pace {
             last_token: None,
             held_at: VecDeque::new(),
             recent: None,
-            prior_p95: None,
+            node_p95: None,
         }
     }
 
-    /// Plans with `recent` as it is now until this session's own first payment, and adds its
-    /// payments to it.
-    pub fn with_prior(mut self, recent: Arc<Recent>) -> Pace {
-        self.prior_p95 = recent.p95();
+    /// Plans with the node's recent payments too, and adds this session's to them.
+    pub fn with_node(mut self, recent: Arc<Recent>) -> Pace {
+        self.node_p95 = recent.p95();
         self.recent = Some(recent);
         self
     }
@@ -140,7 +144,7 @@ impl Pace {
         }
         self.latencies.push_back(latency);
         if let Some(recent) = &self.recent {
-            recent.record(latency);
+            self.node_p95 = recent.record(latency);
         }
         if self.held_at.len() == SAMPLES {
             self.held_at.pop_front();
@@ -153,8 +157,9 @@ impl Pace {
         self.secs_per_token.filter(|s| *s > 0.0).map(|s| 1.0 / s)
     }
 
+    /// The latency to plan for: the slower of this session's recent p95 and the node's.
     fn p95(&self) -> Option<Duration> {
-        p95(&self.latencies).or(self.prior_p95)
+        p95(&self.latencies).max(self.node_p95)
     }
 
     /// Payments this session settled per second lately.
@@ -248,36 +253,39 @@ mod tests {
     }
 
     #[test]
-    fn a_new_session_plans_with_the_nodes_recent_latency_until_it_has_its_own() {
+    fn a_session_plans_with_the_slower_of_its_own_and_the_nodes_recent_latency() {
         let recent = Arc::new(Recent::default());
         let mut t = Instant::now();
         // An earlier session on the node: payments took 400 ms.
-        let mut earlier = Pace::new(true, 2, 16, 256).with_prior(recent.clone());
+        let mut earlier = Pace::new(true, 2, 16, 256).with_node(recent.clone());
         for _ in 0..5 {
             t += Duration::from_millis(100);
             earlier.on_paid(Duration::from_millis(400), t);
         }
         // A new one at 100 tok/s, before its first payment: 40 tokens in flight + a chunk,
-        // where without the prior it would have only its 2-chunk window.
-        let mut new = Pace::new(true, 2, 16, 256).with_prior(recent.clone());
+        // where without the node's record it would have only its 2-chunk window.
+        let mut new = Pace::new(true, 2, 16, 256).with_node(recent.clone());
         let mut alone = Pace::new(true, 2, 16, 256);
         feed_tokens(&mut new, 20, Duration::from_millis(10), &mut t);
         feed_tokens(&mut alone, 20, Duration::from_millis(10), &mut t);
         assert_eq!(alone.lookahead(), 32);
         assert!((56..=58).contains(&new.lookahead()), "{}", new.lookahead());
-        // Its own payment (fast, 100 ms) replaces the prior.
+        // One fast payment of its own (100 ms) does not shrink it below what the node's
+        // payments take: the next one may be as slow as theirs.
         t += Duration::from_millis(100);
         new.on_paid(Duration::from_millis(100), t);
-        assert_eq!(
-            new.lookahead(),
-            32,
-            "10 tokens in flight: the window is larger"
-        );
-        // The cap still bounds a prior from slow payments.
+        assert!((56..=58).contains(&new.lookahead()), "{}", new.lookahead());
+        // Its own slower payments (600 ms) count as soon as they come.
+        for _ in 0..3 {
+            t += Duration::from_millis(100);
+            new.on_paid(Duration::from_millis(600), t);
+        }
+        assert!((76..=78).contains(&new.lookahead()), "{}", new.lookahead());
+        // The cap still bounds a slow node.
         for _ in 0..40 {
             recent.record(Duration::from_secs(30));
         }
-        let mut slow = Pace::new(true, 2, 16, 256).with_prior(recent);
+        let mut slow = Pace::new(true, 2, 16, 256).with_node(recent);
         feed_tokens(&mut slow, 20, Duration::from_millis(10), &mut t);
         assert_eq!(slow.lookahead(), 256);
     }

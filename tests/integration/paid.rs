@@ -410,6 +410,59 @@ async fn payer_stops_paying_halts_and_late_payment_is_failed_back(backend: Backe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn before_its_first_payment_a_session_runs_ahead_as_far_as_the_nodes_payments_take() {
+    // Window 2 chunks of 4 tokens; the cap on unpaid exposure 40 tokens.
+    let w = world(&[
+        "payments.payment_timeout_secs=2",
+        "payments.max_unpaid_msat=40000",
+    ])
+    .await;
+    // A paid stream first: the node has recent payment latencies now.
+    let mut s = open(&w, request(12, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(first) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    loop {
+        match next(&mut s).await {
+            Ev::Invoice(inv) => {
+                w.h.payer.send(&inv.bolt11).unwrap();
+            }
+            Ev::Tokens(_) => {}
+            Ev::Done(_) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_invariants(&w, &first.session_id);
+    // A new session whose client pays nothing. It has no latency of its own to plan with;
+    // the node's (tens of ms at least) at the tiny model's rate is more than the window, so
+    // the engine runs past the window (it used to stop there until the first payment, when
+    // the lookahead was first planned with a known rate) and up to the cap.
+    let mut s = open(&w, request(100, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let window = acc.window_chunks * CHUNK;
+    let mut invoiced = 0;
+    let halted = loop {
+        match next(&mut s).await {
+            Ev::Invoice(inv) => invoiced += inv.tokens,
+            Ev::Halted(h) => break h,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(halted.reason, HaltReason::PaymentTimeout as i32);
+    assert_eq!(halted.completion_tokens_delivered, 0);
+    assert!(
+        invoiced > window,
+        "generated ahead of the first payment: {invoiced} tokens, the window is {window}"
+    );
+    assert!(invoiced <= 40 + 2, "at most the cap (+2): {invoiced}");
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!(sess.end_reason.as_deref(), Some("payment_timeout"));
+    w.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn client_disconnect_ends_the_session_and_withdraws_invoices() {
     // Nothing paid yet: the session is not kept for Resume (default grace 60 s), it ends at
     // once.

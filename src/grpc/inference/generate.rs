@@ -153,7 +153,7 @@ pub(super) async fn handle(
         price.chunk_tokens,
         cap_tokens,
     )
-    .with_prior(app.payment_latency.clone());
+    .with_node(app.payment_latency.clone());
     let (tx, rx) = tokio::sync::mpsc::channel(CLIENT_BUFFER);
     let send = |e: Ev| Ok::<_, Status>(GenerateEvent { event: Some(e) });
     let accepted = proto::Accepted {
