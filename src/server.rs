@@ -309,7 +309,8 @@ fn lock_down(config: &Config) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Periodic reconciliation with LDK: decided claims LDK never completed, and force-closed
+/// Periodic reconciliation with LDK: decided claims LDK never completed, refunds whose outcome
+/// LDK recorded but never reported (or never had), and force-closed
 /// channels whose claims can now be classified.
 async fn watchdog(
     ln: Arc<Lightning>,
@@ -327,7 +328,8 @@ async fn watchdog(
         }
         let ln = ln.clone();
         let r = tokio::task::spawn_blocking(move || {
-            let claims = ln.confirm_claims()?;
+            let claims =
+                ln.confirm_claims()? + ln.confirm_refunds()? + ln.book_parked_keysends()?;
             let closures = ln.resolve_closures()?;
             Ok::<_, LightningError>((claims, closures))
         })

@@ -160,6 +160,8 @@ struct Keysend {
 #[derive(Default)]
 struct Run {
     summary: Summary,
+    /// What the receipt must commit to as the prompt: this request's.
+    prompt_sha256: Option<[u8; 32]>,
     budget_msat: Option<u64>,
     budget_hit: bool,
     terms: Terms,
@@ -204,10 +206,12 @@ pub async fn generate(
     // Subscribed before anything is paid, so no outcome can be missed.
     let mut ln_events = wallet.subscribe();
     let max_tokens = request.max_tokens;
+    let prompt_sha256 = crate::wire::receipt::prompt_sha256(&request.messages, &request.prompt);
     let mut stream: Streaming<GenerateEvent> = client.generate(request).await?.into_inner();
     let mut run = Run {
         budget_msat,
         max_tokens,
+        prompt_sha256: Some(prompt_sha256),
         ..Run::default()
     };
     loop {
@@ -229,8 +233,9 @@ pub async fn generate(
                     }
                 };
                 let Some(ev) = ev else {
-                    // The connection dropped mid-stream: reattach within the session's grace.
-                    if run.summary.session_id.is_empty() || run.terms.resume_grace_secs == 0 {
+                    // The connection dropped mid-stream: reattach within the session's grace
+                    // (with no grace, the session has ended: Resume replays what was paid for).
+                    if run.summary.session_id.is_empty() {
                         return Err(ClientError::Protocol("the stream ended without Done or Halted".into()));
                     }
                     stream = run.resume(client, &mut on_event).await?;
@@ -336,7 +341,7 @@ impl Run {
             )));
         }
         let payee = parsed.recover_payee_pub_key().to_string();
-        if !t.node_id.is_empty() && payee != t.node_id {
+        if payee != t.node_id {
             return Err(ClientError::Protocol(format!(
                 "{what}: the invoice pays {payee}, not the server's node {}",
                 t.node_id
@@ -611,6 +616,12 @@ impl Run {
             Ev::Accepted(_) if !self.summary.session_id.is_empty() => {
                 // Sent again on Resume: the same terms (without the token).
             }
+            Ev::Accepted(a) if a.node_id.is_empty() => {
+                // Without the payee every invoice's payee and the receipt's signer go unchecked.
+                return Err(ClientError::Protocol(
+                    "the server's Accepted names no node_id: its invoices and receipt cannot be checked; refusing to pay".into(),
+                ));
+            }
             Ev::Accepted(a) => {
                 self.terms = Terms {
                     node_id: a.node_id.clone(),
@@ -745,6 +756,9 @@ impl Run {
         let dropped = Instant::now();
         let deadline =
             dropped + std::time::Duration::from_secs(self.terms.resume_grace_secs as u64);
+        // The server may not have seen the old stream go yet (then it is "attached"): the
+        // session ends or takes this stream within moments, grace or not.
+        let busy_deadline = dropped + std::time::Duration::from_secs(10);
         tracing::info!(session = %self.summary.session_id, "stream dropped: resuming");
         loop {
             let req = ResumeRequest {
@@ -764,9 +778,13 @@ impl Run {
                 }
                 Err(e) => e,
             };
-            let busy = e.code() == tonic::Code::FailedPrecondition
-                && e.message().contains("another stream is attached");
-            if !(self.resumable(&e) || busy) || Instant::now() >= deadline {
+            // The server's own word that the session is still between streams or ending.
+            let busy = (e.code() == tonic::Code::FailedPrecondition
+                && e.message().contains("another stream is attached"))
+                || (e.code() == tonic::Code::Unavailable && e.message().contains("session"));
+            let now = Instant::now();
+            let retry = (self.resumable(&e) && now < deadline) || (busy && now < busy_deadline);
+            if !retry {
                 return Err(e.into());
             }
             // Reconnecting: pace the attempts, not a synchronisation.
@@ -781,9 +799,13 @@ impl Run {
         s.receipt_check = match &r {
             None => "none".into(),
             Some(r) => {
-                let node = (!self.terms.node_id.is_empty()).then_some(self.terms.node_id.as_str());
+                let node = Some(self.terms.node_id.as_str());
                 let whole = self.texts.concat();
                 match crate::wire::receipt::verify(r, node, Some(&whole), Some(&self.texts)) {
+                    // A receipt for some other prompt proves nothing about this one.
+                    Ok(b) if b.prompt_sha256 != self.prompt_sha256 => {
+                        "invalid: the receipt does not commit to the prompt this client sent".into()
+                    }
                     Ok(_) => "verified".into(),
                     Err(e) => format!("invalid: {e}"),
                 }
@@ -877,5 +899,11 @@ mod tests {
         assert_eq!(r.check_invoice(&p).unwrap(), 3_000);
         p.amount_msat = 2_000;
         assert!(r.check_invoice(&p).is_err());
+        // Terms that name no node check nothing: nothing is paid (it used to pay anyone).
+        let mut blind = run_with(&server);
+        blind.terms.node_id.clear();
+        let (b, h) = invoice(&other, 4_000);
+        let e = blind.check_invoice(&chunk(b, h, 4, 4_000)).unwrap_err();
+        assert!(e.to_string().contains("not the server's node"), "{e}");
     }
 }

@@ -28,6 +28,9 @@ pub struct Books {
     pub paid_not_booked: Vec<String>,
     /// Booked with an amount other than LDK's.
     pub amount_mismatch: Vec<String>,
+    /// ATOMIC chunks whose key (the preimage) the payer holds with no delivered chunk in the
+    /// ledger: the customer can read them and is owed their price back (SPEC invariant 6).
+    pub key_not_delivered: Vec<String>,
     /// Inbound Lightning payments the server's node still has pending.
     pub node_pending_inbound: usize,
     /// Invoices open, held or claiming.
@@ -62,6 +65,10 @@ impl Books {
         );
         list("paid by the payer, not booked", &self.paid_not_booked);
         list("amounts differ from LDK's", &self.amount_mismatch);
+        list(
+            "ATOMIC keys held by the payer, chunk not delivered",
+            &self.key_not_delivered,
+        );
         list("unbalanced sessions", &self.unbalanced_sessions);
         if self.payer_pending > 0 {
             p.push(format!(
@@ -191,6 +198,23 @@ pub async fn audit(w: &ProcessWorld) -> Result<Books, HarnessError> {
             PaymentStatus::Failed => b.payer_failed += 1,
             PaymentStatus::Succeeded => {
                 b.payer_succeeded += 1;
+                // The payer holds this preimage: for an ATOMIC chunk, that is its key.
+                if let Some(inv) = store.invoice(&p.id.0).map_err(err)? {
+                    let atomic = match &inv.session_id {
+                        Some(sid) => store
+                            .session(sid)
+                            .map_err(err)?
+                            .is_some_and(|s| s.mode == "ATOMIC"),
+                        None => false,
+                    };
+                    if atomic
+                        && inv.purpose == crate::store::InvoicePurpose::Chunk
+                        && !store.chunk_paid_by(&p.id.0).map_err(err)?
+                    {
+                        b.key_not_delivered.push(hex::encode(p.id.0));
+                        b.unaccounted_msat += p.amount_msat.unwrap_or(0);
+                    }
+                }
                 if !booked.contains_key(&p.id.0) {
                     b.paid_not_booked.push(hex::encode(p.id.0));
                     b.unaccounted_msat += p.amount_msat.unwrap_or(0);

@@ -79,6 +79,8 @@ pub struct Harness {
     server: Option<RunningServer>,
     /// The paying client wallet, with a funded channel to the server.
     pub payer: Wallet,
+    /// How the payer reaches the chain (a second payer uses it too).
+    payer_chain: ChainConfig,
     pub bitcoind: Bitcoind,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -195,6 +197,7 @@ impl Harness {
             server: Some(server),
             server_start,
             payer,
+            payer_chain: chain,
             bitcoind,
             _tmp: tmp,
         };
@@ -290,7 +293,7 @@ impl Harness {
     pub async fn open_channel(&self, sat: u64) -> Result<(), HarnessError> {
         let server_id = crate::lightning::parse_node_id(&self.server_node_id())?;
         let addr = crate::lightning::parse_address(&self.server_ln_address())?;
-        self.open_between(self.payer.node.clone(), server_id, addr, sat)
+        self.open_between(self.payer.node.clone(), server_id, addr, sat, &self.payer)
             .await
     }
 
@@ -299,18 +302,67 @@ impl Harness {
         let payer_id = crate::lightning::parse_node_id(&self.payer.node_id())?;
         let addr = crate::lightning::parse_address(&self.payer.listen)?;
         let node = self.server().app.lightning.node().clone();
-        self.open_between(node, payer_id, addr, sat).await
+        self.open_between(node, payer_id, addr, sat, &self.payer)
+            .await
     }
 
+    /// A second payer: its own wallet node, funded, with a `sat` channel to the server (a
+    /// second, independent source of HTLCs, e.g. paying an invoice the first one paid).
+    /// Stop it with [`Wallet::stop`].
+    pub async fn add_payer(&self, name: &str, sat: u64) -> Result<Wallet, HarnessError> {
+        let dir = self
+            .config
+            .server
+            .data_dir
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(name);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let chain = self.payer_chain.clone();
+        let wallet = tokio::task::spawn_blocking(move || {
+            Wallet::start(
+                &dir,
+                crate::config::Network::Regtest,
+                &listen,
+                &chain,
+                false,
+            )
+        })
+        .await
+        .map_err(|e| HarnessError::Setup(e.to_string()))??;
+        let addr = wallet.new_address()?;
+        self.bitcoind.mine_to(1, &addr)?;
+        self.mine(100).await?;
+        wait_onchain_funds(wallet.node.clone()).await?;
+        let server_id = crate::lightning::parse_node_id(&self.server_node_id())?;
+        let server_addr = crate::lightning::parse_address(&self.server_ln_address())?;
+        self.open_between(wallet.node.clone(), server_id, server_addr, sat, &wallet)
+            .await?;
+        let node = wallet.node.clone();
+        wait_until(
+            "the second payer's channel",
+            Duration::from_secs(90),
+            || {
+                let node = node.clone();
+                async move { node.list_channels().iter().any(|c| c.is_usable) }
+            },
+        )
+        .await?;
+        Ok(wallet)
+    }
+
+    /// Opens a channel from `opener` to `peer` and waits until the server and `wallet` (the
+    /// payer-side node of the channel) report it ready.
     async fn open_between(
         &self,
         opener: std::sync::Arc<ldk_node::Node>,
         peer: ldk_node::bitcoin::secp256k1::PublicKey,
         addr: ldk_node::lightning::ln::msgs::SocketAddress,
         sat: u64,
+        wallet: &Wallet,
     ) -> Result<(), HarnessError> {
         let mut server_notices = self.server().app.lightning.subscribe();
-        let mut payer_events = self.payer.subscribe();
+        let mut payer_events = wallet.subscribe();
         let mempool_before = self.bitcoind.mempool_len()?;
         tokio::task::spawn_blocking(move || opener.open_channel(peer, addr, sat, None, None))
             .await

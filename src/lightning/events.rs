@@ -93,14 +93,23 @@ async fn park(ln: &Arc<Lightning>, event: &Event, attempts: u32, error: &Lightni
     tracing::error!(kind, attempts, error = %error, event = %describe(event), "LDK event parked: its handler keeps failing");
     let (ln, error, description) = (ln.clone(), error.to_string(), describe(event));
     let claimable = matches!(event, Event::PaymentClaimable { .. });
+    // A keysend's session is only in the event (LDK's payment record has no TLVs): keep it.
+    let session = match event {
+        Event::PaymentReceived { custom_records, .. } => ln.keysend_session(custom_records),
+        _ => None,
+    };
     let _ = tokio::task::spawn_blocking(move || {
         if let (true, Some(h)) = (claimable, &hash) {
             ln.fail_in_node(h);
         }
-        if let Err(e) = ln
-            .store
-            .park_event(kind, hash.as_ref(), attempts, &error, &description)
-        {
+        if let Err(e) = ln.store.park_event(
+            kind,
+            hash.as_ref(),
+            session.as_ref(),
+            attempts,
+            &error,
+            &description,
+        ) {
             tracing::error!(kind, error = %e, "cannot even record the parked event");
         }
     })

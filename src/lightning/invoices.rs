@@ -4,8 +4,11 @@
 //! 1. An HTLC for one of our hold invoices is locked in: the event loop commits `held`, then
 //!    tells the invoice's session ([`HeldHtlc`]). LDK cannot claim it on its own: the
 //!    preimage is ours.
-//! 2. The session decides to claim: `held → claiming` is committed *before* LDK is asked
-//!    (`claim_for_hash`), then the chunk's delivery is committed, then its tokens are sent.
+//! 2. The session decides to claim: `held → claiming` is committed together with the chunk's
+//!    delivery *before* LDK is asked (`claim_for_hash`); only then are its tokens (BOLT11) or
+//!    its key (ATOMIC) sent. The preimage is the ATOMIC chunk's key: once LDK claims, the
+//!    payer can read the chunk, so it must already be a delivered chunk in the ledger. A claim
+//!    LDK refuses takes the delivery back in the commit that fails the invoice.
 //! 3. LDK reports the claim (`PaymentReceived`): only now is the money booked (`claimed`).
 //!
 //! After a crash, [`Lightning::reconcile_at_start`] can tell every case apart without racing
@@ -97,17 +100,19 @@ impl Lightning {
         }
     }
 
-    /// Claims held HTLCs (a chunk's, plus the prompt's with the first chunk) and records the
-    /// delivery the caller sends right after: decision committed, then LDK's claim, then the
-    /// delivery committed. A claim LDK refuses fails the HTLC back at once; an error after
-    /// LDK claimed leaves the money to be booked from LDK's report (refundable, as nothing was
-    /// delivered). Blocking: run it off the async workers.
+    /// Claims held HTLCs (the prompt's first, with the first chunk, then the chunk's) and
+    /// records the delivery they pay for: the decision and the delivery committed in one
+    /// transaction, then LDK's claims, in order. The caller sends the chunk (plaintext, or
+    /// ATOMIC's key) only after this returns Ok. A claim LDK refuses fails it and every later
+    /// one back unrevealed and takes the delivery back (an earlier claim that LDK took is
+    /// booked from its report, refundable: nothing was delivered for it). Blocking: run it off
+    /// the async workers.
     pub fn claim(
         &self,
         hashes: &[[u8; 32]],
         delivery: Option<&ChunkDelivery>,
     ) -> Result<(), LightningError> {
-        let decided = match self.store.begin_claim(hashes) {
+        let decided = match self.store.begin_claim(hashes, delivery) {
             Ok(v) => v,
             Err(e) => {
                 // Nothing was decided: what is held goes back to the payer.
@@ -120,9 +125,8 @@ impl Lightning {
         for (i, inv) in decided.iter().enumerate() {
             if let Err(e) = self.claim_in_node(inv) {
                 // LDK did not claim this one; the rest were not tried.
-                for rest in &decided[i..] {
-                    self.refuse_claim(&rest.payment_hash, &e.to_string());
-                }
+                let refused: Vec<[u8; 32]> = decided[i..].iter().map(|d| d.payment_hash).collect();
+                self.refuse_claims(&refused, delivery, &e.to_string());
                 return Err(LightningError::ClaimRefused {
                     hash: hex::encode(inv.payment_hash),
                     reason: e.to_string(),
@@ -130,9 +134,6 @@ impl Lightning {
             }
         }
         self.faults.point("after_claim")?;
-        if let Some(d) = delivery {
-            self.store.deliver_chunk(d)?;
-        }
         Ok(())
     }
 
@@ -146,12 +147,15 @@ impl Lightning {
         Ok(())
     }
 
-    /// LDK did not claim a decided invoice: `claiming → failed`, HTLC failed back.
-    fn refuse_claim(&self, hash: &[u8; 32], reason: &str) {
-        if let Err(e) = self.store.claim_refused(hash, reason) {
-            tracing::error!(payment_hash = %hex::encode(hash), error = %e, "recording a refused claim");
+    /// LDK did not claim decided invoices: `claiming → failed` and the delivery taken back
+    /// (one commit), then the HTLCs failed back.
+    fn refuse_claims(&self, hashes: &[[u8; 32]], delivery: Option<&ChunkDelivery>, reason: &str) {
+        if let Err(e) = self.store.claim_refused(hashes, delivery, reason) {
+            tracing::error!(error = %e, "recording a refused claim");
         }
-        self.fail_in_node(hash);
+        for h in hashes {
+            self.fail_in_node(h);
+        }
     }
 
     /// Fails a held HTLC back to the payer (commit first: the payer's money was never ours,

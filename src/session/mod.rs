@@ -5,6 +5,7 @@
 mod meter;
 pub mod pace;
 pub mod receipt;
+pub mod replay;
 
 pub use meter::{run, Mode, SessionSpec};
 pub use pace::Pace;
@@ -29,6 +30,8 @@ struct Mailbox {
     attach: tokio::sync::mpsc::Sender<Attach>,
     /// The owner ended the session (`EndSession`).
     end: tokio_util::sync::CancellationToken,
+    /// The meter committed the session's end (its mailbox is gone).
+    closed: tokio_util::sync::CancellationToken,
 }
 
 impl Resumable {
@@ -46,6 +49,7 @@ impl Resumable {
             Mailbox {
                 attach: tx,
                 end: end.clone(),
+                closed: tokio_util::sync::CancellationToken::new(),
             },
         );
         (rx, end)
@@ -62,8 +66,21 @@ impl Resumable {
         }
     }
 
+    /// The meter's end is committed: anyone waiting in [`Resumable::closed`] goes on.
     pub(crate) fn close(&self, sid: &[u8; 16]) {
-        self.lock().remove(sid);
+        if let Some(m) = self.lock().remove(sid) {
+            m.closed.cancel();
+        }
+    }
+
+    /// Resolves once the session's meter has committed its end (at once if it is not running).
+    pub fn closed(&self, sid: &[u8; 16]) -> impl std::future::Future<Output = ()> + 'static {
+        let token = self.lock().get(sid).map(|m| m.closed.clone());
+        async move {
+            if let Some(t) = token {
+                t.cancelled().await
+            }
+        }
     }
 
     /// Hands `a` to the session's meter; Err(a) when the session is not running.

@@ -19,6 +19,10 @@ pub enum IssueError {
     Running(String),
     #[error("receipt: {0}")]
     Receipt(#[from] ReceiptError),
+    /// A claim of the session is decided and LDK has not reported it yet: its totals are not
+    /// final, and a signed receipt is never re-issued.
+    #[error("session {0} has a payment still settling: its receipt is issued once LDK reports it (within seconds); retry")]
+    Settling(String),
 }
 
 /// The receipt of an ended session, issued now if it has none yet.
@@ -31,6 +35,9 @@ pub fn issue(
     let stored = match store.receipt(session_id)? {
         Some(r) => r,
         None => {
+            if store.audit_session(session_id)?.unresolved_invoices > 0 {
+                return Err(IssueError::Settling(sid));
+            }
             let body = build(store, &ln.node_id(), session_id)?;
             let text = body.encode()?;
             let signature = ln.node().sign_message(text.as_bytes());
@@ -88,6 +95,7 @@ fn build(store: &Store, node_id: &str, session_id: &[u8; 16]) -> Result<ReceiptB
         mode: s.mode.clone(),
         prompt_tokens: s.prompt_tokens,
         prompt_price_msat: prompt_charged,
+        prompt_sha256: s.prompt_sha256,
         msat_per_token: s.msat_per_token,
         chunks,
         completion_tokens: s.completion_tokens,

@@ -175,7 +175,7 @@ pub(crate) mod tests {
         .unwrap();
         s.transition_invoice(&hash, InvoiceState::Held, Some(msat), "")
             .unwrap();
-        s.begin_claim(&[hash]).unwrap();
+        s.begin_claim(&[hash], None).unwrap();
         s.record_settlement(&hash, msat).unwrap();
         s.account(&[a; 16]).unwrap().unwrap()
     }

@@ -226,6 +226,14 @@ impl Store {
                     now_unix() as i64
                 ],
             )?;
+            // The operator pays for it: the customer's balance is as if it had been paid.
+            tx.execute(
+                "UPDATE sessions SET written_off_msat = written_off_msat + ?2 WHERE id = ?1",
+                params![
+                    inv.session_id.as_ref().map(|s| s.as_slice()),
+                    inv.amount_msat as i64
+                ],
+            )?;
             ledger::append(
                 tx,
                 "settlement_lost",
@@ -333,7 +341,9 @@ impl Store {
 fn delivered_in(tx: &rusqlite::Transaction, inv: &super::Invoice) -> Result<bool, StoreError> {
     let n: i64 = match inv.purpose {
         super::InvoicePurpose::Prompt => tx.query_row(
-            "SELECT COUNT(*) FROM ledger WHERE session_id = ?1 AND kind = 'prompt_charged'",
+            // Charges net of any taken back (a refused claim): charged if they sum below 0.
+            "SELECT COALESCE(SUM(amount_msat) < 0, 0) FROM ledger
+             WHERE session_id = ?1 AND kind = 'prompt_charged'",
             [inv.session_id.map(|s| s.to_vec())],
             |r| r.get(0),
         )?,
@@ -351,12 +361,7 @@ mod tests {
     use super::*;
     use crate::store::{test_store, ChunkDelivery, InvoicePurpose, NewInvoice};
 
-    #[test]
-    fn a_delivered_chunk_whose_claim_never_settles_is_written_off_and_books_balance() {
-        let (s, _d) = test_store();
-        s.insert_session(&crate::store::sessions::tests::new_session(1))
-            .unwrap();
-        let hash = [5; 32];
+    fn held_chunk(s: &Store, hash: [u8; 32], index: u32, received_msat: u64) -> ChunkDelivery {
         s.insert_invoice(&NewInvoice {
             payment_hash: hash,
             preimage: [6; 32],
@@ -364,26 +369,38 @@ mod tests {
             amount_msat: 16_000,
             session_id: Some([1; 16]),
             account_id: None,
-            chunk_index: Some(0),
+            chunk_index: Some(index),
             purpose: InvoicePurpose::Chunk,
             expires_at_unix: now_unix() + 60,
         })
         .unwrap();
-        s.transition_invoice(&hash, InvoiceState::Held, Some(16_000), "")
+        s.transition_invoice(&hash, InvoiceState::Held, Some(received_msat), "")
             .unwrap();
-        s.begin_claim(&[hash]).unwrap();
-        s.deliver_chunk(&ChunkDelivery {
+        ChunkDelivery {
             session_id: [1; 16],
-            chunk_index: 0,
-            first_token: 0,
+            chunk_index: index,
+            first_token: index * 16,
             tokens: 16,
             price_msat: 16_000,
             payment_hash: Some(hash),
             prompt_msat: 0,
             account_id: None,
             text: String::new(),
-        })
-        .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_delivered_chunk_whose_claim_never_settles_is_written_off_and_books_balance() {
+        let (s, _d) = test_store();
+        s.insert_session(&crate::store::sessions::tests::new_session(1))
+            .unwrap();
+        // Chunk 0 overpaid by 5 000 msat and settled: the customer's refundable money.
+        let d0 = held_chunk(&s, [4; 32], 0, 21_000);
+        s.begin_claim(&[[4; 32]], Some(&d0)).unwrap();
+        s.record_settlement(&[4; 32], 21_000).unwrap();
+        let hash = [5; 32];
+        let d1 = held_chunk(&s, hash, 1, 16_000);
+        s.begin_claim(&[hash], Some(&d1)).unwrap();
         let loss = s
             .write_off_unsettled_claim(&hash, "claim never completed")
             .unwrap()
@@ -394,14 +411,24 @@ mod tests {
             InvoiceState::Failed
         );
         let a = s.audit_session(&[1; 16]).unwrap();
-        assert_eq!(a.balance_msat(), 0, "{a:?}");
+        assert_eq!(a.balance_msat(), 5_000, "{a:?}");
         assert_eq!(s.total_lost_msat().unwrap(), 16_000);
+        // One definition of refundable: the operator's loss is not paid from the customer's
+        // overpayment (it was: Refund offered 0 while the audit said 5 000).
+        let owner = crate::store::Owner::Session([1; 16]);
+        assert_eq!(s.refundable_of(&owner).unwrap(), 5_000);
+        assert_eq!(
+            s.session(&[1; 16]).unwrap().unwrap().refundable_msat(),
+            5_000
+        );
+        assert_eq!(s.total_refundable_msat().unwrap(), 5_000);
         // LDK reports the settlement after all: booked, and the write-off is undone.
         s.record_settlement(&hash, 16_000).unwrap();
         let a = s.audit_session(&[1; 16]).unwrap();
         assert_eq!(
             (a.claimed_msat, a.written_off_msat, a.balance_msat()),
-            (16_000, 0, 0)
+            (37_000, 0, 5_000)
         );
+        assert_eq!(s.refundable_of(&owner).unwrap(), 5_000);
     }
 }

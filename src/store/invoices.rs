@@ -276,23 +276,50 @@ impl Store {
         self.write(|tx| transition_in(tx, hash, to, received_msat, detail))
     }
 
-    /// Commits the decision to claim these held invoices (one transaction), before LDK is asked
-    /// to claim them. Already `claiming` ones are left as they are (a retry).
-    pub fn begin_claim(&self, hashes: &[[u8; 32]]) -> Result<Vec<Invoice>, StoreError> {
+    /// Commits the decision to claim these held invoices, and with it the delivery of what
+    /// they pay for (one transaction), before LDK is asked to claim them. In ATOMIC the claim
+    /// *is* the delivery (it reveals the chunk key), so the chunk is recorded delivered no
+    /// later than the decision; in BOLT11 it also keeps a claimed chunk's price from ever
+    /// looking refundable while the session runs (delivery is charged before LDK reports the
+    /// money). Already `claiming` ones are left as they are (a retry).
+    pub fn begin_claim(
+        &self,
+        hashes: &[[u8; 32]],
+        delivery: Option<&super::ChunkDelivery>,
+    ) -> Result<Vec<Invoice>, StoreError> {
         self.write(|tx| {
-            hashes
+            let decided = hashes
                 .iter()
                 .map(|h| {
                     transition_in(tx, h, InvoiceState::Claiming, None, "claim decided")
                         .map(|t| t.invoice().clone())
                 })
-                .collect()
+                .collect::<Result<Vec<_>, _>>()?;
+            if let Some(d) = delivery {
+                super::sessions::deliver_in(tx, d)?;
+            }
+            Ok(decided)
         })
     }
 
-    /// LDK refused a claim we had decided (or never completed it): `claiming → failed`.
-    pub fn claim_refused(&self, hash: &[u8; 32], reason: &str) -> Result<Transition, StoreError> {
-        self.write(|tx| transition_in(tx, hash, InvoiceState::Failed, None, reason))
+    /// LDK refused claims we had decided: `claiming → failed` for each, and the delivery
+    /// committed with the decision is taken back (its text or key never left: the claim did
+    /// not happen), in one transaction.
+    pub fn claim_refused(
+        &self,
+        hashes: &[[u8; 32]],
+        delivery: Option<&super::ChunkDelivery>,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            for h in hashes {
+                transition_in(tx, h, InvoiceState::Failed, None, reason)?;
+            }
+            if let Some(d) = delivery {
+                super::sessions::undeliver_in(tx, d, reason)?;
+            }
+            Ok(())
+        })
     }
 
     /// LDK reports money received for one of our invoices (`PaymentReceived`, after a claim):
@@ -330,11 +357,19 @@ impl Store {
             )?;
             credit_owner(tx, &inv, amount_msat)?;
             // A chunk written off as never paid turns out paid after all.
-            let recovered = tx.execute(
-                "DELETE FROM settlement_losses WHERE payment_hash = ?1 AND kind = 'never_settled'",
-                [hash.as_slice()],
-            )?;
-            if recovered > 0 {
+            let written_off: Option<i64> = tx
+                .query_row(
+                    "DELETE FROM settlement_losses WHERE payment_hash = ?1 AND kind = 'never_settled'
+                     RETURNING amount_msat",
+                    [hash.as_slice()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(amount) = written_off {
+                tx.execute(
+                    "UPDATE sessions SET written_off_msat = written_off_msat - ?2 WHERE id = ?1",
+                    params![inv.session_id.as_ref().map(|s| s.as_slice()), amount],
+                )?;
                 ledger::append(
                     tx,
                     "loss_recovered",
@@ -625,7 +660,7 @@ mod tests {
         assert!(
             matches!(t, Transition::Applied(ref i) if i.state == Held && i.received_msat == Some(16_000))
         );
-        let c = s.begin_claim(&[inv.payment_hash]).unwrap();
+        let c = s.begin_claim(&[inv.payment_hash], None).unwrap();
         assert_eq!(c[0].state, Claiming);
         assert!(c[0].claiming_at_unix.is_some() && c[0].paid_at_unix.is_none());
         let t = s.record_settlement(&inv.payment_hash, 16_000).unwrap();
@@ -660,8 +695,8 @@ mod tests {
             .transition_invoice(&inv.payment_hash, Held, Some(5_000), "")
             .unwrap();
         assert!(matches!(again, Transition::Already(_)));
-        s.begin_claim(&[inv.payment_hash]).unwrap();
-        s.begin_claim(&[inv.payment_hash]).unwrap();
+        s.begin_claim(&[inv.payment_hash], None).unwrap();
+        s.begin_claim(&[inv.payment_hash], None).unwrap();
         s.record_settlement(&inv.payment_hash, 5_000).unwrap();
         let again = s.record_settlement(&inv.payment_hash, 5_000).unwrap();
         assert!(matches!(again, Settlement::Already(_)));

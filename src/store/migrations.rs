@@ -221,6 +221,21 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE chunks ADD COLUMN text TEXT;
     "#,
+    // v4: one definition of refundable. A delivered chunk whose claim never settled is the
+    // operator's loss: it counts as paid (by the operator) in the session's balance, so the
+    // customer's other refundable money never pays for it, and Refund and the audit agree.
+    r#"
+    ALTER TABLE sessions ADD COLUMN written_off_msat INTEGER NOT NULL DEFAULT 0;
+    UPDATE sessions SET written_off_msat = (
+        SELECT COALESCE(SUM(l.amount_msat), 0) FROM settlement_losses l
+        WHERE l.session_id = sessions.id AND l.kind = 'never_settled');
+    -- A parked keysend keeps the session its TLV named, so the watchdog can book it to that
+    -- session from LDK's record.
+    ALTER TABLE parked_events ADD COLUMN session_id BLOB;
+    -- What the receipt commits to as the prompt (SHA-256, see wire::receipt::prompt_sha256);
+    -- NULL for sessions opened before v4 (their receipts stay v1).
+    ALTER TABLE sessions ADD COLUMN prompt_sha256 BLOB;
+    "#,
 ];
 
 /// Schema version this build writes.

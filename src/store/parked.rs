@@ -31,25 +31,29 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<ParkedEvent> {
 }
 
 impl Store {
+    /// Parks an event; `session_id`: the session a keysend's TLV named (to book it later).
     pub fn park_event(
         &self,
         kind: &str,
         payment_hash: Option<&[u8; 32]>,
+        session_id: Option<&[u8; 16]>,
         attempts: u32,
         error: &str,
         event: &str,
     ) -> Result<u64, StoreError> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO parked_events(at, kind, payment_hash, attempts, error, event)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO parked_events(at, kind, payment_hash, attempts, error, event,
+                     session_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     now_unix() as i64,
                     kind,
                     payment_hash.map(|h| h.as_slice()),
                     attempts,
                     error,
-                    event
+                    event,
+                    session_id.map(|s| s.as_slice())
                 ],
             )?;
             let id = tx.last_insert_rowid() as u64;
@@ -63,6 +67,30 @@ impl Store {
             )?;
             Ok(id)
         })
+    }
+
+    /// Parked `PaymentReceived` events of payments that are neither an invoice of ours nor a
+    /// booked keysend credit (keysends whose credit was never committed), with the session
+    /// their TLV named.
+    pub fn unbooked_parked_keysends(
+        &self,
+    ) -> Result<Vec<([u8; 32], Option<[u8; 16]>)>, StoreError> {
+        let c = self.lock();
+        let mut st = c.prepare(
+            "SELECT DISTINCT p.payment_hash, p.session_id FROM parked_events p
+             WHERE p.kind = 'payment_received' AND p.payment_hash IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM keysend_credits k WHERE k.payment_hash = p.payment_hash)
+               AND NOT EXISTS (SELECT 1 FROM invoices i WHERE i.payment_hash = p.payment_hash)",
+        )?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(h, s)| Some((h.try_into().ok()?, s.and_then(|s| s.try_into().ok()))))
+            .collect())
     }
 
     /// Parked events, newest first.

@@ -104,11 +104,7 @@ fn refund_in(c: &rusqlite::Connection, hash: &[u8; 32]) -> Result<Option<Refund>
 /// The owner's table, its id, and the SQL of its available balance.
 fn owner_sql(owner: &Owner) -> (&'static str, &[u8; 16], &'static str) {
     match owner {
-        Owner::Session(id) => (
-            "sessions",
-            id,
-            "paid_msat - spent_msat - refunded_msat - reserved_msat",
-        ),
+        Owner::Session(id) => ("sessions", id, super::sessions::REFUNDABLE_SQL),
         Owner::Account(id) => (
             "accounts",
             id,
@@ -238,10 +234,42 @@ impl Store {
             let Some(r) = refund_in(tx, payment_hash)? else {
                 return Ok(None);
             };
+            let (table, id, _) = owner_sql(&r.owner);
+            if r.state == RefundState::Failed && succeeded {
+                // We released it, and LDK says it was paid after all: LDK's record wins. The
+                // owner was refunded; its balance shows it (even below zero: the operator's
+                // loss, never hidden).
+                tracing::error!(
+                    payment_hash = %hex::encode(payment_hash), amount_msat = r.amount_msat,
+                    "LDK reports a refund paid that was released as failed: booked as refunded"
+                );
+                tx.execute(
+                    "UPDATE refunds SET state = 'succeeded', fee_msat = ?2, resolved_at = ?3,
+                         detail = ?4 WHERE payment_hash = ?1",
+                    params![
+                        payment_hash.as_slice(),
+                        fee_msat.map(|f| f as i64),
+                        now_unix() as i64,
+                        format!("succeeded after it was released ({})", r.detail)
+                    ],
+                )?;
+                tx.execute(
+                    &format!("UPDATE {table} SET refunded_msat = refunded_msat + ?2 WHERE id = ?1"),
+                    params![id.as_slice(), r.amount_msat as i64],
+                )?;
+                append(
+                    tx,
+                    &r.owner,
+                    "refund_paid",
+                    payment_hash,
+                    -(r.amount_msat as i64),
+                    "LDK reported it paid after it was released",
+                )?;
+                return refund_in(tx, payment_hash);
+            }
             if r.state != RefundState::Pending {
                 return Ok(Some(r));
             }
-            let (table, id, _) = owner_sql(&r.owner);
             let to = if succeeded {
                 RefundState::Succeeded
             } else {
@@ -350,5 +378,29 @@ mod tests {
         s.finish_refund(&[7; 32], false, None, "").unwrap();
         assert_eq!(s.account(&[1; 16]).unwrap().unwrap().available_msat(), 0);
         assert!(s.finish_refund(&[1; 32], true, None, "").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_success_after_a_release_is_booked() {
+        // Issue 22.4: a released refund that LDK then reports paid used to be ignored (the
+        // owner kept the money twice). LDK's record wins.
+        let (s, _d) = test_store();
+        funded_account(&s, 1, 10_000);
+        let owner = Owner::Account([1; 16]);
+        s.reserve_refund(owner, Some(4_000), [9; 32], "lnbcrt1", "api")
+            .unwrap();
+        s.finish_refund(&[9; 32], false, None, "released").unwrap();
+        assert_eq!(s.refundable_of(&owner).unwrap(), 10_000);
+        for _ in 0..2 {
+            let r = s
+                .finish_refund(&[9; 32], true, Some(3), "")
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.state, RefundState::Succeeded);
+        }
+        let a = s.account(&[1; 16]).unwrap().unwrap();
+        assert_eq!((a.refunded_msat, a.reserved_msat), (4_000, 0));
+        assert_eq!(s.refundable_of(&owner).unwrap(), 6_000);
+        assert_eq!(s.total_refunded_msat().unwrap(), 4_000);
     }
 }

@@ -41,6 +41,8 @@ pub struct NewSession {
     pub max_tokens: u32,
     /// PREPAID: the account the session draws on.
     pub account_id: Option<[u8; 16]>,
+    /// What the receipt commits to as the prompt (`wire::receipt::prompt_sha256`).
+    pub prompt_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +66,9 @@ pub struct Session {
     pub refunded_msat: u64,
     /// Refunds in flight: reserved, not yet paid or released.
     pub reserved_msat: u64,
+    /// Delivered chunks whose claim never settled: the operator's loss, counted as paid.
+    pub written_off_msat: u64,
+    pub prompt_sha256: Option<[u8; 32]>,
     pub created_at_unix: u64,
     pub ended_at_unix: Option<u64>,
     pub end_reason: Option<String>,
@@ -134,9 +139,11 @@ impl SessionAudit {
 }
 
 impl Session {
-    /// Money we hold for the owner: paid, not spent, not refunded or being refunded.
+    /// Money we hold for the owner: paid (or written off for it), not spent, not refunded or
+    /// being refunded. The one definition: Refund ([`REFUNDABLE_SQL`]) and the audit use it.
     pub fn refundable_msat(&self) -> u64 {
         self.paid_msat
+            .saturating_add(self.written_off_msat)
             .saturating_sub(self.spent_msat)
             .saturating_sub(self.refunded_msat)
             .saturating_sub(self.reserved_msat)
@@ -145,7 +152,13 @@ impl Session {
 
 const COLUMNS: &str = "id, token_hash, model, mode, state, prompt_tokens, prompt_price_msat, \
      msat_per_token, chunk_tokens, max_tokens, completion_tokens, chunks_delivered, paid_msat, \
-     spent_msat, refunded_msat, created_at, ended_at, end_reason, reserved_msat, account_id";
+     spent_msat, refunded_msat, created_at, ended_at, end_reason, reserved_msat, account_id, \
+     written_off_msat, prompt_sha256";
+
+/// A session's refundable balance in SQL (may be negative while a claim settles: read it
+/// through `MAX(…, 0)`); the same sum as [`Session::refundable_msat`].
+pub(crate) const REFUNDABLE_SQL: &str =
+    "paid_msat + written_off_msat - spent_msat - refunded_msat - reserved_msat";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<Session> {
     let bad = |what: &str| {
@@ -182,6 +195,11 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Session> {
             .get::<_, Option<Vec<u8>>>(19)?
             .map(|v| v.try_into().map_err(|_| bad("account_id")))
             .transpose()?,
+        written_off_msat: r.get::<_, i64>(20)? as u64,
+        prompt_sha256: r
+            .get::<_, Option<Vec<u8>>>(21)?
+            .map(|v| v.try_into().map_err(|_| bad("prompt_sha256")))
+            .transpose()?,
     })
 }
 
@@ -191,8 +209,9 @@ impl Store {
         let tx = c.transaction()?;
         tx.execute(
             "INSERT INTO sessions(id, token_hash, model, mode, state, prompt_tokens,
-                 prompt_price_msat, msat_per_token, chunk_tokens, max_tokens, created_at, account_id)
-             VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 prompt_price_msat, msat_per_token, chunk_tokens, max_tokens, created_at, account_id,
+                 prompt_sha256)
+             VALUES (?1, ?2, ?3, ?4, 'open', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 s.id.as_slice(),
                 s.token_hash.as_slice(),
@@ -205,6 +224,7 @@ impl Store {
                 s.max_tokens,
                 now_unix() as i64,
                 s.account_id.as_ref().map(|a| a.as_slice()),
+                s.prompt_sha256.as_ref().map(|h| h.as_slice()),
             ],
         )?;
         ledger::append(&tx, "session_opened", Some(&s.id), None, 0, &s.model)?;
@@ -287,6 +307,16 @@ impl Store {
             }
             prompt_in(tx, session_id, price_msat)
         })
+    }
+
+    /// Whether a delivered chunk was paid by the invoice with this payment hash.
+    pub fn chunk_paid_by(&self, payment_hash: &[u8; 32]) -> Result<bool, StoreError> {
+        let n: i64 = self.lock().query_row(
+            "SELECT COUNT(*) FROM chunks WHERE payment_hash = ?1",
+            [payment_hash.as_slice()],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
     }
 
     /// The delivered chunks of a session, in order.
@@ -445,10 +475,9 @@ impl Store {
     /// customers).
     pub fn total_refundable_msat(&self) -> Result<u64, StoreError> {
         let v: i64 = self.lock().query_row(
-            "SELECT (SELECT COALESCE(SUM(MAX(paid_msat - spent_msat - refunded_msat - reserved_msat, 0)), 0)
-                     FROM sessions)
+            &format!("SELECT (SELECT COALESCE(SUM(MAX({REFUNDABLE_SQL}, 0)), 0) FROM sessions)
                   + (SELECT COALESCE(SUM(MAX(credited_msat - spent_msat - refunded_msat - reserved_msat, 0)), 0)
-                     FROM accounts)",
+                     FROM accounts)"),
             [],
             |r| r.get(0),
         )?;
@@ -599,6 +628,57 @@ pub(super) fn deliver_in(
     Ok(true)
 }
 
+/// Takes back a delivery committed with a claim decision that LDK then refused (inside the
+/// caller's transaction): the chunk row, its charge, and the prompt charged with it. Nothing
+/// left the server for it (BOLT11 sends the text, ATOMIC the key, only after the claim).
+pub(super) fn undeliver_in(
+    tx: &rusqlite::Transaction,
+    d: &ChunkDelivery,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let removed = tx.execute(
+        "DELETE FROM chunks WHERE session_id = ?1 AND chunk_index = ?2 AND payment_hash IS ?3",
+        params![
+            d.session_id.as_slice(),
+            d.chunk_index,
+            d.payment_hash.as_ref().map(|h| h.as_slice())
+        ],
+    )?;
+    if removed == 0 {
+        return Ok(());
+    }
+    tx.execute(
+        "UPDATE sessions SET completion_tokens = completion_tokens - ?2,
+                 chunks_delivered = chunks_delivered - 1, spent_msat = spent_msat - ?3
+             WHERE id = ?1",
+        params![d.session_id.as_slice(), d.tokens, d.price_msat as i64],
+    )?;
+    ledger::append(
+        tx,
+        "chunk_undelivered",
+        Some(&d.session_id),
+        d.payment_hash.as_ref(),
+        d.price_msat as i64,
+        &format!("chunk {}: {reason}", d.chunk_index),
+    )?;
+    if d.prompt_msat > 0 {
+        tx.execute(
+            "UPDATE sessions SET spent_msat = spent_msat - ?2 WHERE id = ?1",
+            params![d.session_id.as_slice(), d.prompt_msat as i64],
+        )?;
+        // The prompt's charges net out in the ledger (the audit sums them).
+        ledger::append(
+            tx,
+            "prompt_charged",
+            Some(&d.session_id),
+            None,
+            d.prompt_msat as i64,
+            &format!("taken back with chunk {}: {reason}", d.chunk_index),
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -616,6 +696,7 @@ pub(crate) mod tests {
             chunk_tokens: 16,
             max_tokens: 64,
             account_id: None,
+            prompt_sha256: None,
         }
     }
 
@@ -657,7 +738,7 @@ pub(crate) mod tests {
         s.insert_session(&new_session(1)).unwrap();
         let hash = [7; 32];
         held_chunk_invoice(&s, hash, 0, 16_500);
-        s.begin_claim(&[hash]).unwrap();
+        s.begin_claim(&[hash], None).unwrap();
         assert_eq!(
             s.session(&[1; 16]).unwrap().unwrap().paid_msat,
             0,
@@ -673,6 +754,67 @@ pub(crate) mod tests {
         assert_eq!((a.claimed_msat, a.delivered_msat), (16_500, 16_000));
         assert_eq!(a.balance_msat(), 500);
         assert_eq!(s.session(&[1; 16]).unwrap().unwrap().refundable_msat(), 500);
+    }
+
+    #[test]
+    fn a_chunk_being_claimed_is_never_refundable() {
+        // Issue 22.3: the delivery used to be committed after LDK's claim, so a settlement
+        // reported in between made the chunk's price refundable while the session ran.
+        let (s, _d) = test_store();
+        s.insert_session(&new_session(1)).unwrap();
+        let owner = crate::store::Owner::Session([1; 16]);
+        let hash = [7; 32];
+        held_chunk_invoice(&s, hash, 0, 16_500);
+        s.begin_claim(&[hash], Some(&delivery(0, Some(hash))))
+            .unwrap();
+        // LDK settles before anything else happens (the event loop is another thread).
+        s.record_settlement(&hash, 16_500).unwrap();
+        assert_eq!(
+            s.refundable_of(&owner).unwrap(),
+            500,
+            "only the overpayment"
+        );
+        assert!(matches!(
+            s.reserve_refund(owner, Some(16_000), [1; 32], "lnbcrt1", "api"),
+            Err(StoreError::InsufficientBalance {
+                available_msat: 500,
+                ..
+            })
+        ));
+        let a = s.audit_session(&[1; 16]).unwrap();
+        assert_eq!((a.delivered_msat, a.balance_msat()), (16_000, 500));
+    }
+
+    #[test]
+    fn a_refused_claim_takes_its_delivery_and_prompt_back() {
+        let (s, _d) = test_store();
+        s.insert_session(&new_session(1)).unwrap();
+        let hash = [7; 32];
+        held_chunk_invoice(&s, hash, 0, 16_000);
+        let mut d = delivery(0, Some(hash));
+        d.prompt_msat = 3_000;
+        s.begin_claim(&[hash], Some(&d)).unwrap();
+        assert_eq!(s.session(&[1; 16]).unwrap().unwrap().spent_msat, 19_000);
+        s.claim_refused(&[hash], Some(&d), "LDK refused").unwrap();
+        let sess = s.session(&[1; 16]).unwrap().unwrap();
+        assert_eq!(
+            (
+                sess.spent_msat,
+                sess.completion_tokens,
+                sess.chunks_delivered
+            ),
+            (0, 0, 0)
+        );
+        assert!(s.delivered_chunks(&[1; 16]).unwrap().is_empty());
+        assert_eq!(
+            s.invoice(&hash).unwrap().unwrap().state,
+            InvoiceState::Failed
+        );
+        let a = s.audit_session(&[1; 16]).unwrap();
+        assert_eq!(
+            (a.prompt_msat, a.delivered_msat, a.balance_msat()),
+            (0, 0, 0)
+        );
     }
 
     #[test]

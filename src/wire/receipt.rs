@@ -5,13 +5,14 @@
 //! The signed text is versioned and line-oriented, one `key: value` per line, in this order:
 //!
 //! ```text
-//! satstream receipt v1
+//! satstream receipt v2
 //! node_id: <33-byte compressed key, hex>
 //! session_id: <hex>
 //! model: <id>
 //! mode: BOLT11 | ATOMIC | KEYSEND | PREPAID
 //! prompt_tokens: <n>
 //! prompt_price_msat: <n>
+//! prompt_sha256: <what was asked and priced, hex: see prompt_sha256()>
 //! msat_per_token: <n>
 //! chunk: <index> <first_token> <tokens> <price_msat> <paid_by> <sha256 of its text, hex>
 //! …one `chunk:` line per delivered chunk, in order…
@@ -25,6 +26,9 @@
 //! finished_at_unix: <seconds>
 //! ```
 //!
+//! A v1 receipt (sessions opened before the prompt was committed to) is the same without the
+//! `prompt_sha256` line; both are read, v2 is written.
+//!
 //! `paid_by` is `hash:<payment hash, hex>` for a chunk paid by its own invoice, `balance` for
 //! one drawn from a balance (KEYSEND credit, PREPAID account). Verification checks the
 //! signature, that the structured fields of [`proto::Receipt`] say what the signed text says,
@@ -34,7 +38,31 @@ use sha2::{Digest, Sha256};
 
 use super::proto;
 
-const HEADER: &str = "satstream receipt v1";
+const HEADER: &str = "satstream receipt v2";
+const HEADER_V1: &str = "satstream receipt v1";
+
+/// What a receipt commits to as the prompt: SHA-256 over the request's input exactly as the
+/// client sent it, each part length-prefixed (its UTF-8 length as 8 bytes big-endian, then the
+/// bytes): "chat" and every message's role and content in order, or "text" and the raw prompt.
+/// The client computes it from its own request and checks the receipt says the same.
+pub fn prompt_sha256(messages: &[proto::ChatMessage], prompt: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut part = |s: &str| {
+        h.update((s.len() as u64).to_be_bytes());
+        h.update(s.as_bytes());
+    };
+    if messages.is_empty() {
+        part("text");
+        part(prompt);
+    } else {
+        part("chat");
+        for m in messages {
+            part(&m.role);
+            part(&m.content);
+        }
+    }
+    h.finalize().into()
+}
 
 /// One delivered chunk, as the receipt lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +85,8 @@ pub struct ReceiptBody {
     pub mode: String,
     pub prompt_tokens: u32,
     pub prompt_price_msat: u64,
+    /// [`prompt_sha256`] of the request; None in a v1 receipt.
+    pub prompt_sha256: Option<[u8; 32]>,
     pub msat_per_token: u64,
     pub chunks: Vec<ReceiptChunk>,
     pub completion_tokens: u32,
@@ -132,13 +162,19 @@ impl ReceiptBody {
             t.push_str(&s);
             t.push('\n');
         };
-        line(HEADER.into());
+        line(match self.prompt_sha256 {
+            Some(_) => HEADER.into(),
+            None => HEADER_V1.into(),
+        });
         line(format!("node_id: {}", self.node_id));
         line(format!("session_id: {}", self.session_id));
         line(format!("model: {}", self.model));
         line(format!("mode: {}", self.mode));
         line(format!("prompt_tokens: {}", self.prompt_tokens));
         line(format!("prompt_price_msat: {}", self.prompt_price_msat));
+        if let Some(h) = &self.prompt_sha256 {
+            line(format!("prompt_sha256: {}", hex::encode(h)));
+        }
         line(format!("msat_per_token: {}", self.msat_per_token));
         for c in &self.chunks {
             let paid_by = match &c.payment_hash {
@@ -178,9 +214,11 @@ impl ReceiptBody {
             .ok_or_else(|| bad("does not end with a newline".into()))?
             .split('\n')
             .peekable();
-        if lines.next() != Some(HEADER) {
-            return Err(bad(format!("the first line must be {HEADER:?}")));
-        }
+        let v2 = match lines.next() {
+            Some(HEADER) => true,
+            Some(HEADER_V1) => false,
+            _ => return Err(bad(format!("the first line must be {HEADER:?}"))),
+        };
         let mut next = |key: &str| value(lines, key);
         fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ReceiptError> {
             // Canonical decimal only: no sign, no leading zeros.
@@ -209,6 +247,10 @@ impl ReceiptBody {
         let mode = next("mode")?;
         let prompt_tokens = num("prompt_tokens", &next("prompt_tokens")?)?;
         let prompt_price_msat = num("prompt_price_msat", &next("prompt_price_msat")?)?;
+        let prompt_sha256 = match v2 {
+            true => Some(hash("prompt_sha256", &next("prompt_sha256")?)?),
+            false => None,
+        };
         let msat_per_token = num("msat_per_token", &next("msat_per_token")?)?;
         let mut chunks = Vec::new();
         while let Some(l) = lines.peek() {
@@ -262,6 +304,7 @@ impl ReceiptBody {
             mode,
             prompt_tokens,
             prompt_price_msat,
+            prompt_sha256,
             msat_per_token,
             chunks,
             completion_tokens,
@@ -291,6 +334,7 @@ impl ReceiptBody {
             refundable_msat: self.refundable_msat,
             finished_at_unix: self.finished_at_unix,
             output_sha256: hex::encode(self.output_sha256),
+            prompt_sha256: self.prompt_sha256.map(hex::encode).unwrap_or_default(),
             signed_text,
             signature,
             node_id: self.node_id.clone(),
@@ -299,8 +343,12 @@ impl ReceiptBody {
 
     /// The chunks add up: consecutive indices and token ranges, the totals are their sums.
     fn check_totals(&self) -> Result<(), ReceiptError> {
+        // A receipt comes from a server the client may not trust: its numbers may be chosen
+        // to overflow. Checked arithmetic, so a hostile receipt is refused, never a panic.
+        let overflow = |what: &str| {
+            ReceiptError::Inconsistent(format!("the {what} overflow: not a receipt we issue"))
+        };
         let mut next_token = 0u32;
-        let mut tokens = 0u32;
         let mut spent = self.prompt_price_msat;
         for (i, c) in self.chunks.iter().enumerate() {
             if c.index != i as u32 || c.first_token != next_token {
@@ -309,10 +357,14 @@ impl ReceiptBody {
                     c.index
                 )));
             }
-            next_token += c.tokens;
-            tokens += c.tokens;
-            spent += c.price_msat;
+            next_token = next_token
+                .checked_add(c.tokens)
+                .ok_or_else(|| overflow("token counts"))?;
+            spent = spent
+                .checked_add(c.price_msat)
+                .ok_or_else(|| overflow("prices"))?;
         }
+        let tokens = next_token;
         if tokens != self.completion_tokens {
             return Err(ReceiptError::Inconsistent(format!(
                 "completion_tokens {} but the chunks hold {tokens}",
@@ -386,6 +438,11 @@ pub fn verify(
         r.output_sha256,
         hex::encode(body.output_sha256)
     );
+    same!(
+        prompt_sha256,
+        r.prompt_sha256,
+        body.prompt_sha256.map(hex::encode).unwrap_or_default()
+    );
     let pk: ldk_node::bitcoin::secp256k1::PublicKey = body.node_id.parse().map_err(|_| {
         ReceiptError::Malformed(format!("node_id {:?} is not a public key", body.node_id))
     })?;
@@ -444,6 +501,7 @@ mod tests {
             mode: "BOLT11".into(),
             prompt_tokens: 7,
             prompt_price_msat: 700,
+            prompt_sha256: Some(prompt_sha256(&[], "hello")),
             msat_per_token: 1000,
             chunks: vec![
                 ReceiptChunk {
@@ -492,6 +550,38 @@ mod tests {
         let mut spaced = b.clone();
         spaced.model = "two words".into();
         assert!(spaced.encode().is_err());
+        // A v1 receipt (no prompt commitment) still reads, as v1.
+        let mut v1 = b.clone();
+        v1.prompt_sha256 = None;
+        let t1 = v1.encode().unwrap();
+        assert!(t1.starts_with("satstream receipt v1\n") && !t1.contains("prompt_sha256"));
+        assert_eq!(ReceiptBody::parse(&t1).unwrap(), v1);
+        // Not mixed: a v2 header without the line, a v1 header with it.
+        assert!(ReceiptBody::parse(&t1.replace("receipt v1", "receipt v2")).is_err());
+        assert!(ReceiptBody::parse(&t.replace("receipt v2", "receipt v1")).is_err());
+    }
+
+    #[test]
+    fn the_prompt_commitment_is_unambiguous() {
+        let chat = |m: &[(&str, &str)]| {
+            let m: Vec<proto::ChatMessage> = m
+                .iter()
+                .map(|(r, c)| proto::ChatMessage {
+                    role: r.to_string(),
+                    content: c.to_string(),
+                })
+                .collect();
+            prompt_sha256(&m, "")
+        };
+        assert_eq!(chat(&[("user", "hi")]), chat(&[("user", "hi")]));
+        // Where one part ends and the next begins is part of what is hashed.
+        assert_ne!(chat(&[("user", "hi")]), chat(&[("use", "rhi")]));
+        assert_ne!(
+            chat(&[("user", "a"), ("user", "b")]),
+            chat(&[("user", "ab")])
+        );
+        assert_ne!(chat(&[("user", "hi")]), prompt_sha256(&[], "hi"));
+        assert_ne!(prompt_sha256(&[], "hi"), prompt_sha256(&[], "hi "));
     }
 
     #[test]
@@ -506,6 +596,20 @@ mod tests {
         let mut b = body();
         b.spent_msat = 6600;
         assert!(b.check_totals().is_err());
+        // A hostile server's numbers that overflow are refused, not a panic (debug) or a
+        // wrapped sum that happens to match (release).
+        let mut b = body();
+        b.chunks[0].price_msat = u64::MAX - 699;
+        b.spent_msat = 1_999; // what u64 arithmetic wraps to
+        assert!(
+            matches!(b.check_totals(), Err(ReceiptError::Inconsistent(m)) if m.contains("overflow"))
+        );
+        let mut b = body();
+        b.chunks[0].tokens = u32::MAX;
+        b.chunks[1].first_token = u32::MAX;
+        assert!(
+            matches!(b.check_totals(), Err(ReceiptError::Inconsistent(m)) if m.contains("overflow"))
+        );
     }
 
     fn signed() -> (proto::Receipt, String) {

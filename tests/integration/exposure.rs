@@ -11,7 +11,7 @@ use satstream::wire::proto::{
 };
 use tonic::transport::Channel;
 
-use super::paid::{assert_invariants, letters, request, world, world_with, T};
+use super::support::{assert_invariants, letters, request, world, world_with, T};
 
 const EXE: &str = env!("CARGO_BIN_EXE_satstream");
 
@@ -123,7 +123,7 @@ async fn plaintext_is_refused_off_loopback_and_admin_never_served_there() {
 }
 
 /// One paid BOLT11 generation from 127.0.0.1; its time to Done.
-async fn paid_run(w: &super::paid::World) -> Duration {
+async fn paid_run(w: &super::support::World) -> Duration {
     let started = Instant::now();
     let mut c = InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
         .await

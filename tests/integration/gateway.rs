@@ -15,7 +15,7 @@ use satstream::harness::wait_until;
 use satstream::wire::proto::{generate_event::Event as Ev, HaltReason, PaymentMode};
 
 use super::engine::{tiny_upstreams, upstream_config};
-use super::paid::{assert_invariants, letters, next, open, request, world_remote, CHUNK, T};
+use super::support::{assert_invariants, letters, next, open, request, world_remote, CHUNK, T};
 
 /// Sum of the upstreams' sampled tokens once none is generating.
 async fn sampled(upstreams: &[Upstream]) -> u64 {
@@ -156,13 +156,13 @@ async fn kill_mid_stream(mode: PaymentMode) -> satstream::wire::proto::Halted {
     assert_eq!(sess.end_reason.as_deref(), Some("upstream_failed"));
     assert_eq!(
         halted.paid_msat,
-        halted.completion_tokens_delivered as u64 * super::paid::MSAT_PER_TOKEN
+        halted.completion_tokens_delivered as u64 * super::support::MSAT_PER_TOKEN
             + halted.refundable_msat,
         "paid and not delivered is refundable"
     );
     assert_eq!(sess.refundable_msat(), halted.refundable_msat);
     // With no replica left, a new session is refused up front, saying why.
-    let err = super::paid::client(&w)
+    let err = super::support::client(&w)
         .await
         .generate(request(10, PaymentMode::Bolt11))
         .await

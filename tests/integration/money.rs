@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 
 use satstream::harness::{wait_until, PayOutcome};
 use satstream::store::InvoiceState;
-use satstream::wire::proto::{generate_event::Event as Ev, HaltReason, PaymentMode};
+use satstream::wire::proto::{generate_event::Event as Ev, HaltReason, PaymentMode, RefundRequest};
 
-use super::paid::{
-    assert_invariants, letters, next, open, request, session_ended_within, sid, world, world_with,
-    T,
+use super::support::{
+    assert_invariants, client, letters, next, open, pay_until_done, payer_invoice, request,
+    session_ended_within, sid, world, world_with, CHUNK, MSAT_PER_TOKEN, T,
 };
 
-async fn session_ended(w: &super::paid::World, id: [u8; 16]) -> satstream::store::Session {
+async fn session_ended(w: &super::support::World, id: [u8; 16]) -> satstream::store::Session {
     session_ended_within(w, id, T).await
 }
 
@@ -67,11 +67,15 @@ async fn a_claim_ldk_refuses_fails_the_htlc_back_at_once() {
         [
             "invoice_created",
             "htlc_held",
+            // The delivery is committed with the decision, and taken back with the refusal.
             "claim_decided",
-            "htlc_failed"
+            "chunk_delivered",
+            "htlc_failed",
+            "chunk_undelivered"
         ]
     );
-    assert_invariants(&w, &acc.session_id);
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!((sess.spent_msat, sess.chunks_delivered), (0, 0));
     w.h.stop().await;
 }
 
@@ -110,58 +114,58 @@ async fn an_invoice_whose_send_fails_is_withdrawn() {
 }
 
 /// A new HTLC set for a chunk hash that is already claimed is failed back, never claimed
-/// again, and LDK's record of the first claim stays as it is.
+/// again, and LDK's record of the first claim stays as it is. The second set is real: a
+/// second payer node with its own channel pays the same invoice after the first one did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_htlc_set_for_a_claimed_chunk_is_never_claimed() {
     let w = world(&[]).await;
+    let second_payer = w.h.add_payer("payer2", 200_000).await.unwrap();
     let mut s = open(&w, request(4, PaymentMode::Bolt11)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
     };
-    let mut hash = [0u8; 32];
-    loop {
-        match next(&mut s).await {
-            Ev::Invoice(inv) => {
-                hash = hex::decode(&inv.payment_hash).unwrap().try_into().unwrap();
-                w.h.payer.send(&inv.bolt11).unwrap();
-            }
-            Ev::Tokens(_) => {}
-            Ev::Done(d) => {
-                assert_eq!(d.paid_msat, 4_000);
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    let second = ldk_node::Event::PaymentClaimable {
-        payment_id: ldk_node::lightning::ln::channelmanager::PaymentId(hash),
-        payment_hash: ldk_node::lightning_types::payment::PaymentHash(hash),
-        claimable_amount_msat: 4_000,
-        claim_deadline: None,
-        custom_records: vec![],
+    let Ev::Invoice(inv) = next(&mut s).await else {
+        panic!("chunk 0's invoice")
     };
-    let ln = &w.h.server().app.lightning;
-    satstream::lightning::events::handle(ln, &second).unwrap();
+    let hash: [u8; 32] = hex::decode(&inv.payment_hash).unwrap().try_into().unwrap();
+    let out = w.h.payer.pay(&inv.bolt11, T).await.unwrap();
+    assert!(matches!(out, PayOutcome::Succeeded { .. }), "{out:?}");
+    let paid = pay_until_done(&w, &mut s).await;
+    let Ev::Done(d) = paid.end else {
+        panic!("Done: {:?}", paid.end)
+    };
+    assert_eq!(d.paid_msat, 4_000);
+    // The same invoice, from another node: a second HTLC set for a claimed hash.
+    let again = second_payer.pay(&inv.bolt11, T).await.unwrap();
+    assert!(
+        matches!(again, PayOutcome::Failed { .. }),
+        "a claimed chunk is never paid twice: {again:?}"
+    );
     let store = &w.h.server().app.store;
     let ledger = store.ledger_for_payment(&hash).unwrap();
-    assert_eq!(
-        ledger.iter().filter(|e| e.kind == "htlc_rejected").count(),
-        1,
-        "the second HTLC set is rejected: {ledger:?}"
-    );
     assert_eq!(
         ledger
             .iter()
             .filter(|e| e.kind == "invoice_claimed")
             .count(),
-        1
+        1,
+        "{ledger:?}"
     );
-    let p = ln
-        .node()
-        .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
-        .unwrap();
+    let p =
+        w.h.server()
+            .app
+            .lightning
+            .node()
+            .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
+            .unwrap();
     assert_eq!(p.status, ldk_node::payment::PaymentStatus::Succeeded);
+    assert_eq!(
+        p.amount_msat,
+        Some(4_000),
+        "LDK's record of the first claim"
+    );
     assert_eq!(assert_invariants(&w, &acc.session_id).paid_msat, 4_000);
+    second_payer.stop();
     w.h.stop().await;
 }
 
@@ -184,10 +188,11 @@ async fn a_client_that_stops_reading_is_halted() {
             mode: "BOLT11",
             prompt_tokens: 1,
             prompt_price_msat: 0,
-            msat_per_token: super::paid::MSAT_PER_TOKEN,
-            chunk_tokens: super::paid::CHUNK,
+            msat_per_token: super::support::MSAT_PER_TOKEN,
+            chunk_tokens: super::support::CHUNK,
             max_tokens: 400,
             account_id: None,
+            prompt_sha256: None,
         })
         .unwrap();
     let spec = SessionSpec {
@@ -195,9 +200,9 @@ async fn a_client_that_stops_reading_is_halted() {
         mode: Mode::Atomic,
         model: "tiny".into(),
         price: satstream::pricing::Price {
-            msat_per_token: super::paid::MSAT_PER_TOKEN,
+            msat_per_token: super::support::MSAT_PER_TOKEN,
             msat_per_prompt_token: 0,
-            chunk_tokens: super::paid::CHUNK,
+            chunk_tokens: super::support::CHUNK,
         },
         window_chunks: 2,
         prompt_tokens: 1,
@@ -209,7 +214,7 @@ async fn a_client_that_stops_reading_is_halted() {
         invoice_expiry_secs: 600,
         account_id: None,
         params: GenerateParams::new(Prompt::Text("a".into()), 400),
-        pace: satstream::session::Pace::new(false, 2, super::paid::CHUNK, 256),
+        pace: satstream::session::Pace::new(false, 2, super::support::CHUNK, 256),
         // A stalled reader is not a dropped stream: the grace for Resume does not apply.
         resume_grace: Duration::from_secs(60),
         accepted: Default::default(),
@@ -269,7 +274,7 @@ async fn shutdown_completes_within_its_deadline_with_a_stalled_client() {
     .await;
     let max = 24_000;
     // The client (and its connection) stays alive while it does not read.
-    let mut client = super::paid::client(&w).await;
+    let mut client = super::support::client(&w).await;
     let mut s = client
         .generate(request(max, PaymentMode::Keysend))
         .await
@@ -285,7 +290,7 @@ async fn shutdown_completes_within_its_deadline_with_a_stalled_client() {
     w.h.payer
         .keysend(
             &so.node_id,
-            max as u64 * super::paid::MSAT_PER_TOKEN,
+            max as u64 * super::support::MSAT_PER_TOKEN,
             vec![(so.tlv_type, id)],
         )
         .unwrap();
@@ -361,18 +366,117 @@ async fn a_failing_event_is_parked_and_payments_go_on() {
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
     };
-    let mut text = String::new();
-    loop {
-        match next(&mut s).await {
-            Ev::Invoice(inv) => {
-                w.h.payer.send(&inv.bolt11).unwrap();
-            }
-            Ev::Tokens(t) => text.push_str(&t.text),
-            Ev::Done(_) => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(text, letters(8));
+    let paid = pay_until_done(&w, &mut s).await;
+    assert!(matches!(paid.end, Ev::Done(_)), "{:?}", paid.end);
+    assert_eq!(paid.text, letters(8));
     assert_invariants(&w, &acc.session_id);
+    w.h.stop().await;
+}
+
+/// Issue 22.3: Refund looped on a running BOLT11 session while it is paid chunk by chunk gets
+/// nothing. Each chunk's delivery is committed with its claim decision, so a settlement LDK
+/// reports before the chunk is sent never makes its price refundable (it used to, for the
+/// moment between the settlement's commit and the delivery's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn looping_refunds_while_paying_get_nothing_being_claimed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let w = world_with(&["payments.adaptive_lookahead=false"], 0, 200_000, CHUNK).await;
+    let mut s = open(&w, request(40, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let done = AtomicBool::new(false);
+    let pay = async {
+        let paid = pay_until_done(&w, &mut s).await;
+        done.store(true, Ordering::SeqCst);
+        paid
+    };
+    let refunds = async {
+        let mut c = client(&w).await;
+        let (mut attempts, mut refunded) = (0u32, 0u64);
+        while !done.load(Ordering::SeqCst) {
+            attempts += 1;
+            // A chunk's price: what a successful race would take back.
+            let bolt11 = payer_invoice(&w, Some(CHUNK as u64 * MSAT_PER_TOKEN));
+            match c
+                .refund(RefundRequest {
+                    session_id: acc.session_id.clone(),
+                    session_token: acc.session_token.clone(),
+                    bolt11,
+                    wait_secs: 5,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(r) => refunded += r.into_inner().refunded_msat,
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+                    assert!(e.message().contains("nothing to refund"), "{e}");
+                }
+            }
+        }
+        (attempts, refunded)
+    };
+    let (paid, (attempts, refunded)) = tokio::join!(pay, refunds);
+    eprintln!(
+        "Refund looped {attempts} times during a 40-token BOLT11 session: {refunded} msat refunded"
+    );
+    assert!(
+        attempts > 10,
+        "the loop ran alongside the payments ({attempts})"
+    );
+    assert_eq!(
+        refunded, 0,
+        "no chunk's price is refundable while it is claimed"
+    );
+    assert!(matches!(paid.end, Ev::Done(_)), "{:?}", paid.end);
+    assert_eq!(paid.text, letters(40));
+    assert_eq!(paid.invoices.len(), 10, "one invoice per 4-token chunk");
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!((sess.refunded_msat, sess.refundable_msat()), (0, 0));
+    w.h.stop().await;
+}
+
+/// Issue 22.7: a keysend whose PaymentReceived handler keeps failing is parked (LDK has it
+/// settled); the watchdog books it from LDK's record to the session its TLV named, and the
+/// session goes on. It used to be lost to the books until someone read the parked events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parked_keysend_is_booked_from_ldks_record() {
+    let w = world(&[
+        "payments.event_max_attempts=3",
+        "payments.claim_confirm_timeout_secs=2",
+    ])
+    .await;
+    w.h.server()
+        .app
+        .lightning
+        .faults()
+        .arm_error("keysend_credit", 3);
+    let mut s = open(&w, request(8, PaymentMode::Keysend)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let Ev::SessionOpened(so) = next(&mut s).await else {
+        panic!("SessionOpened second")
+    };
+    let sid_bytes = hex::decode(&so.session_id).unwrap();
+    w.h.payer
+        .keysend(
+            &so.node_id,
+            8 * MSAT_PER_TOKEN,
+            vec![(so.tlv_type, sid_bytes)],
+        )
+        .unwrap();
+    let paid = pay_until_done(&w, &mut s).await;
+    let Ev::Done(done) = paid.end else {
+        panic!("Done: {:?}", paid.end)
+    };
+    assert_eq!(paid.text, letters(8));
+    assert_eq!(done.paid_msat, 8 * MSAT_PER_TOKEN);
+    let parked = w.h.server().app.store.parked_events(10, "").unwrap().items;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].kind, "payment_received");
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!(sess.paid_msat, 8 * MSAT_PER_TOKEN, "booked to its session");
     w.h.stop().await;
 }

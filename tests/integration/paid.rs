@@ -1,248 +1,23 @@
 //! Pay-per-chunk Generate over the real regtest harness and the tiny deterministic model
 //! (a chat prompt yields "abcdefghij…", exactly one letter per token). Every test ends by
-//! checking the SPEC invariants from the store: claimed + credited = delivered + refundable,
-//! nothing held or open left.
+//! checking the SPEC invariants against the server node's payment records (see
+//! `support::assert_books`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tonic::Streaming;
 
-use satstream::config::{BackendKind, ModelConfig};
-use satstream::engine::tiny_model::write_tiny_model;
-use satstream::harness::upstream::Upstream;
-use satstream::harness::{wait_until, Harness, HarnessOptions, PayOutcome};
+use satstream::config::BackendKind;
+use satstream::harness::PayOutcome;
 use satstream::store::SessionState;
 use satstream::wire::cipher;
 use satstream::wire::proto::{
-    generate_event::Event as Ev, inference_client::InferenceClient, ChatMessage, GenerateEvent,
-    GenerateRequest, HaltReason, PaymentMode, SamplingParams,
+    generate_event::Event as Ev, inference_client::InferenceClient, HaltReason, PaymentMode,
 };
 
-pub(super) const T: Duration = Duration::from_secs(60);
-pub(super) const MSAT_PER_TOKEN: u64 = 1_000;
-pub(super) const CHUNK: u32 = 4;
-
-pub(super) struct World {
-    pub h: Harness,
-    /// The `openai` backend's replicas (none for the in-process backends).
-    pub upstreams: Vec<Upstream>,
-    _model_dir: tempfile::TempDir,
-}
-
-pub(super) async fn world(sets: &[&str]) -> World {
-    world_with(sets, 0, 0, CHUNK).await
-}
-
-/// A world whose tiny model runs on `backend`.
-pub(super) async fn world_on(backend: BackendKind, sets: &[&str]) -> World {
-    world_full(sets, 0, 0, CHUNK, backend, 2).await
-}
-
-/// A world whose tiny model is served by `replicas` llama-cpp-python servers (`openai`).
-pub(super) async fn world_remote(replicas: usize, sets: &[&str]) -> World {
-    world_full(sets, 0, 0, CHUNK, BackendKind::Openai, replicas).await
-}
-
-/// A world on the tiny model priced `msat_per_prompt_token` per prompt token, with a
-/// `server_channel_sat` channel server → payer (the server's outbound liquidity, for refunds).
-pub(super) async fn world_with(
-    sets: &[&str],
-    msat_per_prompt_token: u64,
-    server_channel_sat: u64,
-    chunk_tokens: u32,
-) -> World {
-    world_full(
-        sets,
-        msat_per_prompt_token,
-        server_channel_sat,
-        chunk_tokens,
-        BackendKind::Mistralrs,
-        0,
-    )
-    .await
-}
-
-async fn world_full(
-    sets: &[&str],
-    msat_per_prompt_token: u64,
-    server_channel_sat: u64,
-    chunk_tokens: u32,
-    backend: BackendKind,
-    replicas: usize,
-) -> World {
-    super::support::init_tracing();
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_tiny_model(dir.path()).unwrap();
-    let upstreams = match backend {
-        BackendKind::Openai => super::engine::tiny_upstreams(&path, replicas).await,
-        _ => Vec::new(),
-    };
-    let upstream =
-        (backend == BackendKind::Openai).then(|| super::engine::upstream_config(&upstreams));
-    let h = Harness::start(HarnessOptions {
-        models: vec![ModelConfig {
-            id: "tiny".into(),
-            path,
-            context_length: 0,
-            msat_per_token: MSAT_PER_TOKEN,
-            msat_per_prompt_token,
-            chunk_tokens,
-            max_concurrent: 8,
-            max_queue: 16,
-            backend,
-            upstream,
-        }],
-        sets: sets.iter().map(|s| s.to_string()).collect(),
-        server_channel_sat,
-        ..HarnessOptions::default()
-    })
-    .await
-    .unwrap();
-    World {
-        h,
-        upstreams,
-        _model_dir: dir,
-    }
-}
-
-pub(super) fn request(max_tokens: u32, mode: PaymentMode) -> GenerateRequest {
-    GenerateRequest {
-        model: "tiny".into(),
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: "hi".into(),
-        }],
-        max_tokens,
-        mode: mode as i32,
-        sampling: Some(SamplingParams {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-pub(super) fn letters(n: usize) -> String {
-    (0..n).map(|i| (b'a' + (i % 26) as u8) as char).collect()
-}
-
-/// A client of the world's server.
-pub(super) async fn client(w: &World) -> InferenceClient<tonic::transport::Channel> {
-    InferenceClient::connect(format!("http://{}", w.h.server().grpc_addr))
-        .await
-        .unwrap()
-}
-
-pub(super) async fn open(w: &World, req: GenerateRequest) -> Streaming<GenerateEvent> {
-    client(w).await.generate(req).await.unwrap().into_inner()
-}
-
-pub(super) fn sid(hex_id: &str) -> [u8; 16] {
-    hex::decode(hex_id).unwrap().try_into().unwrap()
-}
-
-/// Waits (up to `timeout`) for the session to end; returns it as stored.
-pub(super) async fn session_ended_within(
-    w: &World,
-    id: [u8; 16],
-    timeout: Duration,
-) -> satstream::store::Session {
-    let store = w.h.server().app.store.clone();
-    wait_until("the session to end", timeout, || {
-        let store = store.clone();
-        async move { store.session(&id).unwrap().unwrap().state != SessionState::Open }
-    })
-    .await
-    .unwrap();
-    store.session(&id).unwrap().unwrap()
-}
-
-pub(super) async fn next(s: &mut Streaming<GenerateEvent>) -> Ev {
-    tokio::time::timeout(T, s.message())
-        .await
-        .expect("event in time")
-        .expect("stream ok")
-        .expect("stream not ended")
-        .event
-        .expect("event set")
-}
-
-/// SPEC invariants for one session, with the money checked against the server node's own
-/// payment records (LDK's payment store), not the store against itself.
-pub(super) fn assert_invariants(w: &World, session_hex: &str) -> satstream::store::Session {
-    assert_books(&w.h, session_hex, MSAT_PER_TOKEN)
-}
-
-pub(super) fn assert_books(
-    h: &Harness,
-    session_hex: &str,
-    msat_per_token: u64,
-) -> satstream::store::Session {
-    let store = &h.server().app.store;
-    let sid: [u8; 16] = hex::decode(session_hex).unwrap().try_into().unwrap();
-    let s = store.session(&sid).unwrap().unwrap();
-    let a = store.audit_session(&sid).unwrap();
-    assert_eq!(
-        a.balance_msat(),
-        s.refundable_msat() as i128,
-        "claimed + credited + debited = prompt + delivered + refundable ({a:?}, {s:?})"
-    );
-    assert_eq!(a.delivered_tokens, s.completion_tokens);
-    assert_eq!(
-        a.delivered_msat,
-        a.delivered_tokens as u64 * msat_per_token,
-        "exact prices"
-    );
-    assert_eq!(
-        a.unresolved_invoices, 0,
-        "nothing open, held or claiming is left"
-    );
-    assert_ne!(s.state, SessionState::Open);
-    // Every msat the ledger books for this session, the node received, and vice versa.
-    let node = h.server().app.lightning.node();
-    let received = |hash: &[u8; 32]| {
-        node.payment(&ldk_node::lightning::ln::channelmanager::PaymentId(*hash))
-            .filter(|p| p.status == ldk_node::payment::PaymentStatus::Succeeded)
-            .and_then(|p| p.amount_msat)
-    };
-    let mut booked = 0;
-    for inv in store
-        .list_invoices(500, "", None, Some(&sid))
-        .unwrap()
-        .items
-    {
-        let got = received(&inv.payment_hash);
-        if inv.state == satstream::store::InvoiceState::Claimed {
-            assert_eq!(
-                got, inv.received_msat,
-                "claimed per the ledger, per LDK: {inv:?}"
-            );
-            booked += got.unwrap();
-        } else {
-            assert_eq!(
-                got, None,
-                "LDK received a payment the ledger did not book: {inv:?}"
-            );
-        }
-    }
-    for e in store.ledger_for_session(&sid).unwrap() {
-        if e.kind == "keysend_credited" {
-            let got = received(&e.payment_hash.unwrap());
-            assert_eq!(
-                got,
-                Some(e.amount_msat as u64),
-                "keysend credit per LDK: {e:?}"
-            );
-            booked += got.unwrap();
-        }
-    }
-    assert_eq!(
-        booked,
-        a.claimed_msat + a.credited_msat,
-        "every booked msat is LDK's"
-    );
-    s
-}
+use super::support::{
+    assert_invariants, client, letters, next, open, pay_until_done, request, session_ended_within,
+    sid, world, world_on, CHUNK, MSAT_PER_TOKEN, T,
+};
 
 async fn bolt11_pays_each_chunk_and_gets_exact_text(backend: BackendKind) {
     let w = world_on(backend, &[]).await;
@@ -422,16 +197,8 @@ async fn before_its_first_payment_a_session_runs_ahead_as_far_as_the_nodes_payme
     let Ev::Accepted(first) = next(&mut s).await else {
         panic!("Accepted first")
     };
-    loop {
-        match next(&mut s).await {
-            Ev::Invoice(inv) => {
-                w.h.payer.send(&inv.bolt11).unwrap();
-            }
-            Ev::Tokens(_) => {}
-            Ev::Done(_) => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let paid = pay_until_done(&w, &mut s).await;
+    assert!(matches!(paid.end, Ev::Done(_)), "{:?}", paid.end);
     assert_invariants(&w, &first.session_id);
     // A new session whose client pays nothing. It has no latency of its own to plan with;
     // the node's (tens of ms at least) at the tiny model's rate is more than the window, so

@@ -12,7 +12,9 @@ use satstream::wire::proto::{
     GetAccountRequest, HaltReason, PaymentMode, RefundRequest, TopUpRequest,
 };
 
-use super::paid::{assert_invariants, client, letters, next, open, request, world_with, World, T};
+use super::support::{
+    assert_invariants, client, letters, next, open, payer_invoice, request, world_with, World, T,
+};
 
 /// Tops up (a new account when `token` is empty), pays it, waits for the credit. Returns the
 /// account token.
@@ -64,19 +66,6 @@ pub(super) fn prepaid(max_tokens: u32, token: &str) -> GenerateRequest {
     let mut r = request(max_tokens, PaymentMode::Prepaid);
     r.account_token = token.into();
     r
-}
-
-/// An invoice of the payer's wallet (None: amountless).
-fn payer_invoice(w: &World, amount_msat: Option<u64>) -> String {
-    use ldk_node::lightning_invoice::{Bolt11InvoiceDescription, Description};
-    let d = Bolt11InvoiceDescription::Direct(Description::new("refund".into()).unwrap());
-    let pay = w.h.payer.node.bolt11_payment();
-    match amount_msat {
-        Some(a) => pay.receive(a, &d, 600),
-        None => pay.receive_variable_amount(&d, 600),
-    }
-    .unwrap()
-    .to_string()
 }
 
 /// Waits for the payer's node to report `amount_msat` received for `bolt11`.
@@ -569,18 +558,11 @@ async fn a_prompt_is_paid_before_prefill_and_claimed_with_the_first_chunk() {
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
     };
-    let mut text = String::new();
-    let done = loop {
-        match next(&mut s).await {
-            Ev::Invoice(inv) => {
-                w.h.payer.send(&inv.bolt11).unwrap();
-            }
-            Ev::Tokens(t) => text.push_str(&t.text),
-            Ev::Done(d) => break d,
-            other => panic!("unexpected {other:?}"),
-        }
+    let paid = super::support::pay_until_done(&w, &mut s).await;
+    let Ev::Done(done) = paid.end else {
+        panic!("Done: {:?}", paid.end)
     };
-    assert_eq!(text, letters(8));
+    assert_eq!(paid.text, letters(8));
     assert_eq!(done.paid_msat, acc.prompt_price_msat + 8_000);
     let sess = assert_invariants(&w, &acc.session_id);
     assert_eq!(sess.refundable_msat(), 0);
@@ -697,7 +679,7 @@ async fn the_mainnet_example_config_serves_a_paid_generate() {
         done.paid_msat,
         acc.prompt_tokens as u64 * model.msat_per_prompt_token + 20 * model.msat_per_token
     );
-    super::paid::assert_books(&h, &acc.session_id, model.msat_per_token);
+    super::support::assert_books(&h, &acc.session_id, model.msat_per_token);
     h.stop().await;
     drop(dir);
 }

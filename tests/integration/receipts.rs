@@ -13,8 +13,8 @@ use satstream::wire::proto::{
 };
 use satstream::wire::receipt::{self, ReceiptBody};
 
-use super::paid::{client, letters, next, open, request, world, World, MSAT_PER_TOKEN};
 use super::prepaid::{prepaid, top_up};
+use super::support::{client, letters, next, open, request, world, World, MSAT_PER_TOKEN};
 
 async fn get_receipt(w: &World, session_id: &str, token: &str) -> Result<Receipt, tonic::Status> {
     client(w)

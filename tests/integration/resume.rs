@@ -10,18 +10,18 @@ use ldk_node::payment::{PaymentDirection, PaymentStatus};
 use satstream::client::ClientEvent;
 use satstream::harness::wait_until;
 use satstream::wire::proto::{
-    generate_event::Event as Ev, inference_client::InferenceClient, Accepted, GenerateEvent,
-    Invoice, PaymentMode, ResumeRequest,
+    generate_event::Event as Ev, inference_client::InferenceClient, Accepted, EndSessionRequest,
+    GenerateEvent, HaltReason, Invoice, PaymentMode, RefundRequest, ResumeRequest,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
-use super::paid::{
+use super::prepaid::{prepaid, top_up};
+use super::support::{
     assert_invariants, client, letters, next, open, request, session_ended_within, sid, world,
     World, T,
 };
-use super::prepaid::{prepaid, top_up};
 
 /// A TCP proxy in front of the server whose connections the test can cut at once.
 struct Proxy {
@@ -116,7 +116,7 @@ async fn a_cut_connection_resumes(mode: PaymentMode) {
     // leftover).
     let sess = assert_invariants(&w, &s.session_id);
     assert_eq!(payer_sent_msat(&w) - before, sess.paid_msat, "{mode:?}");
-    assert_eq!(sess.spent_msat, 40 * super::paid::MSAT_PER_TOKEN);
+    assert_eq!(sess.spent_msat, 40 * super::support::MSAT_PER_TOKEN);
     assert_eq!(sess.paid_msat, sess.spent_msat + sess.refundable_msat());
     if mode != PaymentMode::Keysend {
         assert_eq!(sess.refundable_msat(), 0, "{mode:?}");
@@ -249,13 +249,15 @@ async fn bolt11_resume_resends_the_same_invoice_and_allows_one_stream() {
         letters(12),
         "chunk 0 once before the drop, the rest after"
     );
-    assert_eq!(done.paid_msat, 12 * super::paid::MSAT_PER_TOKEN);
+    assert_eq!(done.paid_msat, 12 * super::support::MSAT_PER_TOKEN);
     assert_invariants(&w, &acc.session_id);
     w.h.stop().await;
 }
 
 /// A session with a paid chunk whose client does not come back within the grace period ends
-/// as a disconnect: the unpaid invoice is withdrawn, the books are exact, Resume is refused.
+/// as a disconnect: the unpaid invoice is withdrawn, the books are exact. What it delivered
+/// stays retrievable: a later Resume replays it and ends with Halted{CLIENT_GONE} and the
+/// receipt (issue 22.5: it used to be refused, and the paid text was lost to the client).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paid_session_not_resumed_in_its_grace_ends_and_settles() {
     let w = world(&[
@@ -268,10 +270,38 @@ async fn a_paid_session_not_resumed_in_its_grace_ends_and_settles() {
     let sess = assert_invariants(&w, &acc.session_id);
     assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
     assert_eq!(sess.completion_tokens as usize, paid_text.len());
-    let e = resume(&w, &acc.session_id, &acc.session_token, 1)
+    let mut r = resume(&w, &acc.session_id, &acc.session_token, 0)
+        .await
+        .unwrap();
+    let Ev::Tokens(t) = next(&mut r).await else {
+        panic!("the delivered chunk first")
+    };
+    assert_eq!((t.chunk_index, t.text.as_str()), (0, paid_text.as_str()));
+    let Ev::Halted(h) = next(&mut r).await else {
+        panic!("then the end")
+    };
+    assert_eq!(h.reason, HaltReason::ClientGone as i32, "{h:?}");
+    assert_eq!(h.completion_tokens_delivered as usize, paid_text.len());
+    let receipt = h.receipt.expect("the receipt");
+    satstream::wire::receipt::verify(
+        &receipt,
+        Some(&w.h.server_node_id()),
+        Some(&paid_text),
+        Some(&[paid_text.clone()]),
+    )
+    .unwrap();
+    assert!(r.message().await.unwrap().is_none(), "and nothing more");
+    // From chunk 1 on: nothing delivered, only the end.
+    let mut r = resume(&w, &acc.session_id, &acc.session_token, 1)
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut r).await, Ev::Halted(_)));
+    // Past what it delivered: a clear error.
+    let e = resume(&w, &acc.session_id, &acc.session_token, 2)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("from_chunk"), "{e}");
     let out = w.h.payer.pay(&second.bolt11, T).await.unwrap();
     assert!(
         matches!(out, satstream::harness::PayOutcome::Failed { .. }),
@@ -288,9 +318,10 @@ async fn prepaid_resume_replays_and_continues_for_its_owner_only() {
     let w = world(&[]).await;
     // PREPAID never waits for a payment, so the generation must outlast the server's noticing
     // the drop (well under a millisecond): 2 000 tokens take the tiny model about a second.
-    // Should it finish first anyway, Resume says "has ended" and the test fails loudly.
+    // Should it finish first anyway, Resume replays the ended session (no Accepted) and the
+    // test fails loudly.
     const N: u32 = 2_000;
-    let token = top_up(&w, "", N as u64 * super::paid::MSAT_PER_TOKEN + 10_000).await;
+    let token = top_up(&w, "", N as u64 * super::support::MSAT_PER_TOKEN + 10_000).await;
     let mut s = open(&w, prepaid(N, &token)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
@@ -332,21 +363,31 @@ async fn prepaid_resume_replays_and_continues_for_its_owner_only() {
     let indices: Vec<u32> = chunks.iter().map(|c| c.0).collect();
     assert_eq!(
         indices,
-        (0..N / super::paid::CHUNK).collect::<Vec<_>>(),
+        (0..N / super::support::CHUNK).collect::<Vec<_>>(),
         "each chunk once, in order"
     );
     let text: String = chunks.into_iter().map(|c| c.1).collect();
     assert_eq!(text, letters(N as usize));
     assert_eq!(done.completion_tokens, N);
     assert!(done.receipt.is_some());
-    // Ended: no more resuming.
-    session_ended_within(&w, super::paid::sid(&sid), T).await;
-    let e = resume(&w, &sid, &acc.session_token, 0).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    // Ended: Resume replays the delivered chunks from the store and the same Done.
+    session_ended_within(&w, super::support::sid(&sid), T).await;
+    let mut r = resume(&w, &sid, &acc.session_token, N / super::support::CHUNK - 1)
+        .await
+        .unwrap();
+    let Ev::Tokens(t) = next(&mut r).await else {
+        panic!("the last chunk")
+    };
+    assert_eq!(t.chunk_index, N / super::support::CHUNK - 1);
+    let Ev::Done(again) = next(&mut r).await else {
+        panic!("then Done")
+    };
+    assert_eq!(again.receipt, done.receipt, "the same receipt");
+    assert_eq!(again.completion_tokens, N);
     let sess = assert_invariants(&w, &sid);
     assert_eq!(
         sess.spent_msat,
-        N as u64 * super::paid::MSAT_PER_TOKEN,
+        N as u64 * super::support::MSAT_PER_TOKEN,
         "drawn once per chunk"
     );
     w.h.stop().await;
@@ -362,7 +403,7 @@ async fn a_budget_stop_ends_the_session_at_once() {
         &mut c,
         &w.h.payer,
         request(40, PaymentMode::Bolt11),
-        Some(8 * super::paid::MSAT_PER_TOKEN),
+        Some(8 * super::support::MSAT_PER_TOKEN),
         |_| {},
     )
     .await
@@ -371,7 +412,7 @@ async fn a_budget_stop_ends_the_session_at_once() {
     // Well before the 60 s grace.
     session_ended_within(&w, sid(&s.session_id), std::time::Duration::from_secs(20)).await;
     let sess = assert_invariants(&w, &s.session_id);
-    assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
+    assert_eq!(sess.end_reason.as_deref(), Some("ended_by_owner"));
     assert_eq!(
         sess.paid_msat, s.spent_msat,
         "what the client paid, and no more"
@@ -388,5 +429,181 @@ async fn a_budget_stop_ends_the_session_at_once() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    w.h.stop().await;
+}
+
+/// Issue 22.11: EndSession while the owner's stream is still attached ends that stream the
+/// way every Generate stream ends: Halted{ENDED_BY_OWNER} with the receipt (it used to end
+/// after Accepted with no final event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn end_session_halts_the_attached_stream_with_its_receipt() {
+    let w = world(&["payments.adaptive_lookahead=false"]).await;
+    let (mut s, acc, text) = {
+        let mut s = open(&w, request(40, PaymentMode::Bolt11)).await;
+        let Ev::Accepted(acc) = next(&mut s).await else {
+            panic!("Accepted first")
+        };
+        let mut text = String::new();
+        while text.is_empty() {
+            match next(&mut s).await {
+                Ev::Invoice(inv) if inv.chunk_index == Some(0) => {
+                    w.h.payer.send(&inv.bolt11).unwrap();
+                }
+                Ev::Invoice(_) => {}
+                Ev::Tokens(t) => text.push_str(&t.text),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (s, acc, text)
+    };
+    let ended = client(&w)
+        .await
+        .end_session(EndSessionRequest {
+            session_id: acc.session_id.clone(),
+            session_token: acc.session_token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ended.ended_now);
+    let h = loop {
+        match next(&mut s).await {
+            Ev::Halted(h) => break h,
+            Ev::Invoice(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(h.reason, HaltReason::EndedByOwner as i32, "{h:?}");
+    assert_eq!(h.completion_tokens_delivered as usize, text.len());
+    let receipt = h.receipt.expect("the receipt");
+    satstream::wire::receipt::verify(
+        &receipt,
+        Some(&w.h.server_node_id()),
+        Some(&text),
+        Some(&[text.clone()]),
+    )
+    .unwrap();
+    assert!(
+        s.message().await.unwrap().is_none(),
+        "the stream ends there"
+    );
+    let sess = assert_invariants(&w, &acc.session_id);
+    assert_eq!(sess.end_reason.as_deref(), Some("ended_by_owner"));
+    w.h.stop().await;
+}
+
+/// Issue 22.11: bad inputs on Resume and Refund get a specific code and a message naming the
+/// field, and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resume_and_refund_name_the_field_that_is_wrong() {
+    let w = world(&["payments.adaptive_lookahead=false"]).await;
+    let (acc, _text, second) = pay_chunk_zero_then_drop(&w).await;
+    let bad = |e: tonic::Status, field: &str| {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().starts_with(field), "{field}: {e}");
+    };
+    // One chunk delivered: chunk 2 is past it.
+    bad(
+        resume(&w, &acc.session_id, &acc.session_token, 2)
+            .await
+            .unwrap_err(),
+        "from_chunk",
+    );
+    // Malformed, not wrong: what a token looks like, without echoing it.
+    let e = resume(&w, &acc.session_id, "not-hex", 0).await.unwrap_err();
+    bad(e.clone(), "session_token");
+    assert!(!e.message().contains("not-hex"), "{e}");
+    bad(
+        resume(&w, "xyz", &acc.session_token, 0).await.unwrap_err(),
+        "session_id",
+    );
+    let mut c = client(&w).await;
+    let e = c
+        .refund(RefundRequest {
+            session_id: acc.session_id.clone(),
+            session_token: acc.session_token.clone(),
+            bolt11: super::support::payer_invoice(&w, None),
+            wait_secs: 1_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    bad(e, "wait_secs");
+    let e = c
+        .refund(RefundRequest {
+            session_id: acc.session_id.clone(),
+            session_token: acc.session_token.clone(),
+            bolt11: "lnbcrt1notaninvoice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    bad(e, "bolt11");
+    // Nothing changed: the session still resumes from chunk 1 with the same invoice.
+    let (mut r, _) = resume_when_detached(&w, &acc.session_id, &acc.session_token, 1).await;
+    let Ev::Accepted(_) = next(&mut r).await else {
+        panic!("Accepted again first")
+    };
+    let Ev::Invoice(inv) = next(&mut r).await else {
+        panic!("chunk 1's invoice again")
+    };
+    assert_eq!(inv.payment_hash, second.payment_hash);
+    let sess =
+        w.h.server()
+            .app
+            .store
+            .session(&sid(&acc.session_id))
+            .unwrap()
+            .unwrap();
+    assert_eq!((sess.reserved_msat, sess.refunded_msat), (0, 0));
+    drop(r);
+    w.h.stop().await;
+}
+
+/// Issue 22.5: with no grace period a cut connection ends the session at once, and the client
+/// still gets everything it paid for: its Resume replays the ended session's delivered chunks
+/// (some were committed as delivered but lost in the cut) and its end with the receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_no_grace_a_cut_client_still_gets_what_it_paid_for() {
+    let w = world(&["payments.resume_grace_secs=0"]).await;
+    let proxy = Proxy::start(w.h.server().grpc_addr).await;
+    let mut c = InferenceClient::connect(format!("http://{}", proxy.addr))
+        .await
+        .unwrap();
+    let (mut shown, mut text) = (0, String::new());
+    let s = satstream::client::generate(
+        &mut c,
+        &w.h.payer,
+        request(40, PaymentMode::Bolt11),
+        None,
+        |e| {
+            if let ClientEvent::Text { text: t, .. } = e {
+                text.push_str(t);
+                shown += 1;
+                if shown == 2 {
+                    proxy.cut();
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.outcome, "halted: client_gone", "{s:?}");
+    assert_eq!(s.receipt_check, "verified", "{s:?}");
+    let store = &w.h.server().app.store;
+    let delivered: String = store
+        .delivered_chunks(&sid(&s.session_id))
+        .unwrap()
+        .into_iter()
+        .map(|c| c.text.unwrap())
+        .collect();
+    assert_eq!(
+        text, delivered,
+        "every delivered chunk reached the client, once"
+    );
+    assert!(text.len() >= 8 && letters(40).starts_with(&text), "{text}");
+    let sess = assert_invariants(&w, &s.session_id);
+    assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
+    assert_eq!(sess.refundable_msat(), 0);
     w.h.stop().await;
 }

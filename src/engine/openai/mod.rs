@@ -314,6 +314,9 @@ async fn send(
     Ok(resp)
 }
 
+/// The largest SSE event accepted from an upstream (a streamed event carries a few tokens).
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+
 /// Reads the stream, passing each token on while the driver allows.
 async fn read(
     ctx: &Ctx,
@@ -329,6 +332,8 @@ async fn read(
     let mut passed = 0u32;
     let mut finish: Option<String> = None;
     let mut ids = Vec::new();
+    // Text-less tokens a "length" finish implies, waiting for `usage` to confirm them.
+    let mut textless = 0u32;
     // The bytes of a character the prompt was cut inside of: already delivered, so the
     // upstream's regeneration of them is not passed on again.
     let mut skip = partial.to_vec();
@@ -353,6 +358,18 @@ async fn read(
             Ok(Some(Err(e))) => return failed(lease, passed, error_chain(&e)),
             Ok(Some(Ok(ev))) => ev,
         };
+        // One event carries a few tokens; a megabyte of "text" is not an upstream we can
+        // count exactly (and tokenizing it would hold this worker).
+        if ev.data.len() > MAX_EVENT_BYTES {
+            return failed(
+                lease,
+                passed,
+                format!(
+                    "sent an event of {} bytes (at most {MAX_EVENT_BYTES})",
+                    ev.data.len()
+                ),
+            );
+        }
         if ev.data.trim() == "[DONE]" {
             if finish.is_some() {
                 break;
@@ -399,11 +416,11 @@ async fn read(
             if choice.finish_reason.as_deref() == Some("length") {
                 // "length" means max_tokens were generated. Fewer passed on means the upstream
                 // dropped an unfinished character at the end (llama-cpp-python decodes its
-                // last event with errors="ignore"): at most 3 tokens of UTF-8. They were
-                // generated and are counted, as text-less tokens.
+                // last event with errors="ignore"): at most 3 tokens of UTF-8. They are
+                // charged, as text-less tokens, only if the upstream's usage confirms them.
                 let missing = req.max_new_tokens.saturating_sub(passed + ids.len() as u32);
                 if (1..=3).contains(&missing) {
-                    ids.extend(std::iter::repeat_n(ctx.vocab.textless(), missing as usize));
+                    textless = missing;
                 }
             }
             for &id in &ids {
@@ -423,6 +440,13 @@ async fn read(
             }
         }
         if let Some(u) = chunk.usage {
+            // The upstream's own count confirms the text-less tokens of a cut character.
+            let confirmed = u.completion_tokens.saturating_sub(passed).min(textless);
+            for _ in 0..confirmed {
+                observer.on_token(ctx.vocab.textless());
+                passed += 1;
+            }
+            textless = 0;
             if u.completion_tokens != passed {
                 crate::metrics::upstream_count_mismatch(&pool.model);
                 warn!(
@@ -431,6 +455,16 @@ async fn read(
                     url = %url,
                     "the upstream's token count differs from the gateway's"
                 );
+            }
+            if u.completion_tokens < passed {
+                // We counted (and charge) more tokens than the upstream generated: stop
+                // before charging any more on a count we cannot trust.
+                lease.outcome = "failed";
+                return Attempt::Done(SegmentEnd::UpstreamFailed(format!(
+                    "upstream {url} reports {} tokens generated, the gateway counted {passed}: \
+                     halted rather than charge for tokens the upstream did not generate",
+                    u.completion_tokens
+                )));
             }
         }
     }

@@ -135,6 +135,10 @@ pub(super) async fn handle(
         chunk_tokens: price.chunk_tokens,
         max_tokens: req.max_tokens,
         account_id: account.as_ref().map(|a| a.id),
+        prompt_sha256: Some(crate::wire::receipt::prompt_sha256(
+            &req.messages,
+            &req.prompt,
+        )),
     };
     let store = app.store.clone();
     tokio::task::spawn_blocking(move || store.insert_session(&new))

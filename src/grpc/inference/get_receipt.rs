@@ -13,10 +13,16 @@ pub(super) async fn handle(app: &Arc<App>, req: GetReceiptRequest) -> Result<Rec
     tokio::task::spawn_blocking(move || receipt::issue(&store, &ln, &s.id))
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| match e {
-            IssueError::Running(_) => Status::failed_precondition(e.to_string()),
-            IssueError::NotFound(_) => Status::not_found(e.to_string()),
-            IssueError::Store(e) => e.into(),
-            IssueError::Receipt(e) => Status::internal(e.to_string()),
-        })
+        .map_err(status)
+}
+
+/// A receipt that cannot be had (yet) as the client's status.
+pub(super) fn status(e: IssueError) -> Status {
+    match e {
+        IssueError::Running(_) => Status::failed_precondition(e.to_string()),
+        IssueError::Settling(_) => Status::unavailable(e.to_string()),
+        IssueError::NotFound(_) => Status::not_found(e.to_string()),
+        IssueError::Store(e) => e.into(),
+        IssueError::Receipt(e) => Status::internal(e.to_string()),
+    }
 }

@@ -30,8 +30,10 @@ fn presented(field: &str, token: &str) -> Result<Option<[u8; 32]>, Status> {
         .ok()
         .and_then(|v| <[u8; 32]>::try_from(v).ok())
         .ok_or_else(|| {
-            Status::permission_denied(format!(
-                "{field}: not a token this server issued (64 hex digits)"
+            // Malformed input, not a wrong secret: say what a token looks like (never echo it).
+            Status::invalid_argument(format!(
+                "{field}: a token is 64 hex digits, as this server issued it (got {} characters)",
+                t.chars().count()
             ))
         })?;
     Ok(Some(raw))
@@ -101,7 +103,7 @@ mod tests {
         assert!(presented("t", "").unwrap().is_none());
         assert_eq!(
             presented("t", "zz").unwrap_err().code(),
-            tonic::Code::PermissionDenied
+            tonic::Code::InvalidArgument
         );
     }
 }

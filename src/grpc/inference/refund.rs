@@ -40,7 +40,15 @@ pub(super) async fn handle(app: &Arc<App>, req: RefundRequest) -> Result<RefundR
     }
     let wait = match req.wait_secs {
         0 => DEFAULT_WAIT,
-        s => Duration::from_secs(s as u64).min(MAX_WAIT),
+        s if Duration::from_secs(s as u64) > MAX_WAIT => {
+            return Err(Status::invalid_argument(format!(
+                "wait_secs: at most {} (0: the default, {} s); the refund goes on after the reply \
+                 either way",
+                MAX_WAIT.as_secs(),
+                DEFAULT_WAIT.as_secs()
+            )))
+        }
+        s => Duration::from_secs(s as u64),
     };
     // Listen before paying: the outcome may come at once.
     let mut notices = app.lightning.subscribe();

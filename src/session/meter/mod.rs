@@ -18,6 +18,12 @@
 //! one that stops paying. A client whose stream drops after paying something is kept for
 //! `resume_grace` (`Resume` replays what it paid for and goes on); one that paid nothing ends
 //! at once. Store commits and LDK calls run on blocking threads.
+//!
+//! This file keeps what every session shares: the loop, attach/detach (`Resume`), deadlines,
+//! the engine's allowance and the end. How a chunk gets paid lives with its payment path:
+//! `invoiced` (BOLT11 and ATOMIC hold invoices and the claim), `keysend` (credits released
+//! in order), `prepaid` (an account drawn per chunk), and `balance` (what KEYSEND and PREPAID
+//! share).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -29,14 +35,19 @@ use tonic::Status;
 
 use crate::app::App;
 use crate::engine::{Admission, FinishReason, GenerateParams, Generation, TokenEvent};
-use crate::lightning::invoices::HoldInvoice;
-use crate::lightning::{HeldHtlc, LightningError, SessionNotice};
+use crate::lightning::{HeldHtlc, SessionNotice};
 use crate::pricing::Price;
-use crate::store::{ChunkDelivery, InvoicePurpose, SessionState, StoreError};
-use crate::wire::cipher;
+use crate::store::{ChunkDelivery, SessionState, StoreError};
 use crate::wire::proto::{self, generate_event::Event as Ev, GenerateEvent};
 
 use super::LiveGuard;
+
+// How a chunk gets paid, one file per payment path: hold invoices (BOLT11, ATOMIC), a balance
+// drawn per chunk (KEYSEND and PREPAID share its commits), keysend credits, a prepaid account.
+mod balance;
+mod invoiced;
+mod keysend;
+mod prepaid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -102,6 +113,24 @@ struct Unpaid {
     since: Instant,
     /// What asked the client for payment (EncryptedChunk, Invoice): sent again on `Resume`.
     resend: Vec<Ev>,
+}
+
+impl Unpaid {
+    fn new(
+        chunk: Chunk,
+        price_msat: u64,
+        payment_hash: Option<[u8; 32]>,
+        key: Option<[u8; 32]>,
+    ) -> Unpaid {
+        Unpaid {
+            chunk,
+            price_msat,
+            payment_hash,
+            key,
+            since: Instant::now(),
+            resend: Vec::new(),
+        }
+    }
 }
 
 /// The prompt's payment.
@@ -292,7 +321,7 @@ async fn run_session(
                 _ = shutdown.cancelled() => break End::halt(proto::HaltReason::Shutdown, "the server is shutting down"),
                 _ = ended_by_owner.cancelled() => {
                     tracing::info!("the owner ended the session");
-                    break End::ClientGone;
+                    break End::halt(proto::HaltReason::EndedByOwner, "the owner ended the session (EndSession)");
                 }
                 _ = closed(&m.client) => {
                     if let Err(e) = m.detach() {
@@ -385,10 +414,11 @@ async fn run_session(
     }
     app.metrics
         .session(m.started.elapsed(), paused, paused_first);
-    // No more attaching: a Resume from now on finds the session ended.
-    app.resumable.close(&sid);
+    // No more attaching: a Resume from now on waits for the end to be committed, then
+    // replays the ended session.
     drop(attach_rx);
     m.finish(end, &mut notice_rx).await;
+    app.resumable.close(&sid);
     app.lightning.unregister_session(&sid);
 }
 
@@ -636,33 +666,7 @@ impl Meter {
             return self.start_engine().await;
         }
         match self.spec.mode {
-            Mode::Bolt11 | Mode::Atomic => {
-                let spec = HoldInvoice {
-                    amount_msat: price,
-                    description: format!("satstream prompt ({} tokens)", self.spec.prompt_tokens),
-                    expiry_secs: self.spec.invoice_expiry_secs,
-                    purpose: InvoicePurpose::Prompt,
-                    session_id: Some(self.sid()),
-                    account_id: None,
-                    chunk_index: None,
-                    preimage: None,
-                };
-                let inv = self.create_invoice(spec).await?;
-                let invoice = proto::Invoice {
-                    chunk_index: None,
-                    bolt11: inv.bolt11,
-                    payment_hash: hex::encode(inv.payment_hash),
-                    amount_msat: price,
-                    tokens: self.spec.prompt_tokens,
-                    expires_at_unix: inv.expires_at_unix,
-                };
-                self.prompt = PromptPay::Invoiced {
-                    hash: inv.payment_hash,
-                    since: Instant::now(),
-                    invoice: invoice.clone(),
-                };
-                self.send(Ev::Invoice(invoice)).await
-            }
+            Mode::Bolt11 | Mode::Atomic => self.invoice_prompt().await,
             Mode::Keysend => {
                 self.prompt = PromptPay::AwaitingBalance {
                     since: Instant::now(),
@@ -671,63 +675,6 @@ impl Meter {
             }
             Mode::Prepaid => self.charge_prompt().await,
         }
-    }
-
-    /// KEYSEND/PREPAID: draws the prompt from the balance (the store refuses if it cannot
-    /// cover it), then starts the engine.
-    async fn charge_prompt(&mut self) -> Result<(), End> {
-        let (store, sid, price) = (
-            self.app.store.clone(),
-            self.sid(),
-            self.spec.prompt_price_msat,
-        );
-        match blocking(move || store.charge_prompt(&sid, price)).await? {
-            Ok(()) => {
-                self.prompt = PromptPay::Done;
-                self.live.paid();
-                self.spent_msat += price;
-                if self.spec.mode == Mode::Prepaid {
-                    self.refresh_account().await?;
-                }
-                self.send_balance().await?;
-                self.start_engine().await
-            }
-            Err(StoreError::InsufficientBalance { available_msat, .. }) => {
-                if self.spec.mode == Mode::Prepaid {
-                    Err(End::halt(
-                        proto::HaltReason::BalanceExhausted,
-                        format!(
-                            "the account's balance ({available_msat} msat) does not cover the prompt ({price} msat); TopUp and try again"
-                        ),
-                    ))
-                } else {
-                    Ok(())
-                }
-            }
-            Err(e) => Err(End::payment(format!("store: {e}"))),
-        }
-    }
-
-    /// PREPAID: the account's balance, as the store has it.
-    async fn refresh_account(&mut self) -> Result<(), End> {
-        let Some(aid) = self.spec.account_id else {
-            return Ok(());
-        };
-        let store = self.app.store.clone();
-        let a = blocking(move || store.account(&aid))
-            .await?
-            .map_err(|e| End::payment(format!("store: {e}")))?
-            .ok_or_else(|| End::payment("the account no longer exists"))?;
-        // The mirror: what this session spent plus what the account has left.
-        self.credited_msat = self.spent_msat.saturating_add(a.available_msat());
-        Ok(())
-    }
-
-    async fn create_invoice(&self, spec: HoldInvoice) -> Result<crate::store::Invoice, End> {
-        let (ln, tx) = (self.app.lightning.clone(), self.held_tx.clone());
-        blocking(move || ln.create_hold_invoice(&spec, Some(tx)))
-            .await?
-            .map_err(|e| End::payment(format!("cannot issue an invoice: {e}")))
     }
 
     /// Closes the current chunk: price it and ask for (or take) payment.
@@ -750,133 +697,23 @@ impl Meter {
         );
         let price_msat = self.spec.price.chunk(chunk.tokens);
         let k = chunk.index;
-        let waiting = |chunk, payment_hash, key| Unpaid {
-            chunk,
-            price_msat,
-            payment_hash,
-            key,
-            since: Instant::now(),
-            resend: Vec::new(),
-        };
         match self.spec.mode {
             Mode::Keysend => {
-                self.unpaid.insert(k, waiting(chunk, None, None));
+                self.unpaid
+                    .insert(k, Unpaid::new(chunk, price_msat, None, None));
                 self.release_from_balance().await
             }
             Mode::Prepaid if self.away_since().is_some() => {
-                self.unpaid.insert(k, waiting(chunk, None, None));
+                self.unpaid
+                    .insert(k, Unpaid::new(chunk, price_msat, None, None));
                 Ok(())
             }
-            Mode::Prepaid => self.deliver_from_account(waiting(chunk, None, None)).await,
-            Mode::Bolt11 | Mode::Atomic => {
-                let sealed =
-                    (self.spec.mode == Mode::Atomic).then(|| cipher::seal(chunk.text.as_bytes()));
-                let inv = self
-                    .create_invoice(HoldInvoice {
-                        amount_msat: price_msat,
-                        description: format!("satstream chunk {k} ({} tokens)", chunk.tokens),
-                        expiry_secs: self.spec.invoice_expiry_secs,
-                        purpose: InvoicePurpose::Chunk,
-                        session_id: Some(self.sid()),
-                        account_id: None,
-                        chunk_index: Some(k),
-                        preimage: sealed.as_ref().map(|s| s.key),
-                    })
-                    .await?;
-                let (first_token, tokens) = (chunk.first_token, chunk.tokens);
-                // Tracked before it is sent: if the client is gone, the end withdraws it.
-                self.by_hash.insert(inv.payment_hash, k);
-                self.unpaid.insert(
-                    k,
-                    waiting(
-                        chunk,
-                        Some(inv.payment_hash),
-                        sealed.as_ref().map(|s| s.key),
-                    ),
-                );
-                if self.app.lightning.faults().point("send_invoice").is_err() {
-                    return Err(End::ClientGone);
-                }
-                let mut ask = Vec::new();
-                if let Some(s) = sealed {
-                    ask.push(Ev::EncryptedChunk(proto::EncryptedChunk {
-                        chunk_index: k,
-                        ciphertext: s.ciphertext,
-                        nonce: s.nonce.to_vec(),
-                        first_token,
-                        tokens,
-                        payment_hash: hex::encode(inv.payment_hash),
-                    }));
-                }
-                ask.push(Ev::Invoice(proto::Invoice {
-                    chunk_index: Some(k),
-                    bolt11: inv.bolt11,
-                    payment_hash: hex::encode(inv.payment_hash),
-                    amount_msat: price_msat,
-                    tokens,
-                    expires_at_unix: inv.expires_at_unix,
-                }));
-                if let Some(u) = self.unpaid.get_mut(&k) {
-                    u.resend = ask.clone();
-                }
-                for e in ask {
-                    self.send(e).await?;
-                }
-                Ok(())
+            Mode::Prepaid => {
+                self.deliver_from_account(Unpaid::new(chunk, price_msat, None, None))
+                    .await
             }
+            Mode::Bolt11 | Mode::Atomic => self.invoice_chunk(chunk, price_msat).await,
         }
-    }
-
-    /// A payer's HTLC for one of our invoices is held: the prompt's starts the engine (it is
-    /// claimed with the first chunk); a chunk's is claimed, its delivery recorded, and the
-    /// chunk delivered (plaintext or key); the engine may go one chunk further.
-    async fn on_held(&mut self, h: HeldHtlc) -> Result<(), End> {
-        if let PromptPay::Invoiced { hash, .. } = self.prompt {
-            if hash == h.payment_hash {
-                self.prompt = PromptPay::Done;
-                self.prompt_held = Some(hash);
-                self.live.paid();
-                tracing::debug!("prompt paid (held): starting the engine");
-                return self.start_engine().await;
-            }
-        }
-        let Some(k) = self.by_hash.remove(&h.payment_hash) else {
-            // Not ours any more (cannot happen: listeners are per invoice); never keep it.
-            let (ln, hash) = (self.app.lightning.clone(), h.payment_hash);
-            let _ = blocking(move || ln.fail(&hash, "no such chunk in this session")).await;
-            return Ok(());
-        };
-        let u = self.unpaid.remove(&k).expect("indexed chunk");
-        self.spec
-            .pace
-            .on_paid(u.since.elapsed(), std::time::Instant::now());
-        let notice = h.at.elapsed();
-        let claiming = Instant::now();
-        let mut hashes = vec![h.payment_hash];
-        let mut delivery = self.delivery(&u);
-        if let Some(p) = self.prompt_held.take() {
-            hashes.push(p);
-            delivery.prompt_msat = self.spec.prompt_price_msat;
-        }
-        let ln = self.app.lightning.clone();
-        let claimed = {
-            let hashes = hashes.clone();
-            blocking(move || ln.claim(&hashes, Some(&delivery))).await?
-        };
-        self.unsettled.extend(hashes.iter().copied());
-        if let Err(e) = claimed {
-            return Err(claim_end(k, e));
-        }
-        self.spent_msat += u.price_msat;
-        self.live.paid();
-        let claim = claiming.elapsed();
-        self.after_commit()?;
-        let delivering = Instant::now();
-        self.release(u).await?;
-        self.app
-            .metrics
-            .payment_to_tokens(notice, claim, delivering.elapsed());
-        Ok(())
     }
 
     /// Fault point between a delivery's commit and its write to the client.
@@ -934,93 +771,7 @@ impl Meter {
                 self.unsettled.remove(&payment_hash);
                 Ok(())
             }
-            SessionNotice::Credit { amount_msat } => {
-                self.live.paid();
-                self.credited_msat += amount_msat;
-                self.send_balance().await?;
-                if let PromptPay::AwaitingBalance { .. } = self.prompt {
-                    if self.available_msat() >= self.spec.prompt_price_msat {
-                        self.charge_prompt().await?;
-                    }
-                    return Ok(());
-                }
-                self.release_from_balance().await
-            }
-        }
-    }
-
-    async fn send_balance(&mut self) -> Result<(), End> {
-        if !matches!(self.spec.mode, Mode::Keysend | Mode::Prepaid) {
-            return Ok(());
-        }
-        self.send(Ev::Balance(proto::Balance {
-            credited_msat: self.credited_msat,
-            spent_msat: self.spent_msat,
-            available_msat: self.available_msat(),
-        }))
-        .await
-    }
-
-    /// Records a balance-funded chunk's delivery (the store refuses it if the balance cannot
-    /// cover it).
-    async fn record_balance_delivery(&self, u: &Unpaid) -> Result<Result<bool, StoreError>, End> {
-        let (store, d) = (self.app.store.clone(), self.delivery(u));
-        blocking(move || store.deliver_chunk(&d)).await
-    }
-
-    /// KEYSEND: release waiting chunks, in order, while the balance covers them (not while
-    /// the client is away: its balance is spent only on chunks it can see).
-    async fn release_from_balance(&mut self) -> Result<(), End> {
-        if self.away_since().is_some() {
-            return Ok(());
-        }
-        let mut spent_any = false;
-        while let Some((&k, u)) = self.unpaid.iter().next() {
-            if u.price_msat > self.available_msat() {
-                break;
-            }
-            let u = self.unpaid.remove(&k).expect("present");
-            match self.record_balance_delivery(&u).await? {
-                Ok(_) => {}
-                // A refund took the balance meanwhile: wait for more.
-                Err(StoreError::InsufficientBalance { available_msat, .. }) => {
-                    self.credited_msat = self.spent_msat + available_msat;
-                    self.unpaid.insert(k, u);
-                    break;
-                }
-                Err(e) => return Err(End::payment(format!("store: {e}"))),
-            }
-            self.after_commit()?;
-            self.spent_msat += u.price_msat;
-            spent_any = true;
-            self.release(u).await?;
-        }
-        if spent_any {
-            self.send_balance().await?;
-        }
-        Ok(())
-    }
-
-    /// PREPAID: the chunk is drawn from the account in the transaction that delivers it, and
-    /// sent at once; a balance that cannot cover it ends the session.
-    async fn deliver_from_account(&mut self, u: Unpaid) -> Result<(), End> {
-        match self.record_balance_delivery(&u).await? {
-            Ok(_) => {
-                self.after_commit()?;
-                self.live.paid();
-                self.spent_msat += u.price_msat;
-                self.refresh_account().await?;
-                self.release(u).await?;
-                self.send_balance().await
-            }
-            Err(StoreError::InsufficientBalance { available_msat, .. }) => Err(End::halt(
-                proto::HaltReason::BalanceExhausted,
-                format!(
-                    "the account's balance ({available_msat} msat) does not cover chunk {} ({} msat); TopUp to continue",
-                    u.chunk.index, u.price_msat
-                ),
-            )),
-            Err(e) => Err(End::payment(format!("store: {e}"))),
+            SessionNotice::Credit { amount_msat } => self.on_credit(amount_msat).await,
         }
     }
 
@@ -1155,10 +906,4 @@ impl Meter {
         // The last word, bounded like every other write.
         let _ = self.send(ev).await;
     }
-}
-
-/// How a failed claim ends the session (the HTLC is already failed back, or its money will be
-/// booked as refundable).
-fn claim_end(k: u32, e: LightningError) -> End {
-    End::payment(format!("claim of chunk {k} failed: {e}"))
 }
