@@ -30,6 +30,9 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<ParkedEvent> {
     })
 }
 
+/// A parked keysend's payment hash and the session its TLV named.
+pub type ParkedKeysend = ([u8; 32], Option<[u8; 16]>);
+
 impl Store {
     /// Parks an event; `session_id`: the session a keysend's TLV named (to book it later).
     pub fn park_event(
@@ -72,9 +75,7 @@ impl Store {
     /// Parked `PaymentReceived` events of payments that are neither an invoice of ours nor a
     /// booked keysend credit (keysends whose credit was never committed), with the session
     /// their TLV named.
-    pub fn unbooked_parked_keysends(
-        &self,
-    ) -> Result<Vec<([u8; 32], Option<[u8; 16]>)>, StoreError> {
+    pub fn unbooked_parked_keysends(&self) -> Result<Vec<ParkedKeysend>, StoreError> {
         let c = self.lock();
         let mut st = c.prepare(
             "SELECT DISTINCT p.payment_hash, p.session_id FROM parked_events p

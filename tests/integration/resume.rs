@@ -287,7 +287,7 @@ async fn a_paid_session_not_resumed_in_its_grace_ends_and_settles() {
         &receipt,
         Some(&w.h.server_node_id()),
         Some(&paid_text),
-        Some(&[paid_text.clone()]),
+        Some(std::slice::from_ref(&paid_text)),
     )
     .unwrap();
     assert!(r.message().await.unwrap().is_none(), "and nothing more");
@@ -480,7 +480,7 @@ async fn end_session_halts_the_attached_stream_with_its_receipt() {
         &receipt,
         Some(&w.h.server_node_id()),
         Some(&text),
-        Some(&[text.clone()]),
+        Some(std::slice::from_ref(&text)),
     )
     .unwrap();
     assert!(
