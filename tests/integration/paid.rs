@@ -247,8 +247,8 @@ async fn client_disconnect_ends_the_session_and_withdraws_invoices() {
     let sess = assert_invariants(&w, &acc.session_id);
     assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
     assert_eq!(w.h.server().app.live.count(), 0);
-    // And it cannot be resumed.
-    let e = client(&w)
+    // It does not go on: a Resume replays only its end (nothing was delivered).
+    let mut r = client(&w)
         .await
         .resume(satstream::wire::proto::ResumeRequest {
             session_id: acc.session_id.clone(),
@@ -256,8 +256,14 @@ async fn client_disconnect_ends_the_session_and_withdraws_invoices() {
             from_chunk: 0,
         })
         .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        .unwrap()
+        .into_inner();
+    let Ev::Halted(h) = next(&mut r).await else {
+        panic!("only the end")
+    };
+    assert_eq!(h.reason, HaltReason::ClientGone as i32, "{h:?}");
+    assert_eq!((h.completion_tokens_delivered, h.paid_msat), (0, 0));
+    assert!(r.message().await.unwrap().is_none());
     let out = w.h.payer.pay(&inv.bolt11, T).await.unwrap();
     assert!(matches!(out, PayOutcome::Failed { .. }), "{out:?}");
     w.h.stop().await;

@@ -511,6 +511,93 @@ async fn concurrent_refund_generate_and_topup_conserve_every_msat() {
     }
 }
 
+/// Issue 22.10: two whole-balance refunds and a generation at once, on a balance that covers
+/// only one of them: whichever order the store sees, one refund takes what is left, the other
+/// is refused, the generation draws only what the refund did not take, and every msat is
+/// accounted for against what the payer's node received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refunds_and_a_draw_contesting_one_balance_never_spend_it_twice() {
+    let w = std::sync::Arc::new(world_with(&[], 0, 300_000, 4).await);
+    let token = top_up(&w, "", 10_000).await;
+    let refund = |w: std::sync::Arc<World>, token: String| {
+        tokio::spawn(async move {
+            // Amountless: the whole balance as the store sees it at the reservation.
+            let inv = payer_invoice(&w, None);
+            let r = client(&w)
+                .await
+                .refund(RefundRequest {
+                    account_token: token,
+                    bolt11: inv.clone(),
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    assert_eq!(r.state, "succeeded", "{r:?}");
+                    assert_eq!(payer_received(&w, &inv).await, r.refunded_msat);
+                    r.refunded_msat
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+                    0
+                }
+            }
+        })
+    };
+    let gen = {
+        let (w, token) = (w.clone(), token.clone());
+        tokio::spawn(async move {
+            let mut s = open(&w, prepaid(8, &token)).await;
+            loop {
+                match next(&mut s).await {
+                    Ev::Done(d) => return d.paid_msat,
+                    Ev::Halted(h) => {
+                        assert_eq!(h.reason, HaltReason::BalanceExhausted as i32, "{h:?}");
+                        return h.paid_msat;
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    let (a, b) = (
+        refund(w.clone(), token.clone()),
+        refund(w.clone(), token.clone()),
+    );
+    let (a, b, spent) = (a.await.unwrap(), b.await.unwrap(), gen.await.unwrap());
+    eprintln!("contested 10 000 msat: refunds {a} and {b} msat, generation drew {spent} msat");
+    assert!(
+        (a == 0) != (b == 0),
+        "exactly one refund took the balance ({a}, {b})"
+    );
+    assert_eq!(a + b + spent, 10_000, "every msat once");
+    let acc = account(&w, &token).await.unwrap();
+    assert_eq!(
+        (
+            acc.spent_msat,
+            acc.refunded_msat,
+            acc.reserved_msat,
+            acc.available_msat
+        ),
+        (spent, a + b, 0, 0)
+    );
+    for s in
+        w.h.server()
+            .app
+            .store
+            .list_sessions(10, "", None)
+            .unwrap()
+            .items
+    {
+        assert_invariants(&w, &hex::encode(s.id));
+    }
+    match std::sync::Arc::try_unwrap(w) {
+        Ok(w) => w.h.stop().await,
+        Err(_) => panic!("still shared"),
+    }
+}
+
 /// A priced prompt: its hold invoice comes first and prefill starts only once it is held; an
 /// unpaid one costs no compute. Paid, it is claimed with the first chunk; a session that ends
 /// before any chunk is delivered fails it back.
