@@ -35,10 +35,11 @@ pub fn issue(
     let stored = match store.receipt(session_id)? {
         Some(r) => r,
         None => {
+            // Built first: a running session is Running, whatever its invoices are doing.
+            let body = build(store, &ln.node_id(), session_id)?;
             if store.audit_session(session_id)?.unresolved_invoices > 0 {
                 return Err(IssueError::Settling(sid));
             }
-            let body = build(store, &ln.node_id(), session_id)?;
             let text = body.encode()?;
             let signature = ln.node().sign_message(text.as_bytes());
             store.insert_receipt(session_id, &text, &signature)?
