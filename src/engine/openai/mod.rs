@@ -244,7 +244,7 @@ async fn run(ctx: Arc<Ctx>, req: SegmentRequest, observer: Arc<dyn TokenObserver
 }
 
 async fn attempt(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     lease: &mut Lease,
     req: &SegmentRequest,
     prompt: &str,
@@ -316,10 +316,12 @@ async fn send(
 
 /// The largest SSE event accepted from an upstream (a streamed event carries a few tokens).
 const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// A piece longer than this is tokenized on a blocking thread (one token is a few bytes).
+const BIG_PIECE_BYTES: usize = 256;
 
 /// Reads the stream, passing each token on while the driver allows.
 async fn read(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     lease: &mut Lease,
     req: &SegmentRequest,
     partial: &[u8],
@@ -410,7 +412,20 @@ async fn read(
                 }
             }
             ids.clear();
-            if !piece.is_empty() {
+            if piece.len() > BIG_PIECE_BYTES {
+                // A big piece is real tokenizer work: off the async workers.
+                let (c, p) = (ctx.clone(), piece.to_vec());
+                match tokio::task::spawn_blocking(move || {
+                    let mut v = Vec::new();
+                    c.vocab.ids(&p, &mut v);
+                    v
+                })
+                .await
+                {
+                    Ok(v) => ids = v,
+                    Err(e) => return failed(lease, passed, format!("tokenizing failed: {e}")),
+                }
+            } else if !piece.is_empty() {
                 ctx.vocab.ids(piece, &mut ids);
             }
             if choice.finish_reason.as_deref() == Some("length") {
