@@ -318,6 +318,12 @@ pub struct PaymentsConfig {
     /// A session whose client disconnects is kept this long for `Resume` (the engine pauses
     /// at what is paid; payment deadlines wait); 0 ends it at once.
     pub resume_grace_secs: u64,
+    /// Resumes a session may take (a client that drops and resumes forever would hold its
+    /// engine slot forever); 0: none.
+    pub max_resumes: u32,
+    /// A session's whole life, resumes and pauses included: then it halts
+    /// (`SESSION_LIFETIME`).
+    pub max_session_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -400,6 +406,8 @@ impl Default for PaymentsConfig {
             adaptive_lookahead: true,
             max_unpaid_msat: 0,
             resume_grace_secs: 60,
+            max_resumes: 16,
+            max_session_secs: 3_600,
         }
     }
 }
@@ -543,6 +551,7 @@ impl Config {
                 "server.shutdown_timeout_secs",
                 self.server.shutdown_timeout_secs,
             ),
+            ("payments.max_session_secs", p.max_session_secs),
         ] {
             if v == 0 {
                 return Err(err(key, "must be at least 1"));

@@ -217,6 +217,8 @@ async fn a_client_that_stops_reading_is_halted() {
         pace: satstream::session::Pace::new(false, 2, super::support::CHUNK, 256),
         // A stalled reader is not a dropped stream: the grace for Resume does not apply.
         resume_grace: Duration::from_secs(60),
+        max_resumes: 16,
+        max_lifetime: Duration::from_secs(3_600),
         accepted: Default::default(),
     };
     // Room for one event: the EncryptedChunk of chunk 0; its Invoice then waits for a reader.

@@ -212,7 +212,7 @@ async fn pay_chunk_zero_then_drop(w: &World) -> (Accepted, String, Invoice) {
 }
 
 /// BOLT11, dropped after paying chunk 0 with chunk 1's invoice out: Resume from chunk 1 sends
-/// that same invoice again (its deadline restarted), a second Resume is refused while this one
+/// that same invoice again (its deadline paused while away), a second Resume is refused while this one
 /// is attached, and paying the re-sent invoices finishes the text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bolt11_resume_resends_the_same_invoice_and_allows_one_stream() {
@@ -605,5 +605,61 @@ async fn with_no_grace_a_cut_client_still_gets_what_it_paid_for() {
     let sess = assert_invariants(&w, &s.session_id);
     assert_eq!(sess.end_reason.as_deref(), Some("client_gone"));
     assert_eq!(sess.refundable_msat(), 0);
+    w.h.stop().await;
+}
+
+/// Issue 23.4: a client that pays once and then drops and resumes in a loop cannot hold its
+/// session (and engine slot) forever: Resume is refused past `max_resumes`, and the session
+/// halts at `max_session_secs` whatever it is waiting for, with its books exact; a Resume
+/// after that replays what it delivered and the halt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resumes_are_capped_and_a_session_has_a_lifetime() {
+    let w = world(&[
+        "payments.adaptive_lookahead=false",
+        "payments.max_resumes=1",
+        "payments.max_session_secs=5",
+    ])
+    .await;
+    let (acc, paid_text, _) = pay_chunk_zero_then_drop(&w).await;
+    let (r, _) = resume_when_detached(&w, &acc.session_id, &acc.session_token, 1).await;
+    drop(r);
+    // The second resume: refused once the session has seen the drop (until then "another
+    // stream is attached").
+    let refused = Arc::new(Mutex::new(None));
+    wait_until("Resume to be refused past the cap", T, || {
+        let (sid, tk, refused) = (
+            acc.session_id.clone(),
+            acc.session_token.clone(),
+            refused.clone(),
+        );
+        let w = &w;
+        async move {
+            match resume(w, &sid, &tk, 1).await {
+                Ok(_) => panic!("a second resume was taken"),
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => false,
+                Err(e) => {
+                    *refused.lock().unwrap() = Some(e);
+                    true
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let e = refused.lock().unwrap().take().unwrap();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("max_resumes"), "{e}");
+    // Away with 60 s of grace left, it still ends at its 5 s lifetime.
+    let sess = session_ended_within(&w, sid(&acc.session_id), T).await;
+    assert_eq!(sess.end_reason.as_deref(), Some("session_lifetime"));
+    assert_eq!(sess.completion_tokens as usize, paid_text.len());
+    assert_invariants(&w, &acc.session_id);
+    let mut r = resume(&w, &acc.session_id, &acc.session_token, 1)
+        .await
+        .unwrap();
+    let Ev::Halted(h) = next(&mut r).await else {
+        panic!("the end")
+    };
+    assert_eq!(h.reason, HaltReason::SessionLifetime as i32, "{h:?}");
     w.h.stop().await;
 }

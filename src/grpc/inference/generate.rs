@@ -216,6 +216,8 @@ pub(super) async fn handle(
         },
         pace,
         resume_grace: Duration::from_secs(p.resume_grace_secs),
+        max_resumes: p.max_resumes,
+        max_lifetime: Duration::from_secs(p.max_session_secs),
         accepted,
     };
     let shutdown = app.shutdown.clone();

@@ -94,6 +94,10 @@ pub struct SessionSpec {
     pub pace: super::Pace,
     /// How long a session whose stream dropped waits for `Resume` (zero: it ends at once).
     pub resume_grace: Duration,
+    /// Resumes it may take; then `Resume` is refused (the session ends when its grace does).
+    pub max_resumes: u32,
+    /// Its whole life, from the request: then it halts, wherever it is.
+    pub max_lifetime: Duration,
     /// The session's terms as first sent (its token blanked): sent again on `Resume`.
     pub accepted: proto::Accepted,
 }
@@ -204,6 +208,8 @@ struct Meter {
     generated: u32,
     /// The session's slot; told when the first payment arrives.
     live: LiveGuard,
+    /// Resumes taken so far (capped by `max_resumes`).
+    resumes: u32,
 }
 
 fn event(e: Ev) -> Result<GenerateEvent, Status> {
@@ -294,6 +300,7 @@ async fn run_session(
         started: Instant::now(),
         generated: 0,
         live,
+        resumes: 0,
     };
     let mut finished: Option<FinishReason> = None;
     // When the engine paused, and whether that was before the session's first paid chunk.
@@ -316,6 +323,9 @@ async fn run_session(
                 Some(t) => t + m.spec.resume_grace,
                 None => m.deadline().unwrap_or_else(|| Instant::now() + far),
             };
+            // Whatever it waits for, a session does not outlive its lifetime.
+            let end_of_life = m.started + m.spec.max_lifetime;
+            let deadline = deadline.min(end_of_life);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break End::halt(proto::HaltReason::Shutdown, "the server is shutting down"),
@@ -386,6 +396,15 @@ async fn run_session(
                     None => break End::engine("the engine stream ended unexpectedly"),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
+                    if Instant::now() >= end_of_life {
+                        break End::halt(
+                            proto::HaltReason::SessionLifetime,
+                            format!(
+                                "the session reached the server's limit of {} s (payments.max_session_secs)",
+                                m.spec.max_lifetime.as_secs()
+                            ),
+                        );
+                    }
                     if m.away_since().is_some() {
                         tracing::info!(grace = ?m.spec.resume_grace, "the client did not resume in time");
                         break End::ClientGone;
@@ -459,8 +478,9 @@ impl Meter {
     /// nothing was paid yet.
     fn detach(&mut self) -> Result<(), End> {
         // Nothing paid, nothing to protect: an unpaid session is not kept (it would hold an
-        // engine slot for the grace period for free). PREPAID's account is money at stake.
-        let at_stake = self.spec.mode == Mode::Prepaid
+        // engine slot for the grace period for free). PREPAID's account is money at stake
+        // while it has a balance; an empty one is not.
+        let at_stake = (self.spec.mode == Mode::Prepaid && self.available_msat() > 0)
             || !self.first_payment_pending()
             || self.credited_msat > 0;
         if self.spec.resume_grace.is_zero() || !at_stake {
@@ -478,7 +498,8 @@ impl Meter {
 
     /// `Resume`: a new stream for this session. The terms again, the paid chunks from
     /// `from_chunk` replayed from the store, what waits for payment asked again (its deadline
-    /// restarts: the client could not pay what it could not see), then on as before.
+    /// paused while the client was away: the client could not pay what it could not see),
+    /// then on as before. At most `max_resumes` times.
     async fn attach(&mut self, a: super::Attach) -> Result<(), End> {
         if matches!(&self.client, Client::Attached(o) if !o.is_closed()) {
             let _ = a.reply.send(Err(Status::failed_precondition(
@@ -486,18 +507,33 @@ impl Meter {
             )));
             return Ok(());
         }
-        let away = self.away_since().map(|t| t.elapsed());
+        if self.resumes >= self.spec.max_resumes {
+            let _ = a.reply.send(Err(Status::resource_exhausted(format!(
+                "this session was resumed {} times, the server's limit (payments.max_resumes); \
+                 it ends when its grace period does, and Resume then replays what it delivered",
+                self.resumes
+            ))));
+            return Ok(());
+        }
+        self.resumes += 1;
+        let (back, left) = (Instant::now(), self.away_since());
         self.client = Client::Attached(a.out);
         let _ = a.reply.send(Ok(()));
-        tracing::info!(?away, from_chunk = a.from_chunk, "client resumed");
-        let now = Instant::now();
+        tracing::info!(away = ?left.map(|t| back - t), from_chunk = a.from_chunk, resumes = self.resumes, "client resumed");
+        // Deadlines paused while the client was away (it could not pay what it could not
+        // see): each keeps the time it had left, it does not start over. A client that drops
+        // and resumes in a loop gains no time.
+        let paused = |since: Instant| match left {
+            Some(left) => since + (back - since.max(left)),
+            None => since,
+        };
         for u in self.unpaid.values_mut() {
-            u.since = now;
+            u.since = paused(u.since);
         }
         if let PromptPay::Invoiced { since, .. } | PromptPay::AwaitingBalance { since } =
             &mut self.prompt
         {
-            *since = now;
+            *since = paused(*since);
         }
         self.send(Ev::Accepted(self.spec.accepted.clone())).await?;
         let (store, sid) = (self.app.store.clone(), self.sid());
