@@ -328,19 +328,27 @@ async fn watchdog(
         }
         let ln = ln.clone();
         let r = tokio::task::spawn_blocking(move || {
-            let claims =
-                ln.confirm_claims()? + ln.confirm_refunds()? + ln.book_parked_keysends()?;
-            let closures = ln.resolve_closures()?;
-            Ok::<_, LightningError>((claims, closures))
+            // Each on its own: one that fails (a busy store, a bad record) must not stop the
+            // others from running.
+            type Step = fn(&Lightning) -> Result<usize, LightningError>;
+            let steps: [(&str, Step); 5] = [
+                ("claims", Lightning::confirm_claims),
+                ("refunds", Lightning::confirm_refunds),
+                ("parked keysends", Lightning::book_parked_keysends),
+                ("expired invoices", Lightning::sweep_expired),
+                ("closures", Lightning::resolve_closures),
+            ];
+            for (what, step) in steps {
+                match step(&ln) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(what, resolved = n, "reconciled with LDK"),
+                    Err(e) => tracing::warn!(what, error = %e, "reconciling with LDK"),
+                }
+            }
         })
         .await;
-        match r {
-            Ok(Ok((0, 0))) => {}
-            Ok(Ok((claims, closures))) => {
-                tracing::info!(claims, closures, "reconciled with LDK")
-            }
-            Ok(Err(e)) => tracing::warn!(error = %e, "reconciling with LDK"),
-            Err(e) => tracing::warn!(error = %e, "reconciliation task failed"),
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "reconciliation task failed");
         }
     }
 }

@@ -437,6 +437,33 @@ impl Lightning {
         }
     }
 
+    /// The sweeper: open invoices past their expiry become `expired`, in the store and in
+    /// LDK's payment store (a payment can no longer be taken for them: `on_claimable` fails
+    /// an expired one back anyway). Unpaid TopUps, abandoned chunks and prompts are resolved
+    /// as they expire, not left for a restart to walk through. Returns how many it swept.
+    pub fn sweep_expired(&self) -> Result<usize, LightningError> {
+        let now = crate::store::now_unix();
+        let mut swept = 0;
+        for inv in self.store.expired_open_invoices(now, 500)? {
+            self.holds.lock().unwrap().remove(&inv.payment_hash);
+            match self.store.transition_invoice(
+                &inv.payment_hash,
+                InvoiceState::Expired,
+                None,
+                "expired unpaid",
+            ) {
+                Ok(_) => {
+                    self.fail_in_node(&inv.payment_hash);
+                    swept += 1;
+                }
+                // Held meanwhile (a payment raced the sweep): the event loop decides it.
+                Err(StoreError::IllegalTransition { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(swept)
+    }
+
     /// The watchdog of decided claims: one that LDK has not reported within
     /// `claim_confirm_timeout` is booked if LDK's record says it succeeded (its report was
     /// lost, e.g. a parked event), else written off. Returns how many it resolved.

@@ -480,6 +480,24 @@ impl Store {
         self.invoices_where("state IN ('open', 'held', 'claiming')", &[])
     }
 
+    /// Open invoices whose expiry has passed (`now_unix` > expires_at), oldest first, at most
+    /// `limit`: what the sweeper withdraws.
+    pub fn expired_open_invoices(
+        &self,
+        now_unix: u64,
+        limit: u32,
+    ) -> Result<Vec<Invoice>, StoreError> {
+        let c = self.lock();
+        let mut st = c.prepare(&format!(
+            "SELECT {COLUMNS} FROM invoices WHERE state = 'open' AND expires_at < ?1
+             ORDER BY rowid LIMIT ?2"
+        ))?;
+        let rows = st
+            .query_map(params![now_unix as i64, limit as i64], from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     /// Invoices in `state`, oldest first.
     pub fn invoices_in(&self, state: InvoiceState) -> Result<Vec<Invoice>, StoreError> {
         self.invoices_where("state = ?1", &[&state.as_str()])

@@ -482,3 +482,68 @@ async fn a_parked_keysend_is_booked_from_ldks_record() {
     assert_eq!(sess.paid_msat, 8 * MSAT_PER_TOKEN, "booked to its session");
     w.h.stop().await;
 }
+
+/// Issue 23.2: an invoice nobody pays does not stay open until a restart: once past its
+/// expiry the watchdog marks it expired in the store and failed in LDK's payment store, and
+/// a late payment is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unpaid_invoice_is_swept_when_it_expires() {
+    use satstream::lightning::invoices::HoldInvoice;
+    use satstream::store::InvoicePurpose;
+    let w = world(&["payments.claim_confirm_timeout_secs=2"]).await;
+    let ln = w.h.server().app.lightning.clone();
+    let inv = tokio::task::spawn_blocking(move || {
+        ln.create_hold_invoice(
+            &HoldInvoice {
+                amount_msat: 5_000,
+                description: "swept".into(),
+                expiry_secs: 1,
+                purpose: InvoicePurpose::Test,
+                session_id: None,
+                account_id: None,
+                chunk_index: None,
+                preimage: None,
+            },
+            None,
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let store = w.h.server().app.store.clone();
+    let hash = inv.payment_hash;
+    wait_until("the sweeper to expire the invoice", T, || {
+        let store = store.clone();
+        async move { store.invoice(&hash).unwrap().unwrap().state == InvoiceState::Expired }
+    })
+    .await
+    .unwrap();
+    let p =
+        w.h.server()
+            .app
+            .lightning
+            .node()
+            .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
+            .unwrap();
+    assert_eq!(
+        p.status,
+        ldk_node::payment::PaymentStatus::Failed,
+        "LDK's record too"
+    );
+    // Paid anyway (a payer ignoring the expiry): failed back, nothing booked.
+    let out = w.h.payer.pay(&inv.bolt11, T).await;
+    assert!(
+        !matches!(out, Ok(PayOutcome::Succeeded { .. })),
+        "an expired invoice is never paid: {out:?}"
+    );
+    assert_eq!(
+        store.invoice(&hash).unwrap().unwrap().state,
+        InvoiceState::Expired
+    );
+    assert!(store
+        .ledger_for_payment(&hash)
+        .unwrap()
+        .iter()
+        .all(|e| e.amount_msat == 0));
+    w.h.stop().await;
+}
