@@ -754,8 +754,12 @@ impl Run {
         on_event: &mut impl FnMut(&ClientEvent),
     ) -> Result<Streaming<GenerateEvent>, ClientError> {
         let dropped = Instant::now();
-        let deadline =
-            dropped + std::time::Duration::from_secs(self.terms.resume_grace_secs as u64);
+        // Reconnecting takes a moment (the channel dials again on its first call after a
+        // drop, and that call can fail): allowed even with no grace, where Resume replays the
+        // ended session.
+        let deadline = dropped
+            + std::time::Duration::from_secs(self.terms.resume_grace_secs as u64)
+                .max(std::time::Duration::from_secs(3));
         // The server may not have seen the old stream go yet (then it is "attached"): the
         // session ends or takes this stream within moments, grace or not.
         let busy_deadline = dropped + std::time::Duration::from_secs(10);
