@@ -312,26 +312,38 @@ impl Lightning {
         } else {
             // Spontaneous payment (keysend): credit the session named in our TLV, if any.
             self.faults.point("keysend_credit")?;
-            let session = self.keysend_session(custom_records);
-            let credited = match self.store.record_keysend_credit(hash, session, amount_msat) {
-                Ok(new) => new,
-                Err(StoreError::NotFound { .. }) => {
-                    self.store.record_keysend_credit(hash, None, amount_msat)?
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if credited {
-                crate::metrics::money("credited", amount_msat);
-                if let Some(sid) = &session {
-                    self.notify_session(sid, SessionNotice::Credit { amount_msat });
-                }
-            }
+            self.credit_keysend(hash, self.keysend_session(custom_records), amount_msat)?;
         }
         let _ = self.notices.send(NodeNotice::PaymentReceived {
             payment_hash: *hash,
             amount_msat,
         });
         Ok(())
+    }
+
+    /// Books a keysend (once per payment hash) to `session`, or unattributed when it names
+    /// none we know, and tells a running session of its credit. True when newly booked. The
+    /// event loop's path, and the watchdog's for a parked one.
+    pub(super) fn credit_keysend(
+        &self,
+        hash: &[u8; 32],
+        session: Option<[u8; 16]>,
+        amount_msat: u64,
+    ) -> Result<bool, LightningError> {
+        let credited = match self.store.record_keysend_credit(hash, session, amount_msat) {
+            Ok(new) => new,
+            Err(StoreError::NotFound { .. }) => {
+                self.store.record_keysend_credit(hash, None, amount_msat)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if credited {
+            crate::metrics::money("credited", amount_msat);
+            if let Some(sid) = &session {
+                self.notify_session(sid, SessionNotice::Credit { amount_msat });
+            }
+        }
+        Ok(credited)
     }
 
     fn settled(&self, inv: &Invoice, amount_msat: u64) {

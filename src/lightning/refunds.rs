@@ -206,17 +206,8 @@ impl Lightning {
                 continue;
             }
             let amount = p.amount_msat.unwrap_or(0);
-            if self.store.record_keysend_credit(&hash, session, amount)? {
+            if self.credit_keysend(&hash, session, amount)? {
                 tracing::warn!(payment_hash = %hex::encode(hash), amount_msat = amount, "a parked keysend booked from LDK's record");
-                crate::metrics::money("credited", amount);
-                if let Some(sid) = &session {
-                    self.notify_session(
-                        sid,
-                        super::SessionNotice::Credit {
-                            amount_msat: amount,
-                        },
-                    );
-                }
                 booked += 1;
             }
         }
