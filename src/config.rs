@@ -214,6 +214,16 @@ pub struct ServerConfig {
     pub max_streams_per_connection: u32,
     /// Deadline of unary requests (Quote, TopUp, Refund, Admin...).
     pub request_timeout_secs: u64,
+    /// Open connections in all, and per client (address prefix, `limits.client_prefix_*`);
+    /// beyond, a new connection is closed at once.
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    /// A new connection must finish its TLS handshake (in plaintext: send its first bytes)
+    /// within this, or it is closed.
+    pub handshake_timeout_secs: u64,
+    /// Reverse proxies (addresses or CIDRs) whose `x-forwarded-for` names the client. Empty:
+    /// the connection's own address is the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +263,9 @@ pub struct LightningConfig {
     pub alias: String,
     /// 64-byte seed file. Empty: `<lightning.data_dir>/keys_seed` (created on first start).
     pub seed_file: PathBuf,
+    /// ldk-node keeps every payment record in memory: records of payments final in the ledger
+    /// (and in LDK) for this long are removed from the node (the ledger keeps them).
+    pub payment_retention_secs: u64,
     /// Put ldk-node's SQLite store in WAL mode (one fsync per write instead of the rollback
     /// journal's several; still durable). Off: ldk-node's own default. See docs/benchmarks.md.
     pub store_wal: bool,
@@ -335,9 +348,20 @@ pub struct LimitsConfig {
     pub max_prompt_tokens: u32,
     /// Prompt bytes accepted, checked before tokenizing (a prompt this long cannot be cheap).
     pub max_prompt_bytes: u32,
-    /// Live sessions one client address may hold before its first payment (an unpaid
-    /// session holds an engine slot for up to `payments.first_payment_timeout_secs`).
+    /// Live sessions one client may hold before its first payment (an unpaid session holds
+    /// an engine slot for up to `payments.first_payment_timeout_secs`).
     pub max_unpaid_sessions_per_client: u32,
+    /// Of `max_sessions`, slots only sessions that have paid may hold: sessions waiting for
+    /// their first payment (all new ones but PREPAID with a balance) share the rest.
+    pub reserved_paid_sessions: u32,
+    /// A client is its address's prefix of this many bits (one IPv6 /64 is one network).
+    pub client_prefix_v4: u8,
+    pub client_prefix_v6: u8,
+    /// Chat messages per request (each is rendered through the template before the token
+    /// cap can see it).
+    pub max_messages: u32,
+    /// TopUp invoices one client may have open (unpaid) at once.
+    pub max_open_topups_per_client: u32,
 }
 
 impl Default for ServerConfig {
@@ -356,6 +380,10 @@ impl Default for ServerConfig {
             http2_keepalive_secs: 30,
             max_streams_per_connection: 32,
             request_timeout_secs: 150,
+            max_connections: 1024,
+            max_connections_per_client: 64,
+            handshake_timeout_secs: 10,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -369,6 +397,7 @@ impl Default for LightningConfig {
             public_address: String::new(),
             alias: "satstream".into(),
             seed_file: PathBuf::new(),
+            payment_retention_secs: 86_400,
             store_wal: true,
         }
     }
@@ -419,6 +448,11 @@ impl Default for LimitsConfig {
             max_prompt_tokens: 4096,
             max_prompt_bytes: 262_144,
             max_unpaid_sessions_per_client: 8,
+            reserved_paid_sessions: 16,
+            client_prefix_v4: 32,
+            client_prefix_v6: 64,
+            max_messages: 256,
+            max_open_topups_per_client: 8,
         }
     }
 }
@@ -622,8 +656,50 @@ impl Config {
                 ),
             ));
         }
-        if self.limits.max_sessions == 0 {
+        let l = &self.limits;
+        if l.max_sessions == 0 {
             return Err(err("limits.max_sessions", "must be at least 1"));
+        }
+        if l.reserved_paid_sessions >= l.max_sessions {
+            return Err(err(
+                "limits.reserved_paid_sessions",
+                format!(
+                    "must be below limits.max_sessions ({}): new sessions need a slot to pay in",
+                    l.max_sessions
+                ),
+            ));
+        }
+        if l.client_prefix_v4 == 0 || l.client_prefix_v4 > 32 {
+            return Err(err("limits.client_prefix_v4", "must be 1 to 32"));
+        }
+        if l.client_prefix_v6 == 0 || l.client_prefix_v6 > 128 {
+            return Err(err("limits.client_prefix_v6", "must be 1 to 128"));
+        }
+        for (key, v) in [
+            ("limits.max_messages", l.max_messages as u64),
+            (
+                "limits.max_open_topups_per_client",
+                l.max_open_topups_per_client as u64,
+            ),
+            ("server.max_connections", self.server.max_connections as u64),
+            (
+                "server.max_connections_per_client",
+                self.server.max_connections_per_client as u64,
+            ),
+            (
+                "server.handshake_timeout_secs",
+                self.server.handshake_timeout_secs,
+            ),
+        ] {
+            if v == 0 {
+                return Err(err(key, "must be at least 1"));
+            }
+        }
+        if let Err(e) = crate::net::ClientKeys::from_config(self) {
+            return Err(err(
+                format!("server.trusted_proxies.{}", e.index),
+                e.to_string(),
+            ));
         }
         let mut ids = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {

@@ -16,6 +16,9 @@
 //! - [`wire`]: what crosses the wire, shared by server and client: the generated gRPC types
 //!   and ATOMIC's chunk cipher.
 //! - [`fault`]: test-only fault injection (`SATSTREAM_FAULT`) for the crash tests.
+//! - [`net`]: what a connection passes before a handler sees it (connection caps, the TLS
+//!   handshake under a deadline) and who a client is (address prefix, trusted proxies).
+//! - [`topups`]: the unpaid TopUp invoices each client may hold.
 //! - [`tls`]: the listener's certificate (configured, or generated on first start);
 //!   [`files`]: private data dir and secrets (0700/0600, refused when exposed).
 //! - [`session`]: the meter, one task per Generate stream: chunks, invoices or balance,
@@ -52,6 +55,7 @@ pub mod harness;
 pub mod lightning;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod pricing;
 pub mod server;
@@ -59,4 +63,5 @@ pub mod session;
 pub mod shutdown;
 pub mod store;
 pub mod tls;
+pub mod topups;
 pub mod wire;

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
@@ -50,6 +49,8 @@ pub enum ServerError {
     Tls(String),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("config: {0}")]
+    Config(String),
 }
 
 pub struct RunningServer {
@@ -155,6 +156,9 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         shutdown: sessions_stop,
         metrics: Default::default(),
         payment_latency: Default::default(),
+        clients: crate::net::ClientKeys::from_config(&config)
+            .map_err(|e| ServerError::Config(e.to_string()))?,
+        topups: Default::default(),
     });
 
     let metrics_addr = match config.server.metrics_listen.as_str() {
@@ -221,13 +225,19 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         .max_concurrent_streams(Some(sv.max_streams_per_connection))
         .timeout(std::time::Duration::from_secs(sv.request_timeout_secs))
         .tcp_nodelay(true);
-    if let Some(t) = &tls {
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(
-                tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem),
-            ))
-            .map_err(|e| ServerError::Tls(e.to_string()))?;
-    }
+    // TLS is ours, not tonic's: the front door (crate::net) bounds the handshake's time and
+    // the connections each client holds.
+    let acceptor = match &tls {
+        Some(t) => Some(crate::net::acceptor(t, &[b"h2"]).map_err(ServerError::Tls)?),
+        None => None,
+    };
+    let keys = app.clients.clone();
+    let caps = crate::net::Caps {
+        max_connections: sv.max_connections,
+        max_per_client: sv.max_connections_per_client,
+        handshake: std::time::Duration::from_secs(sv.handshake_timeout_secs),
+    };
+    let incoming = crate::net::incoming(listener, acceptor, caps, keys, shutdown.clone());
     let stop = shutdown.clone();
     let grpc = tokio::spawn(
         builder
@@ -236,9 +246,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             .add_service(reflection_v1alpha)
             .add_service(inference)
             .add_optional_service(admin)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                stop.cancelled().await
-            }),
+            .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
     );
     tracing::info!(%grpc_addr, tls = tls.is_some(), "gRPC serving");
     if metrics_addr.is_some() {
@@ -258,12 +266,29 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     })
 }
 
-/// Keeps the exported gauges (invoices by state, liquidity, queue...) current.
+/// Keeps the exported gauges (invoices by state, liquidity, queue...) current. The live
+/// figures every 2 s; the ones that scan history (invoices by state, refundable money) every
+/// 10 s, through the store's read-only connection (they never hold up a money commit).
 async fn refresh_gauges(app: Arc<App>, stop: CancellationToken) {
-    loop {
+    const SCAN_EVERY: u32 = 5;
+    let mut scanned: Option<(Vec<(&'static str, u64)>, u64)> = None;
+    for tick in 0u32.. {
         let a = app.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let counts = a.store.invoice_counts().unwrap_or_default();
+        let scan = tick % SCAN_EVERY == 0 || scanned.is_none();
+        let previous = scanned.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let scanned = match previous {
+                Some(p) if !scan => p,
+                _ => (
+                    a.store
+                        .invoice_counts()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(s, n)| (s.as_str(), n))
+                        .collect(),
+                    a.store.total_refundable_msat().unwrap_or(0),
+                ),
+            };
             let (mut queued, mut running) = (0, 0);
             for m in a.engine.models() {
                 if let Some(s) = a.engine.stats(&m.id) {
@@ -272,15 +297,19 @@ async fn refresh_gauges(app: Arc<App>, stop: CancellationToken) {
                 }
             }
             crate::metrics::set_gauges(&crate::metrics::Gauges {
-                invoices_by_state: counts.into_iter().map(|(s, n)| (s.as_str(), n)).collect(),
+                invoices_by_state: scanned.0.clone(),
                 inbound_liquidity_msat: a.lightning.inbound_liquidity_msat(),
-                refundable_msat: a.store.total_refundable_msat().unwrap_or(0),
+                refundable_msat: scanned.1,
                 live_sessions: a.live.count(),
                 engine_queue_depth: queued,
                 engine_running: running,
             });
+            scanned
         })
         .await;
+        if let Ok(s) = r {
+            scanned = Some(s);
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
@@ -310,8 +339,9 @@ fn lock_down(config: &Config) -> Result<(), ServerError> {
 }
 
 /// Periodic reconciliation with LDK: decided claims LDK never completed, refunds whose outcome
-/// LDK recorded but never reported (or never had), and force-closed
-/// channels whose claims can now be classified.
+/// LDK recorded but never reported (or never had), parked keysends, expired invoices,
+/// force-closed channels whose claims can now be classified, and the node's records of
+/// payments final for the retention window (removed, so its memory stays bounded).
 async fn watchdog(
     ln: Arc<Lightning>,
     stop: CancellationToken,
@@ -331,12 +361,13 @@ async fn watchdog(
             // Each on its own: one that fails (a busy store, a bad record) must not stop the
             // others from running.
             type Step = fn(&Lightning) -> Result<usize, LightningError>;
-            let steps: [(&str, Step); 5] = [
+            let steps: [(&str, Step); 6] = [
                 ("claims", Lightning::confirm_claims),
                 ("refunds", Lightning::confirm_refunds),
                 ("parked keysends", Lightning::book_parked_keysends),
                 ("expired invoices", Lightning::sweep_expired),
                 ("closures", Lightning::resolve_closures),
+                ("payment records pruned", Lightning::prune_payments),
             ];
             for (what, step) in steps {
                 match step(&ln) {

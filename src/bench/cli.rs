@@ -20,7 +20,10 @@ pub struct BenchArgs {
     /// soak (a server process's RSS over 1 000 distinct generations of the configured model),
     /// tls (plaintext against TLS: RPC round trip and payment → text, tiny model), gateway
     /// (the configured model on a real llama-cpp-python upstream, on its own and through the
-    /// `openai` backend: the gateway's overhead; needs scripts/setup-upstream.sh).
+    /// `openai` backend: the gateway's overhead; needs scripts/setup-upstream.sh), longrun
+    /// (issue 23.7: 100 000 paid invoices through a server process, tiny model: RSS and
+    /// ldk-node records every 10 000, restart times, p99 payment → tokens first and last,
+    /// the paying client under abuse; ~30 min).
     #[arg(long, default_value = "smollm2")]
     pub model: String,
     /// Where to write the report.
@@ -31,13 +34,16 @@ pub struct BenchArgs {
     #[arg(long)]
     pub server_exe: Option<PathBuf>,
     /// chaos: sessions (each cut by a SIGKILL); rpc: concurrent paid sessions; soak:
-    /// generations; stall: paid streams (default 10).
+    /// generations; stall: paid streams (default 10); longrun: invoices (default 100 000).
     #[arg(long)]
     pub sessions: Option<usize>,
 }
 
 pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
-    if matches!(a.model.as_str(), "chaos" | "rpc" | "soak" | "tls") {
+    if matches!(
+        a.model.as_str(),
+        "chaos" | "rpc" | "soak" | "tls" | "longrun"
+    ) {
         return faults_command(base, a).await;
     }
     if a.model == "gateway" {
@@ -177,6 +183,21 @@ async fn faults_command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> 
         Ok(m)
     };
     match a.model.as_str() {
+        "longrun" => {
+            let m = tiny()?;
+            let report = super::longrun::long_run(
+                &exe,
+                &m.path,
+                super::longrun::Options {
+                    invoices: a.sessions.map_or(100_000, |n| n as u64),
+                    streams: 24,
+                    chunk_tokens: 2,
+                    tokens: 64,
+                },
+            )
+            .await?;
+            println!("{report}");
+        }
         "chaos" => {
             let n = a.sessions.unwrap_or(24);
             let r = super::faults::chaos(&exe, &tiny()?, n, std::time::Duration::from_millis(1500))

@@ -32,6 +32,10 @@ use crate::store::{
     ChunkDelivery, Invoice, InvoicePurpose, InvoiceState, NewInvoice, Settlement, StoreError,
 };
 
+/// A held HTLC is failed back rather than claimed this close (in blocks) to LDK's claim
+/// deadline for it.
+pub const CLAIM_MARGIN_BLOCKS: u32 = 2;
+
 /// What a new hold invoice is for.
 #[derive(Debug, Clone)]
 pub struct HoldInvoice {
@@ -112,6 +116,20 @@ impl Lightning {
         hashes: &[[u8; 32]],
         delivery: Option<&ChunkDelivery>,
     ) -> Result<(), LightningError> {
+        // An HTLC held (a prompt's, while its session waits) until within a few blocks of
+        // LDK's claim deadline is failed back instead: claimed that late, LDK could have to
+        // go on chain for it, or it could expire while the claim is in flight.
+        if let Some(late) = self.too_late_to_claim(hashes) {
+            for h in hashes {
+                let _ = self.fail(h, "held too close to its claim deadline");
+            }
+            return Err(LightningError::ClaimRefused {
+                hash: hex::encode(late),
+                reason: format!(
+                    "within {CLAIM_MARGIN_BLOCKS} blocks of its claim deadline: failed back"
+                ),
+            });
+        }
         let decided = match self.store.begin_claim(hashes, delivery) {
             Ok(v) => v,
             Err(e) => {
@@ -137,7 +155,32 @@ impl Lightning {
         Ok(())
     }
 
+    /// LDK's claim deadline (block height) for a held HTLC of ours, while it is held.
+    pub fn claim_deadline(&self, hash: &[u8; 32]) -> Option<u32> {
+        self.deadlines.lock().unwrap().get(hash).copied()
+    }
+
+    /// The first of `hashes` whose claim deadline is `CLAIM_MARGIN_BLOCKS` away or less.
+    fn too_late_to_claim(&self, hashes: &[[u8; 32]]) -> Option<[u8; 32]> {
+        let deadlines: Vec<(u32, [u8; 32])> = {
+            let d = self.deadlines.lock().unwrap();
+            hashes
+                .iter()
+                .filter_map(|h| d.get(h).map(|v| (*v, *h)))
+                .collect()
+        };
+        if deadlines.is_empty() {
+            return None;
+        }
+        let height = self.node.status().current_best_block.height;
+        deadlines
+            .into_iter()
+            .find(|(d, _)| height + CLAIM_MARGIN_BLOCKS >= *d)
+            .map(|(_, h)| h)
+    }
+
     fn claim_in_node(&self, inv: &Invoice) -> Result<(), LightningError> {
+        self.deadlines.lock().unwrap().remove(&inv.payment_hash);
         self.faults.point("claim")?;
         self.node.bolt11_payment().claim_for_hash(
             PaymentHash(inv.payment_hash),
@@ -162,6 +205,7 @@ impl Lightning {
     /// and a replayed PaymentClaimable for a failed invoice is failed again).
     pub fn fail(&self, hash: &[u8; 32], reason: &str) -> Result<(), LightningError> {
         self.holds.lock().unwrap().remove(hash);
+        self.deadlines.lock().unwrap().remove(hash);
         self.store
             .transition_invoice(hash, InvoiceState::Failed, None, reason)?;
         self.fail_in_node(hash);
@@ -172,6 +216,7 @@ impl Lightning {
     /// failed back. A decided claim is left to LDK's report. A later payment is failed.
     pub fn cancel(&self, hash: &[u8; 32], reason: &str) -> Result<(), LightningError> {
         self.holds.lock().unwrap().remove(hash);
+        self.deadlines.lock().unwrap().remove(hash);
         match self.store.invoice(hash)?.map(|i| i.state) {
             Some(InvoiceState::Open) => {
                 self.store
@@ -284,6 +329,9 @@ impl Lightning {
             claim_deadline_height: deadline,
             at: std::time::Instant::now(),
         };
+        if let Some(d) = deadline {
+            self.deadlines.lock().unwrap().insert(*hash, d);
+        }
         match self.take_listener(hash) {
             Some(tx) if tx.send(held).is_ok() => Ok(()),
             _ => self.fail(hash, "no live session for this invoice"),

@@ -16,6 +16,7 @@
 pub mod closures;
 pub mod events;
 pub mod invoices;
+pub mod pruning;
 pub mod refunds;
 
 use ldk_node::bitcoin::secp256k1::PublicKey;
@@ -100,6 +101,9 @@ pub struct Lightning {
     /// payment hash → who decides about it. Entries are removed when the HTLC is announced
     /// or the invoice is withdrawn.
     holds: Mutex<HashMap<[u8; 32], mpsc::UnboundedSender<HeldHtlc>>>,
+    /// payment hash → the block height by which LDK needs the held HTLC claimed
+    /// (`claim_deadline`); a claim too close to it is refused (failed back) instead.
+    deadlines: Mutex<HashMap<[u8; 32], u32>>,
     /// session id → live session, told of credits and settlements once committed.
     sessions: Mutex<HashMap<[u8; 16], mpsc::UnboundedSender<SessionNotice>>>,
     notices: broadcast::Sender<NodeNotice>,
@@ -112,6 +116,8 @@ pub struct Lightning {
     /// Routing fees the operator pays at most for one refund.
     refund_max_fee_msat: u64,
     refund_fee_ppm: u64,
+    /// Records of final payments are removed from the node after this long.
+    payment_retention: Duration,
     faults: Arc<Faults>,
 }
 
@@ -141,6 +147,7 @@ impl Lightning {
             node: Arc::new(node),
             store,
             holds: Mutex::new(HashMap::new()),
+            deadlines: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             notices,
             public_address: config.public_ln_address().to_string(),
@@ -149,6 +156,7 @@ impl Lightning {
             claim_confirm_timeout: Duration::from_secs(config.payments.claim_confirm_timeout_secs),
             refund_max_fee_msat: config.payments.refund_max_fee_msat,
             refund_fee_ppm: config.payments.refund_fee_ppm,
+            payment_retention: Duration::from_secs(config.lightning.payment_retention_secs),
             faults,
         });
         ln.reconcile_at_start()?;
@@ -184,6 +192,15 @@ impl Lightning {
     }
 
     /// What we can receive over usable channels right now.
+    /// [`Lightning::inbound_liquidity_msat`] on a blocking thread: `list_channels` takes the
+    /// channel manager's locks, which a persisting LDK can hold for a while.
+    pub async fn inbound_liquidity(self: &Arc<Self>) -> u64 {
+        let ln = self.clone();
+        tokio::task::spawn_blocking(move || ln.inbound_liquidity_msat())
+            .await
+            .unwrap_or(0)
+    }
+
     pub fn inbound_liquidity_msat(&self) -> u64 {
         self.node
             .list_channels()

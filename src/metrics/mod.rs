@@ -111,6 +111,11 @@ pub fn session_ended(mode: &'static str, end: &str, generated: u32, delivered: u
 }
 
 /// Money the ledger booked: `kind` is claimed, credited (keysend), topup, refunded, lost.
+/// A connection closed at the front door: over a cap, or no handshake in time.
+pub fn connection_refused(why: &'static str) {
+    counter!("satstream_connections_refused_total", "why" => why).increment(1);
+}
+
 pub fn money(kind: &'static str, msat: u64) {
     counter!("satstream_msat_total", "kind" => kind).increment(msat);
 }
@@ -175,6 +180,10 @@ fn describe() {
     describe_counter!(
         "satstream_upstream_token_count_mismatch_total",
         "Streams whose upstream usage count disagreed with the gateway's token count"
+    );
+    describe_counter!(
+        "satstream_connections_refused_total",
+        "Connections closed at the front door, by why: total, per_client (over a cap), handshake_timeout"
     );
     describe_counter!(
         "satstream_sessions_total",

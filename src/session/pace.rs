@@ -17,7 +17,9 @@
 //! alone is 0.2 s of llama.cpp output, about one payment's latency). So a session plans with
 //! the slower of its own recent p95 and the node's ([`Recent`]: the last payments of every
 //! session, LDK's periodic persistence stalls among them). A slow payer elsewhere lengthens
-//! the lookahead of the others; the operator's cap still bounds every one.
+//! the lookahead of the others; the operator's cap still bounds every one, and before a
+//! session's own first payment the prior counts for at most [`FIRST_PAYMENT_WINDOWS`] windows
+//! (so a slow payer cannot make every newcomer's free lookahead the cap).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -25,6 +27,11 @@ use std::time::{Duration, Instant};
 
 /// Recent payment latencies kept.
 const SAMPLES: usize = 32;
+
+/// Before a session's first payment, the node's prior lengthens its lookahead to at most this
+/// many windows. The prior is other sessions' latency (one slow payer raises it for everyone),
+/// and what a session generates before paying anything is compute given away.
+pub const FIRST_PAYMENT_WINDOWS: u32 = 2;
 
 /// The last [`SAMPLES`] payment latencies of every session on this node: a new session's
 /// prior. It only lengthens a lookahead the operator's cap still bounds.
@@ -204,9 +211,11 @@ impl Pace {
             (Some(r), Some(l)) => (r * l.as_secs_f64()).ceil() as u32 + self.chunk_tokens,
             _ => 0,
         };
-        window
-            .max(needed)
-            .min(self.cap_tokens.max(self.chunk_tokens))
+        let mut cap = self.cap_tokens.max(self.chunk_tokens);
+        if self.latencies.is_empty() {
+            cap = cap.min(window * FIRST_PAYMENT_WINDOWS);
+        }
+        window.max(needed).min(cap)
     }
 }
 
@@ -281,12 +290,17 @@ mod tests {
             new.on_paid(Duration::from_millis(600), t);
         }
         assert!((76..=78).contains(&new.lookahead()), "{}", new.lookahead());
-        // The cap still bounds a slow node.
+        // A slow node (one slow payer is enough): before a session's own first payment, the
+        // prior lengthens its lookahead to FIRST_PAYMENT_WINDOWS windows, not to the cap.
         for _ in 0..40 {
             recent.record(Duration::from_secs(30));
         }
         let mut slow = Pace::new(true, 2, 16, 256).with_node(recent);
         feed_tokens(&mut slow, 20, Duration::from_millis(10), &mut t);
+        assert_eq!(slow.lookahead(), 32 * FIRST_PAYMENT_WINDOWS);
+        // Once it pays, its own payments count and the cap bounds it.
+        t += Duration::from_millis(100);
+        slow.on_paid(Duration::from_millis(100), t);
         assert_eq!(slow.lookahead(), 256);
     }
 

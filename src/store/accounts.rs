@@ -122,7 +122,7 @@ impl Store {
         page_token: &str,
     ) -> Result<Page<Account>, StoreError> {
         let offset = decode_page_token(page_token)?;
-        let c = self.lock();
+        let c = self.read();
         let mut st = c.prepare(&format!(
             "SELECT {COLUMNS} FROM accounts ORDER BY created_at DESC, rowid DESC LIMIT ?1 OFFSET ?2"
         ))?;
@@ -133,7 +133,7 @@ impl Store {
     }
 
     pub fn account_totals(&self) -> Result<AccountTotals, StoreError> {
-        Ok(self.lock().query_row(
+        Ok(self.read().query_row(
             "SELECT COUNT(*), COALESCE(SUM(credited_msat), 0), COALESCE(SUM(spent_msat), 0),
                     COALESCE(SUM(refunded_msat), 0),
                     COALESCE(SUM(MAX(credited_msat - spent_msat - refunded_msat - reserved_msat, 0)), 0)

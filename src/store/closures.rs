@@ -327,7 +327,7 @@ impl Store {
 
     /// Total of both kinds of loss, msat.
     pub fn total_lost_msat(&self) -> Result<u64, StoreError> {
-        let v: i64 = self.lock().query_row(
+        let v: i64 = self.read().query_row(
             "SELECT COALESCE(SUM(amount_msat), 0) FROM settlement_losses",
             [],
             |r| r.get(0),

@@ -1,6 +1,6 @@
 //! Spontaneous (keysend) payments: credited once each, by payment hash.
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 use super::{ledger, now_unix, Store, StoreError};
 
@@ -38,7 +38,42 @@ impl Store {
             ],
         )?;
         if inserted == 0 {
-            return Ok(false);
+            // Booked before. A replay of the same event, unless LDK's record of it was removed
+            // (lightning::pruning): then LDK claimed a new payment of the same hash (a payer
+            // repeating its preimage), and it is booked as well, to the same session.
+            let repeat: Option<Option<Vec<u8>>> = tx
+                .query_row(
+                    "SELECT session_id FROM keysend_credits
+                     WHERE payment_hash = ?1 AND ldk_pruned_at IS NOT NULL",
+                    [payment_hash.as_slice()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(first_session) = repeat else {
+                return Ok(false);
+            };
+            tx.execute(
+                "UPDATE keysend_credits SET amount_msat = amount_msat + ?2, ldk_pruned_at = NULL
+                 WHERE payment_hash = ?1",
+                params![payment_hash.as_slice(), amount_msat as i64],
+            )?;
+            let sid = first_session.and_then(|v| <[u8; 16]>::try_from(v).ok());
+            if let Some(s) = &sid {
+                tx.execute(
+                    "UPDATE sessions SET paid_msat = paid_msat + ?2 WHERE id = ?1",
+                    params![s.as_slice(), amount_msat as i64],
+                )?;
+            }
+            ledger::append(
+                &tx,
+                "keysend_repeat",
+                sid.as_ref(),
+                Some(payment_hash),
+                amount_msat as i64,
+                "the same hash again, after its LDK record was removed",
+            )?;
+            tx.commit()?;
+            return Ok(true);
         }
         if let Some(s) = &sid {
             tx.execute(

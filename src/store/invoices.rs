@@ -436,7 +436,7 @@ impl Store {
         session_id: Option<&[u8; 16]>,
     ) -> Result<Page<Invoice>, StoreError> {
         let offset = decode_page_token(page_token)?;
-        let c = self.lock();
+        let c = self.read();
         let mut st = c.prepare(&format!(
             "SELECT {COLUMNS} FROM invoices
              WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR session_id = ?2)
@@ -458,7 +458,7 @@ impl Store {
 
     /// How many invoices are in each state.
     pub fn invoice_counts(&self) -> Result<Vec<(InvoiceState, u64)>, StoreError> {
-        let c = self.lock();
+        let c = self.read();
         let mut st = c.prepare("SELECT state, COUNT(*) FROM invoices GROUP BY state")?;
         let rows = st
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?

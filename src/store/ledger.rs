@@ -104,7 +104,7 @@ const COLUMNS: &str = "seq, at, kind, session_id, payment_hash, amount_msat, det
 impl Store {
     /// The whole ledger in commit order (tests and audits; small databases).
     pub fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
-        let c = self.lock();
+        let c = self.read();
         let mut st = c.prepare(&format!("SELECT {COLUMNS} FROM ledger ORDER BY seq"))?;
         let rows = st.query_map([], from_row)?.collect::<Result<_, _>>()?;
         Ok(rows)
@@ -114,7 +114,7 @@ impl Store {
         &self,
         session_id: &[u8; 16],
     ) -> Result<Vec<LedgerEntry>, StoreError> {
-        let c = self.lock();
+        let c = self.read();
         let mut st = c.prepare(&format!(
             "SELECT {COLUMNS} FROM ledger WHERE session_id = ?1 ORDER BY seq"
         ))?;
@@ -128,7 +128,7 @@ impl Store {
         &self,
         account_id: &[u8; 16],
     ) -> Result<Vec<LedgerEntry>, StoreError> {
-        let c = self.lock();
+        let c = self.read();
         let mut st = c.prepare(&format!(
             "SELECT {COLUMNS} FROM ledger WHERE account_id = ?1 ORDER BY seq"
         ))?;
@@ -139,7 +139,7 @@ impl Store {
     }
 
     pub fn ledger_for_payment(&self, hash: &[u8; 32]) -> Result<Vec<LedgerEntry>, StoreError> {
-        let c = self.lock();
+        let c = self.read();
         let mut st = c.prepare(&format!(
             "SELECT {COLUMNS} FROM ledger WHERE payment_hash = ?1 ORDER BY seq"
         ))?;

@@ -236,6 +236,21 @@ const MIGRATIONS: &[&str] = &[
     -- NULL for sessions opened before v4 (their receipts stay v1).
     ALTER TABLE sessions ADD COLUMN prompt_sha256 BLOB;
     "#,
+    // v5: ldk-node keeps every payment record in memory, so records of payments final here
+    // and in LDK are removed from the node after a retention window (lightning::pruning). The
+    // ledger keeps them; `ldk_pruned_at` says the node no longer has the record (the audit
+    // checked it against LDK's before). The partial indexes hold only what is still to prune.
+    r#"
+    ALTER TABLE invoices ADD COLUMN ldk_pruned_at INTEGER;
+    CREATE INDEX invoices_to_prune ON invoices(resolved_at)
+        WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL;
+    ALTER TABLE keysend_credits ADD COLUMN ldk_pruned_at INTEGER;
+    CREATE INDEX keysend_credits_to_prune ON keysend_credits(received_at)
+        WHERE ldk_pruned_at IS NULL;
+    ALTER TABLE refunds ADD COLUMN ldk_pruned_at INTEGER;
+    CREATE INDEX refunds_to_prune ON refunds(resolved_at)
+        WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL;
+    "#,
 ];
 
 /// Schema version this build writes.

@@ -3,6 +3,10 @@
 //! One connection in WAL mode with `synchronous = FULL` (money: a commit survives power loss),
 //! behind a mutex. Every state change of an invoice, session or balance is one transaction that
 //! also appends its ledger entry, so the ledger and the state can never disagree.
+//!
+//! Reports that scan history (gauges, Admin listings) read through a second, read-only
+//! connection: in WAL mode a reader sees the last commit and never waits for the writer, so a
+//! long scan does not hold up the money commits behind the writer's mutex.
 
 mod accounts;
 mod closures;
@@ -11,6 +15,7 @@ mod invoices;
 mod ledger;
 mod migrations;
 mod parked;
+mod pruning;
 mod refunds;
 mod sessions;
 
@@ -19,6 +24,7 @@ pub use closures::{ChannelClosure, LossKind, SettlementLoss};
 pub use invoices::{Invoice, InvoicePurpose, InvoiceState, NewInvoice, Settlement, Transition};
 pub use ledger::LedgerEntry;
 pub use parked::ParkedEvent;
+pub use pruning::{PaymentRecord, Prunable};
 pub use refunds::{Owner, Refund, RefundState};
 pub use sessions::{
     ChunkDelivery, DeliveredChunk, NewSession, Session, SessionAudit, SessionState,
@@ -74,6 +80,8 @@ pub struct Page<T> {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// Read-only: scans of history (see the module doc).
+    reader: Arc<Mutex<Connection>>,
 }
 
 impl Store {
@@ -91,8 +99,14 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations::migrate(&mut conn)?;
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(reader)),
         })
     }
 
@@ -119,6 +133,11 @@ impl Store {
         // A panic while holding the lock cannot leave a half transaction behind (rusqlite
         // rolls back on drop), so a poisoned lock is still a consistent database.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The read-only connection, for scans that must not hold up the writer.
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Flushes the WAL into the main file; used at shutdown so the file is self-contained.

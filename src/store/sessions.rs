@@ -256,7 +256,7 @@ impl Store {
         state: Option<SessionState>,
     ) -> Result<Page<Session>, StoreError> {
         let offset = decode_page_token(page_token)?;
-        let c = self.lock();
+        let c = self.read();
         let mut st = c.prepare(&format!(
             "SELECT {COLUMNS} FROM sessions WHERE (?1 IS NULL OR state = ?1)
              ORDER BY created_at DESC, rowid DESC LIMIT ?2 OFFSET ?3"
@@ -474,7 +474,7 @@ impl Store {
     /// Sum of refundable balances over all sessions and accounts (what the operator owes
     /// customers).
     pub fn total_refundable_msat(&self) -> Result<u64, StoreError> {
-        let v: i64 = self.lock().query_row(
+        let v: i64 = self.read().query_row(
             &format!("SELECT (SELECT COALESCE(SUM(MAX({REFUNDABLE_SQL}, 0)), 0) FROM sessions)
                   + (SELECT COALESCE(SUM(MAX(credited_msat - spent_msat - refunded_msat - reserved_msat, 0)), 0)
                      FROM accounts)"),

@@ -9,7 +9,6 @@ use satstream::harness::process::{ProcessOptions, ProcessWorld};
 use satstream::wire::proto::{
     generate_event::Event as Ev, inference_client::InferenceClient, ListModelsRequest, PaymentMode,
 };
-use tonic::transport::Channel;
 
 use super::support::{assert_invariants, letters, request, world, world_with, T};
 
@@ -142,32 +141,14 @@ async fn paid_run(w: &super::support::World) -> Duration {
     started.elapsed()
 }
 
-/// A channel to the server from 127.0.0.2: another client address on this machine.
-async fn from_second_address(port: u16) -> InferenceClient<Channel> {
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| async move {
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind("127.0.0.2:0".parse().unwrap())?;
-        let stream = sock
-            .connect(format!("127.0.0.1:{port}").parse().unwrap())
-            .await?;
-        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-    });
-    let ch = tonic::transport::Endpoint::from_static("http://127.0.0.1")
-        .connect_with_connector(connector)
-        .await
-        .unwrap();
-    InferenceClient::new(ch)
-}
-
 /// A flood of unpaid Generate requests from one address gets at most its cap of sessions,
 /// and a paying client (another address) still completes its generation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_unpaid_sessions_does_not_stop_a_paying_client() {
     let w = world(&["limits.max_unpaid_sessions_per_client=4"]).await;
-    let port = w.h.server().grpc_addr.port();
     let alone = paid_run(&w).await;
     // The flood: 40 Generate requests at once, none ever paid, kept open.
-    let mut flood = from_second_address(port).await;
+    let mut flood = super::support::client_from(&w, "127.0.0.2").await;
     let mut open_streams = Vec::new();
     let (mut accepted, mut refused) = (0, 0);
     for _ in 0..40 {

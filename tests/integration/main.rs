@@ -1,6 +1,7 @@
 //! Black-box tests on real parts: Bitcoin Core regtest, ldk-node, mistral.rs, SQLite, grpcurl.
 //! One test binary (linking is slow); one module per area.
 
+mod abuse;
 mod crash;
 mod demo;
 mod engine;

@@ -547,3 +547,223 @@ async fn an_unpaid_invoice_is_swept_when_it_expires() {
         .all(|e| e.amount_msat == 0));
     w.h.stop().await;
 }
+
+/// Issue 23.1: ldk-node keeps every payment record in memory. Records of payments final in
+/// the ledger for `lightning.payment_retention_secs` (here 0) are removed from the node once
+/// LDK's record is seen to agree; the books still balance against LDK's records and the
+/// ledger; a second payer paying a removed, claimed invoice again is failed back; and a
+/// keysend repeating a removed keysend's preimage (which LDK, without its record, claims) is
+/// booked to its session as refundable money rather than lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn final_payment_records_are_pruned_from_the_node_and_repeats_are_safe() {
+    use ldk_node::lightning::ln::channelmanager::PaymentId;
+    use ldk_node::lightning_types::payment::PaymentPreimage;
+    let w = world(&[
+        "lightning.payment_retention_secs=0",
+        "payments.claim_confirm_timeout_secs=2",
+    ])
+    .await;
+    let node = w.h.server().app.lightning.node().clone();
+    let store = w.h.server().app.store.clone();
+    // A BOLT11 session, paid to the end.
+    let mut s = open(&w, request(8, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    let paid = pay_until_done(&w, &mut s).await;
+    assert!(matches!(paid.end, Ev::Done(_)), "{:?}", paid.end);
+    let hashes: Vec<[u8; 32]> = paid
+        .invoices
+        .iter()
+        .map(|h| hex::decode(h).unwrap().try_into().unwrap())
+        .collect();
+    // A KEYSEND session paid with a preimage of the payer's choosing.
+    let mut k = open(&w, request(8, PaymentMode::Keysend)).await;
+    let Ev::Accepted(kacc) = next(&mut k).await else {
+        panic!("Accepted first")
+    };
+    let Ev::SessionOpened(so) = next(&mut k).await else {
+        panic!("SessionOpened second")
+    };
+    let server_id = satstream::lightning::parse_node_id(&so.node_id).unwrap();
+    let tlv = || {
+        vec![ldk_node::CustomTlvRecord {
+            type_num: so.tlv_type,
+            value: hex::decode(&so.session_id).unwrap(),
+        }]
+    };
+    let preimage = PaymentPreimage([42u8; 32]);
+    let kid = w
+        .h
+        .payer
+        .node
+        .spontaneous_payment()
+        .send_with_preimage_and_custom_tlvs(8 * MSAT_PER_TOKEN, server_id, tlv(), preimage, None)
+        .unwrap();
+    let kpaid = pay_until_done(&w, &mut k).await;
+    assert!(matches!(kpaid.end, Ev::Done(_)), "{:?}", kpaid.end);
+    assert_eq!(kpaid.text, letters(8));
+    let all: Vec<[u8; 32]> = hashes.iter().copied().chain([kid.0]).collect();
+    let records_before = node.list_payments().len();
+    {
+        let (store, all) = (store.clone(), all.clone());
+        wait_until("the watchdog to prune the final records", T, move || {
+            let (store, all) = (store.clone(), all.clone());
+            async move { all.iter().all(|h| store.ldk_pruned(h).unwrap()) }
+        })
+        .await
+        .unwrap();
+    }
+    for h in &all {
+        assert!(
+            node.payment(&PaymentId(*h)).is_none(),
+            "LDK's record of {} is gone",
+            hex::encode(h)
+        );
+    }
+    assert!(node.list_payments().len() <= records_before - all.len());
+    // The books still balance, the removed records standing on the ledger's figures.
+    assert_invariants(&w, &acc.session_id);
+    assert_invariants(&w, &kacc.session_id);
+
+    // A second payer pays the first (claimed, removed) chunk invoice again.
+    let second = w.h.add_payer("second", 200_000).await.unwrap();
+    let bolt11 = store.invoice(&hashes[0]).unwrap().unwrap().bolt11;
+    let out = second.pay(&bolt11, T).await;
+    assert!(
+        !matches!(out, Ok(PayOutcome::Succeeded { .. })),
+        "a removed, claimed invoice is never paid twice: {out:?}"
+    );
+    let claimed = |h: &[u8; 32]| {
+        store
+            .ledger_for_payment(h)
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == "invoice_claimed")
+            .count()
+    };
+    assert_eq!(claimed(&hashes[0]), 1);
+
+    // The second payer repeats the keysend's preimage: LDK (without its record) claims it; the
+    // server books it to the session it names, refundable.
+    let refundable_before = store.session(&sid(&kacc.session_id)).unwrap().unwrap();
+    let (rx, id) = (
+        second.subscribe(),
+        second
+            .node
+            .spontaneous_payment()
+            .send_with_preimage_and_custom_tlvs(3_000, server_id, tlv(), preimage, None)
+            .unwrap(),
+    );
+    let out = second.wait_outcome(rx, id.0, T).await.unwrap();
+    assert!(matches!(out, PayOutcome::Succeeded { .. }), "{out:?}");
+    {
+        let store = store.clone();
+        wait_until("the repeat to be booked", T, move || {
+            let store = store.clone();
+            async move {
+                store
+                    .ledger_for_payment(&kid.0)
+                    .unwrap()
+                    .iter()
+                    .any(|e| e.kind == "keysend_repeat")
+            }
+        })
+        .await
+        .unwrap();
+    }
+    let after = store.session(&sid(&kacc.session_id)).unwrap().unwrap();
+    assert_eq!(
+        after.refundable_msat(),
+        refundable_before.refundable_msat() + 3_000,
+        "the repeat is the customer's refundable money"
+    );
+    // LDK's record is now the repeat's, and the books balance against it.
+    assert_eq!(
+        node.payment(&PaymentId(kid.0)).and_then(|p| p.amount_msat),
+        Some(3_000)
+    );
+    assert!(!store.ldk_pruned(&kid.0).unwrap());
+    second.stop();
+    w.h.stop().await;
+}
+
+/// Issue 23.4: a priced prompt's HTLC is held while its session waits for the first chunk's
+/// payment. Held until within CLAIM_MARGIN_BLOCKS of LDK's claim deadline (blocks mined while
+/// the client dawdles), it is failed back with the chunk's rather than claimed that late (LDK
+/// could have to go on chain for it): the session ends, nothing is booked, and both of the
+/// payer's payments fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prompt_held_near_its_claim_deadline_is_failed_back_not_claimed() {
+    use satstream::lightning::invoices::CLAIM_MARGIN_BLOCKS;
+    let w = world_with(
+        &[
+            "payments.payment_timeout_secs=300",
+            "payments.first_payment_timeout_secs=300",
+        ],
+        100,
+        0,
+        CHUNK,
+    )
+    .await;
+    let mut s = open(&w, request(8, PaymentMode::Bolt11)).await;
+    let Ev::Accepted(acc) = next(&mut s).await else {
+        panic!("Accepted first")
+    };
+    assert!(acc.prompt_price_msat > 0);
+    let Ev::Invoice(prompt) = next(&mut s).await else {
+        panic!("the prompt's invoice")
+    };
+    assert!(prompt.chunk_index.is_none());
+    let prompt_hash: [u8; 32] = hex::decode(&prompt.payment_hash)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let prompt_pay = w.h.payer.send(&prompt.bolt11).unwrap();
+    let Ev::Invoice(chunk) = next(&mut s).await else {
+        panic!("the first chunk's invoice (the engine started: the prompt is held)")
+    };
+    let ln = w.h.server().app.lightning.clone();
+    let deadline = ln
+        .claim_deadline(&prompt_hash)
+        .expect("the held prompt has a claim deadline");
+    let height = ln.node().status().current_best_block.height;
+    assert!(
+        deadline > height + CLAIM_MARGIN_BLOCKS,
+        "{deadline} vs {height}"
+    );
+    // The client dawdles while blocks come: to within the margin of the deadline.
+    w.h.mine(deadline - CLAIM_MARGIN_BLOCKS - height)
+        .await
+        .unwrap();
+    let chunk_pay = w.h.payer.send(&chunk.bolt11).unwrap();
+    let end = loop {
+        match next(&mut s).await {
+            e @ (Ev::Done(_) | Ev::Halted(_)) => break e,
+            Ev::Tokens(t) => panic!("a chunk was delivered: {t:?}"),
+            _ => {}
+        }
+    };
+    let Ev::Halted(h) = end else {
+        panic!("Halted: {end:?}")
+    };
+    assert_eq!(h.completion_tokens_delivered, 0);
+    let sess = session_ended(&w, sid(&acc.session_id)).await;
+    assert_eq!(sess.paid_msat, 0, "nothing booked: {sess:?}");
+    for hash in [prompt_pay, chunk_pay] {
+        use ldk_node::lightning::ln::channelmanager::PaymentId;
+        use ldk_node::payment::PaymentStatus;
+        let node = w.h.payer.node.clone();
+        let status = move || node.payment(&PaymentId(hash)).map(|p| p.status);
+        let st = status.clone();
+        wait_until("the payer's payment to resolve", T, move || {
+            let st = st.clone();
+            async move { st().is_some_and(|s| s != PaymentStatus::Pending) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(status(), Some(PaymentStatus::Failed), "failed back");
+    }
+    assert_invariants(&w, &acc.session_id);
+    w.h.stop().await;
+}

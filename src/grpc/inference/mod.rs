@@ -56,7 +56,7 @@ impl Inference for InferenceService {
         &self,
         r: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let client = r.remote_addr().map(|a| a.ip());
+        let client = self.app.client_key(&r);
         generate::handle(self.app.clone(), r.into_inner(), client)
             .await
             .map(Response::new)
@@ -95,7 +95,8 @@ impl Inference for InferenceService {
         &self,
         r: Request<proto::TopUpRequest>,
     ) -> Result<Response<proto::TopUpResponse>, Status> {
-        top_up::handle(&self.app, r.into_inner())
+        let client = self.app.client_key(&r);
+        top_up::handle(&self.app, r.into_inner(), client)
             .await
             .map(Response::new)
     }

@@ -1,24 +1,13 @@
 //! Bearer secrets of sessions and accounts: issued once (only their SHA-256 is stored), and
 //! checked in constant time. A missing secret is Unauthenticated; a wrong one PermissionDenied.
 
-use rand::RngCore;
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use tonic::Status;
 
 use crate::app::App;
 use crate::store::{Account, Session};
 
-/// A fresh secret: 32 random bytes, and its hex form handed to the owner.
-pub(super) fn new_secret() -> ([u8; 32], String) {
-    let mut raw = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut raw);
-    (raw, hex::encode(raw))
-}
-
-pub(super) fn hash_secret(raw: &[u8; 32]) -> [u8; 32] {
-    Sha256::digest(raw).into()
-}
+pub(super) use crate::session::secret::{hash_secret, new_secret, same};
 
 /// Parses a presented secret; None when it is absent.
 fn presented(field: &str, token: &str) -> Result<Option<[u8; 32]>, Status> {
@@ -37,10 +26,6 @@ fn presented(field: &str, token: &str) -> Result<Option<[u8; 32]>, Status> {
             ))
         })?;
     Ok(Some(raw))
-}
-
-fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The session `session_id` if `token` is its owner's.

@@ -23,7 +23,7 @@ pub(super) async fn handle(app: &Arc<App>, req: QuoteRequest) -> Result<QuoteRes
         max_cost_msat: c.price.max_cost(n, req.max_tokens),
         node_id: app.lightning.node_id(),
         node_address: app.lightning.public_address().to_string(),
-        inbound_liquidity_msat: app.lightning.inbound_liquidity_msat(),
+        inbound_liquidity_msat: app.lightning.inbound_liquidity().await,
         keysend_tlv_type: app.lightning.keysend_tlv_type(),
     })
 }

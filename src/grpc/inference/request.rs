@@ -11,6 +11,10 @@ use crate::pricing::Price;
 use crate::session::Mode;
 use crate::wire::proto::{self, PaymentMode};
 
+/// What a chat template adds around one message, at most, in bytes (ChatML's
+/// `<|im_start|>user\n … <|im_end|>\n` is 24 plus the role): counted in `max_prompt_bytes`.
+const TEMPLATE_BYTES_PER_MESSAGE: usize = 32;
+
 /// A request that can be served: its model, its prompt's tokens and its prices.
 pub(super) struct Checked {
     pub model: ModelConfig,
@@ -107,7 +111,20 @@ pub(super) async fn check(
 ) -> Result<Checked, Status> {
     let model = model_config(app, model)?.clone();
     let mode = mode_of(mode)?;
-    let bytes: usize = prompt.len() + messages.iter().map(|m| m.content.len()).sum::<usize>();
+    let max_messages = app.config.limits.max_messages as usize;
+    if messages.len() > max_messages {
+        return Err(Status::invalid_argument(format!(
+            "messages: {} messages, this server accepts at most {max_messages}",
+            messages.len()
+        )));
+    }
+    // What the template adds counts too (its role tags, around every message): a flood of
+    // empty messages is rendered and tokenized before the token cap could see it.
+    let bytes: usize = prompt.len()
+        + messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len() + TEMPLATE_BYTES_PER_MESSAGE)
+            .sum::<usize>();
     let max_bytes = app.config.limits.max_prompt_bytes as usize;
     if max_bytes > 0 && bytes > max_bytes {
         return Err(Status::invalid_argument(format!(

@@ -31,7 +31,7 @@ pub(super) async fn handle(app: &Arc<App>, req: ResumeRequest) -> Result<EventSt
     if s.state == SessionState::Open {
         // Taken before attaching: the meter may end at any moment.
         let closed = app.resumable.closed(&s.id);
-        let (tx, rx) = tokio::sync::mpsc::channel(super::generate::CLIENT_BUFFER);
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::session::open::CLIENT_BUFFER);
         let (reply, answer) = tokio::sync::oneshot::channel();
         let a = Attach {
             out: tx,

@@ -6,7 +6,11 @@ use crate::grpc::proto::{TopUpRequest, TopUpResponse};
 use crate::lightning::invoices::HoldInvoice;
 use crate::store::InvoicePurpose;
 
-pub(super) async fn handle(app: &Arc<App>, req: TopUpRequest) -> Result<TopUpResponse, Status> {
+pub(super) async fn handle(
+    app: &Arc<App>,
+    req: TopUpRequest,
+    client: Option<std::net::IpAddr>,
+) -> Result<TopUpResponse, Status> {
     let p = &app.config.payments;
     if req.amount_msat < p.topup_min_msat || req.amount_msat > p.topup_max_msat {
         return Err(Status::invalid_argument(format!(
@@ -14,7 +18,7 @@ pub(super) async fn handle(app: &Arc<App>, req: TopUpRequest) -> Result<TopUpRes
             p.topup_min_msat, p.topup_max_msat, req.amount_msat
         )));
     }
-    let inbound = app.lightning.inbound_liquidity_msat();
+    let inbound = app.lightning.inbound_liquidity().await;
     if inbound < req.amount_msat {
         return Err(Status::failed_precondition(format!(
             "the server can receive {inbound} msat now, less than {} msat: open a channel to {}@{}",
@@ -23,6 +27,25 @@ pub(super) async fn handle(app: &Arc<App>, req: TopUpRequest) -> Result<TopUpRes
             app.lightning.public_address()
         )));
     }
+    // A place among this client's open TopUps, held until the invoice is paid or expires.
+    let slot = match client {
+        Some(c) => {
+            let a = app.clone();
+            let max = app.config.limits.max_open_topups_per_client;
+            let slot = tokio::task::spawn_blocking(move || a.topups.reserve(&a.store, c, max))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|max| {
+                    Status::resource_exhausted(format!(
+                        "this address has {max} unpaid top-up invoices open, the limit: pay one, \
+                         or wait for one to expire ({} s after it was issued)",
+                        p.invoice_expiry_secs
+                    ))
+                })?;
+            Some(slot)
+        }
+        None => None,
+    };
     let (account_id, token) = if req.account_token.trim().is_empty() {
         let (raw, hex_token) = super::owner::new_secret();
         let mut id = [0u8; 16];
@@ -52,6 +75,9 @@ pub(super) async fn handle(app: &Arc<App>, req: TopUpRequest) -> Result<TopUpRes
     let inv = tokio::task::spawn_blocking(move || ln.create_hold_invoice(&spec, None))
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
+    if let Some(slot) = slot {
+        slot.issued(inv.payment_hash, inv.expires_at_unix);
+    }
     tracing::info!(account = %hex::encode(account_id), amount_msat = req.amount_msat, "top-up invoice issued");
     Ok(TopUpResponse {
         account_token: token,

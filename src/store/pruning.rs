@@ -1,0 +1,209 @@
+//! What ldk-node may forget: payments final in the ledger for longer than the retention
+//! window, and the mark that it did forget them (see `lightning::pruning`).
+
+use rusqlite::params;
+
+use super::{now_unix, Store, StoreError};
+
+/// Which of our records a payment is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentRecord {
+    /// An invoice we issued (chunk, prompt, top-up), in a final state.
+    Invoice,
+    /// A keysend we received.
+    Keysend,
+    /// A refund we sent, succeeded or failed.
+    Refund,
+}
+
+impl PaymentRecord {
+    fn table(self) -> &'static str {
+        match self {
+            PaymentRecord::Invoice => "invoices",
+            PaymentRecord::Keysend => "keysend_credits",
+            PaymentRecord::Refund => "refunds",
+        }
+    }
+}
+
+/// A payment final in the ledger whose LDK record may be removed, with what LDK's record must
+/// say for that to be safe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prunable {
+    pub payment_hash: [u8; 32],
+    pub record: PaymentRecord,
+    /// Some(amount): LDK must report it succeeded with this amount (msat; for a refund, the
+    /// amount we sent). None: LDK must report it failed (or not have it).
+    pub succeeded_msat: Option<u64>,
+}
+
+impl Store {
+    /// Payments final before `before_unix` whose LDK record is not yet removed, oldest first,
+    /// at most `limit` of each kind.
+    pub fn prunable_payments(
+        &self,
+        before_unix: u64,
+        limit: u32,
+    ) -> Result<Vec<Prunable>, StoreError> {
+        let c = self.read();
+        let mut out = Vec::new();
+        let hash = |v: Vec<u8>| {
+            <[u8; 32]>::try_from(v).map_err(|_| StoreError::Corrupt("payment hash".into()))
+        };
+        let mut st = c.prepare(
+            "SELECT payment_hash, state, received_msat FROM invoices
+             WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL AND resolved_at < ?1
+               AND state IN ('claimed', 'failed', 'expired', 'canceled')
+             ORDER BY resolved_at LIMIT ?2",
+        )?;
+        let rows = st
+            .query_map(params![before_unix as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (h, state, received) in rows {
+            out.push(Prunable {
+                payment_hash: hash(h)?,
+                record: PaymentRecord::Invoice,
+                succeeded_msat: (state == "claimed").then(|| received.unwrap_or(0) as u64),
+            });
+        }
+        let mut st = c.prepare(
+            "SELECT payment_hash, amount_msat FROM keysend_credits
+             WHERE ldk_pruned_at IS NULL AND received_at < ?1 ORDER BY received_at LIMIT ?2",
+        )?;
+        let rows = st
+            .query_map(params![before_unix as i64, limit as i64], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (h, amount) in rows {
+            out.push(Prunable {
+                payment_hash: hash(h)?,
+                record: PaymentRecord::Keysend,
+                succeeded_msat: Some(amount as u64),
+            });
+        }
+        let mut st = c.prepare(
+            "SELECT payment_hash, state, amount_msat FROM refunds
+             WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL AND resolved_at < ?1
+               AND state IN ('succeeded', 'failed')
+             ORDER BY resolved_at LIMIT ?2",
+        )?;
+        let rows = st
+            .query_map(params![before_unix as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (h, state, amount) in rows {
+            out.push(Prunable {
+                payment_hash: hash(h)?,
+                record: PaymentRecord::Refund,
+                succeeded_msat: (state == "succeeded").then_some(amount as u64),
+            });
+        }
+        Ok(out)
+    }
+
+    /// LDK no longer has these records (one transaction).
+    pub fn mark_pruned(&self, pruned: &[(PaymentRecord, [u8; 32])]) -> Result<(), StoreError> {
+        if pruned.is_empty() {
+            return Ok(());
+        }
+        let now = now_unix() as i64;
+        self.write(|tx| {
+            for (record, hash) in pruned {
+                tx.execute(
+                    &format!(
+                        "UPDATE {} SET ldk_pruned_at = ?2 WHERE payment_hash = ?1",
+                        record.table()
+                    ),
+                    params![hash.as_slice(), now],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether LDK's record of this payment was removed (for audits: the ledger is then the
+    /// only record, checked against LDK's before removal).
+    pub fn ldk_pruned(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        let c = self.read();
+        for table in ["invoices", "keysend_credits", "refunds"] {
+            let n: i64 = c.query_row(
+                &format!(
+                    "SELECT COUNT(*) FROM {table} WHERE payment_hash = ?1 AND ldk_pruned_at IS NOT NULL"
+                ),
+                [hash.as_slice()],
+                |r| r.get(0),
+            )?;
+            if n > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{InvoicePurpose, InvoiceState, NewInvoice};
+
+    #[test]
+    fn only_final_payments_past_the_window_are_offered_and_each_once() {
+        let (s, _d) = crate::store::test_store();
+        let inv = |b: u8| NewInvoice {
+            payment_hash: [b; 32],
+            preimage: [b + 100; 32],
+            bolt11: format!("lnbcrt{b}"),
+            amount_msat: 1000,
+            session_id: None,
+            account_id: None,
+            chunk_index: None,
+            purpose: InvoicePurpose::Test,
+            expires_at_unix: now_unix() + 600,
+        };
+        for b in 1..=3 {
+            s.insert_invoice(&inv(b)).unwrap();
+        }
+        // 1: canceled (final); 2: held (not final); 3: open.
+        s.transition_invoice(&[1; 32], InvoiceState::Canceled, None, "t")
+            .unwrap();
+        s.transition_invoice(&[2; 32], InvoiceState::Held, Some(1000), "t")
+            .unwrap();
+        s.record_keysend_credit(&[9; 32], None, 5000).unwrap();
+        let later = now_unix() + 10;
+        let p = s.prunable_payments(later, 100).unwrap();
+        let got: Vec<_> = p.iter().map(|p| (p.record, p.payment_hash[0])).collect();
+        assert_eq!(
+            got,
+            vec![(PaymentRecord::Invoice, 1), (PaymentRecord::Keysend, 9)]
+        );
+        assert_eq!(p[0].succeeded_msat, None);
+        assert_eq!(p[1].succeeded_msat, Some(5000));
+        // Not yet past the window: nothing.
+        assert!(s
+            .prunable_payments(now_unix() - 10, 100)
+            .unwrap()
+            .is_empty());
+        s.mark_pruned(&[(PaymentRecord::Invoice, [1; 32])]).unwrap();
+        assert!(s.ldk_pruned(&[1; 32]).unwrap());
+        assert!(!s.ldk_pruned(&[9; 32]).unwrap());
+        let got: Vec<_> = s
+            .prunable_payments(later, 100)
+            .unwrap()
+            .iter()
+            .map(|p| p.payment_hash[0])
+            .collect();
+        assert_eq!(got, vec![9]);
+    }
+}
