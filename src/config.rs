@@ -188,6 +188,9 @@ pub struct Config {
 pub struct ServerConfig {
     /// gRPC listen address (host:port).
     pub grpc_listen: String,
+    /// The HTTP face (OpenAI-compatible endpoints, L402), host:port. Empty: off. Same TLS
+    /// policy and certificate as gRPC (`tls = "auto"`: TLS unless this address is loopback).
+    pub http_listen: String,
     /// Everything the server writes lives here unless a path below says otherwise.
     pub data_dir: PathBuf,
     /// Bearer token for the Admin service; created (0600) on first start. Empty: `<data_dir>/admin.token`.
@@ -320,6 +323,11 @@ pub struct PaymentsConfig {
     /// TopUp amounts accepted.
     pub topup_min_msat: u64,
     pub topup_max_msat: u64,
+    /// The HTTP face's L402 challenge: its invoice tops up an account by this much (at least
+    /// the request's first payment), within topup_min_msat..=topup_max_msat.
+    pub l402_topup_msat: u64,
+    /// How long an L402 credential (macaroon + preimage) stays valid.
+    pub l402_valid_secs: u64,
     /// Attempts at handling an LDK event before it is parked (Admin ListParkedEvents).
     pub event_max_attempts: u32,
     /// Lookahead follows each session's measured payment latency and engine rate (and an
@@ -368,6 +376,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             grpc_listen: "127.0.0.1:50051".into(),
+            http_listen: "127.0.0.1:8402".into(),
             data_dir: "satstream-data".into(),
             admin_token_file: PathBuf::new(),
             shutdown_timeout_secs: 15,
@@ -431,6 +440,8 @@ impl Default for PaymentsConfig {
             refund_fee_ppm: 10_000,
             topup_min_msat: 1_000,
             topup_max_msat: 100_000_000,
+            l402_topup_msat: 100_000,
+            l402_valid_secs: 30 * 24 * 3600,
             event_max_attempts: 5,
             adaptive_lookahead: true,
             max_unpaid_msat: 0,
@@ -618,6 +629,25 @@ impl Config {
         if !sv.metrics_listen.is_empty() {
             addr("server.metrics_listen", &sv.metrics_listen)?;
         }
+        if !sv.http_listen.is_empty() {
+            addr("server.http_listen", &sv.http_listen)?;
+        }
+        if let Some(a) = self.http_addr() {
+            if !self.tls_on(a) && !a.ip().is_loopback() && !sv.allow_plaintext {
+                return Err(err(
+                    "server.tls",
+                    format!(
+                        "plaintext HTTP on the non-loopback address {} would send API keys and \
+                         L402 preimages in the clear: use tls = \"auto\" or \"on\", or set \
+                         server.allow_plaintext = true",
+                        sv.http_listen
+                    ),
+                ));
+            }
+        }
+        if self.payments.l402_valid_secs == 0 {
+            return Err(err("payments.l402_valid_secs", "must be at least 1"));
+        }
         if self.plaintext() && !self.grpc_addr().ip().is_loopback() && !sv.allow_plaintext {
             return Err(err(
                 "server.tls",
@@ -763,15 +793,26 @@ impl Config {
 
     /// Whether the gRPC listener serves plaintext (TLS `off`, or `auto` on loopback).
     pub fn plaintext(&self) -> bool {
+        match self.server.grpc_listen.parse::<SocketAddr>() {
+            Ok(a) => !self.tls_on(a),
+            Err(_) => self.server.tls == TlsMode::Off,
+        }
+    }
+
+    /// The TLS policy for a listener on `a`: `auto` is on unless `a` is loopback.
+    pub fn tls_on(&self, a: SocketAddr) -> bool {
         match self.server.tls {
-            TlsMode::On => false,
-            TlsMode::Off => true,
-            TlsMode::Auto => self
-                .server
-                .grpc_listen
-                .parse::<SocketAddr>()
-                .map(|a| a.ip().is_loopback())
-                .unwrap_or(false),
+            TlsMode::On => true,
+            TlsMode::Off => false,
+            TlsMode::Auto => !a.ip().is_loopback(),
+        }
+    }
+
+    /// Where the HTTP face listens; None when it is off (or the address is invalid).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        match self.server.http_listen.as_str() {
+            "" => None,
+            a => a.parse().ok(),
         }
     }
 

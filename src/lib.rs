@@ -1,7 +1,7 @@
 //! satstream sells LLM tokens per chunk over the Bitcoin Lightning Network.
 //!
 //! # Layout
-//! A request flows one way: `grpc` → session/meter → engine and `lightning` → `store`.
+//! A request flows one way: `grpc` (or `http`) → session/meter → engine and `lightning` → `store`.
 //!
 //! - [`config`]: the TOML configuration, environment and `--set` overrides, validation.
 //! - [`server`]: starts and stops the whole server in order (store, node, events, gRPC).
@@ -9,6 +9,9 @@
 //! - [`app`]: the state every handler shares.
 //! - [`grpc`]: the edge. Generated types, `auth` (admin bearer token), one file per RPC under
 //!   `grpc::admin` and `grpc::inference`, and the error → `tonic::Status` mapping.
+//! - [`http`]: the HTTP face. OpenAI-compatible completions (streamed as SSE) and the
+//!   account endpoints, paid from a PREPAID account (the API key) or through an L402
+//!   challenge; it translates to the same validation, `session::open` and handlers as gRPC.
 //! - [`lightning`]: the embedded ldk-node and every money decision: hold invoices and the
 //!   crash-safe claim protocol (`lightning::invoices`), refunds, channel closures, and
 //!   `lightning::events`, the single event loop that commits each event's effect before
@@ -52,6 +55,7 @@ pub mod files;
 pub mod grpc;
 #[cfg(feature = "devtools")]
 pub mod harness;
+pub mod http;
 pub mod lightning;
 pub mod logging;
 pub mod metrics;

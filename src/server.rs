@@ -34,6 +34,13 @@ pub enum ServerError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    BindHttp {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("L402 key: {0}")]
+    L402(std::io::Error),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
     #[error("reflection: {0}")]
@@ -62,6 +69,9 @@ pub struct RunningServer {
     pub tls: Option<crate::tls::ServerTls>,
     /// Where Prometheus metrics are served, when on.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the HTTP face listens, when on.
+    pub http_addr: Option<SocketAddr>,
+    http: Option<JoinHandle<()>>,
     shutdown: CancellationToken,
     events_stop: CancellationToken,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -168,7 +178,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 .map_err(|e| ServerError::Metrics(e.to_string()))?,
         ),
     };
-    let tls = if config.plaintext() {
+    let http_tls = config.http_addr().is_some_and(|a| config.tls_on(a));
+    let tls = if config.plaintext() && !http_tls {
         None
     } else {
         let t = crate::tls::load_or_create(&config).map_err(|e| ServerError::Tls(e.to_string()))?;
@@ -177,7 +188,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     };
     // Admin is never served in plaintext off loopback (its bearer token would cross the
     // network in the clear).
-    let serve_admin = tls.is_some() || config.grpc_addr().ip().is_loopback();
+    let serve_admin = !config.plaintext() || config.grpc_addr().ip().is_loopback();
     if !serve_admin {
         tracing::warn!("plaintext on a public address: the Admin service is not served");
     }
@@ -228,8 +239,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     // TLS is ours, not tonic's: the front door (crate::net) bounds the handshake's time and
     // the connections each client holds.
     let acceptor = match &tls {
-        Some(t) => Some(crate::net::acceptor(t, &[b"h2"]).map_err(ServerError::Tls)?),
-        None => None,
+        Some(t) if !config.plaintext() => {
+            Some(crate::net::acceptor(t, &[b"h2"]).map_err(ServerError::Tls)?)
+        }
+        _ => None,
     };
     let keys = app.clients.clone();
     let caps = crate::net::Caps {
@@ -248,7 +261,34 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             .add_optional_service(admin)
             .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
     );
-    tracing::info!(%grpc_addr, tls = tls.is_some(), "gRPC serving");
+    tracing::info!(%grpc_addr, tls = !config.plaintext(), "gRPC serving");
+    let (http_addr, http) = match config.http_addr() {
+        None => (None, None),
+        Some(a) => {
+            let bind = |source| ServerError::BindHttp {
+                addr: config.server.http_listen.clone(),
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(a).await.map_err(bind)?;
+            let acceptor = match &tls {
+                Some(t) if config.tls_on(a) => {
+                    Some(crate::net::acceptor(t, &[b"h2", b"http/1.1"]).map_err(ServerError::Tls)?)
+                }
+                _ => None,
+            };
+            let l402 = crate::http::l402::L402::load_or_create(&config.server.data_dir)
+                .map_err(ServerError::L402)?;
+            let http = Arc::new(crate::http::Http {
+                app: app.clone(),
+                l402,
+            });
+            let (local, task) =
+                crate::http::serve(http, listener, acceptor, caps, shutdown.clone())
+                    .map_err(bind)?;
+            tracing::info!(http_addr = %local, tls = config.tls_on(a), "HTTP serving");
+            (Some(local), Some(task))
+        }
+    };
     if metrics_addr.is_some() {
         tokio::spawn(refresh_gauges(app.clone(), events_stop.clone()));
     }
@@ -256,8 +296,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         app,
         grpc_addr,
         admin_token,
-        tls,
+        tls: if config.plaintext() { None } else { tls },
         metrics_addr,
+        http_addr,
+        http,
         shutdown,
         events_stop,
         grpc,
@@ -412,6 +454,12 @@ impl RunningServer {
                     "streams still open at the shutdown deadline: closing them"
                 );
                 grpc_abort.abort();
+            }
+        }
+        if let Some(http) = self.http {
+            let abort = http.abort_handle();
+            if tokio::time::timeout_at(deadline, http).await.is_err() {
+                abort.abort();
             }
         }
         // Let halting sessions commit and fail back their HTLCs before the loop stops. A

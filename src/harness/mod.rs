@@ -153,6 +153,7 @@ impl Harness {
         let mut sets = vec![
             format!("server.data_dir={}", root.join("server").display()),
             "server.grpc_listen=127.0.0.1:0".to_string(),
+            "server.http_listen=127.0.0.1:0".to_string(),
             format!("lightning.listen=127.0.0.1:{}", free_port()),
             "lightning.network=regtest".to_string(),
             // Tests and benches open many streams from one address at once.

@@ -213,6 +213,7 @@ impl ProcessWorld {
         let mut sets = vec![
             format!("server.data_dir={}", root.join("server").display()),
             format!("server.grpc_listen=127.0.0.1:{}", super::free_port()),
+            format!("server.http_listen=127.0.0.1:{}", super::free_port()),
             format!("lightning.listen=127.0.0.1:{}", super::free_port()),
             format!("chain.bitcoind_rpc_port={}", bitcoind.rpc_port),
             format!("chain.bitcoind_rpc_user={}", bitcoind.rpc_user),
@@ -300,6 +301,11 @@ impl ProcessWorld {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.config.server.grpc_listen)
+    }
+
+    /// The HTTP face's base URL (`http://host:port`).
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.config.server.http_listen)
     }
 
     pub async fn admin(&self) -> Result<AdminClient, HarnessError> {

@@ -47,6 +47,9 @@ pub struct Opening {
     pub prompt_sha256: [u8; 32],
     /// Who asks (its client key), for the per-client caps.
     pub client: Option<IpAddr>,
+    /// A dropped stream may be resumed (gRPC); false: a client that goes away ends the
+    /// session at once (HTTP, which has no Resume).
+    pub resumable: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +163,7 @@ pub async fn open(app: Arc<App>, o: Opening) -> Result<Opened, OpenError> {
         .map_err(|e| OpenError::Internal(e.to_string()))??;
 
     let p = &app.config.payments;
+    let resume_grace_secs = if o.resumable { p.resume_grace_secs } else { 0 };
     let invoiced = matches!(o.mode, Mode::Bolt11 | Mode::Atomic);
     let cap_tokens = match p.max_unpaid_msat {
         0 => AUTO_UNPAID_TOKENS,
@@ -188,7 +192,7 @@ pub async fn open(app: Arc<App>, o: Opening) -> Result<Opened, OpenError> {
         node_id: app.lightning.node_id(),
         first_payment_timeout_secs: p.first_payment_timeout_secs as u32,
         max_chunk_tokens: pace.max_chunk_tokens(),
-        resume_grace_secs: p.resume_grace_secs.min(u32::MAX as u64) as u32,
+        resume_grace_secs: resume_grace_secs.min(u32::MAX as u64) as u32,
     };
     let _ = tx
         .send(send(Ev::Accepted(proto::Accepted {
@@ -229,7 +233,7 @@ pub async fn open(app: Arc<App>, o: Opening) -> Result<Opened, OpenError> {
             allowance: 0,
         },
         pace,
-        resume_grace: Duration::from_secs(p.resume_grace_secs),
+        resume_grace: Duration::from_secs(resume_grace_secs),
         max_resumes: p.max_resumes,
         max_lifetime: Duration::from_secs(p.max_session_secs),
         accepted,

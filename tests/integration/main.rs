@@ -9,6 +9,7 @@ mod exposure;
 mod foundation;
 mod gateway;
 mod grpcurl;
+mod http;
 mod money;
 mod paid;
 mod prepaid;

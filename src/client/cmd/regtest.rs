@@ -25,6 +25,7 @@ pub async fn run(base: &Config, sets: &[String], a: &RegtestArgs) -> Result<(), 
     let base = &base;
     let mut sets = sets.to_vec();
     sets.push(format!("server.grpc_listen={}", base.server.grpc_listen));
+    sets.push(format!("server.http_listen={}", base.server.http_listen));
     eprintln!("Starting bitcoind -regtest, the server and a payer node; opening a channel...");
     let h = Harness::start(HarnessOptions {
         models: base.models.clone(),

@@ -79,6 +79,7 @@ pub(super) async fn handle(
         account,
         prompt_sha256: crate::wire::receipt::prompt_sha256(&req.messages, &req.prompt),
         client,
+        resumable: true,
     };
     let opened = session::open(app, opening).await.map_err(|e| match e {
         OpenError::NoInbound { .. } => Status::failed_precondition(e.to_string()),

@@ -17,7 +17,7 @@ pub(super) async fn handle(app: &Arc<App>, req: GetReceiptRequest) -> Result<Rec
 }
 
 /// A receipt that cannot be had (yet) as the client's status.
-pub(super) fn status(e: IssueError) -> Status {
+pub(crate) fn status(e: IssueError) -> Status {
     match e {
         IssueError::Running(_) => Status::failed_precondition(e.to_string()),
         IssueError::Settling(_) => Status::unavailable(e.to_string()),

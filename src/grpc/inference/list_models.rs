@@ -1,7 +1,7 @@
 use crate::app::App;
 use crate::grpc::proto::{ListModelsResponse, ModelInfo, PaymentMode};
 
-pub(super) fn handle(app: &App) -> ListModelsResponse {
+pub(crate) fn handle(app: &App) -> ListModelsResponse {
     let modes = vec![
         PaymentMode::Bolt11 as i32,
         PaymentMode::Atomic as i32,

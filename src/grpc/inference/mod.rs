@@ -3,14 +3,14 @@
 mod end_session;
 mod generate;
 mod get_account;
-mod get_receipt;
-mod list_models;
-mod owner;
+pub(crate) mod get_receipt;
+pub(crate) mod list_models;
+pub(crate) mod owner;
 mod quote;
-mod refund;
-mod request;
+pub(crate) mod refund;
+pub(crate) mod request;
 mod resume;
-mod top_up;
+pub(crate) mod top_up;
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -29,7 +29,7 @@ fn presented(field: &str, token: &str) -> Result<Option<[u8; 32]>, Status> {
 }
 
 /// The session `session_id` if `token` is its owner's.
-pub(super) async fn session(
+pub(crate) async fn session(
     app: &Arc<App>,
     session_id: &str,
     token: &str,
@@ -52,7 +52,7 @@ pub(super) async fn session(
 }
 
 /// The account whose token `token` is; `required` says how to ask for it.
-pub(super) async fn account(app: &Arc<App>, token: &str) -> Result<Account, Status> {
+pub(crate) async fn account(app: &Arc<App>, token: &str) -> Result<Account, Status> {
     let raw = presented("account_token", token)?.ok_or_else(|| {
         Status::unauthenticated(
             "account_token: required (TopUp returns it when it opens the account)",

@@ -33,6 +33,22 @@ pub(super) async fn handle(app: &Arc<App>, req: RefundRequest) -> Result<RefundR
             ))
         }
     };
+    pay(app, owner, &req.bolt11, req.wait_secs).await
+}
+
+/// Refunds `owner`'s balance to `bolt11` (gRPC's Refund and the HTTP face's), waiting at most
+/// `wait_secs` (0: the default) for the outcome.
+pub(crate) async fn pay(
+    app: &Arc<App>,
+    owner: Owner,
+    bolt11: &str,
+    wait_secs: u32,
+) -> Result<RefundResponse, Status> {
+    let req = RefundRequest {
+        bolt11: bolt11.to_string(),
+        wait_secs,
+        ..Default::default()
+    };
     if req.bolt11.trim().is_empty() {
         return Err(Status::invalid_argument(
             "bolt11: required, an invoice of your wallet (no amount: the whole balance)",

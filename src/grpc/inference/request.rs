@@ -16,7 +16,7 @@ use crate::wire::proto::{self, PaymentMode};
 const TEMPLATE_BYTES_PER_MESSAGE: usize = 32;
 
 /// A request that can be served: its model, its prompt's tokens and its prices.
-pub(super) struct Checked {
+pub(crate) struct Checked {
     pub model: ModelConfig,
     pub prompt: Vec<u32>,
     pub price: Price,
@@ -30,7 +30,7 @@ impl Checked {
 }
 
 /// The model a request names, or NotFound listing the ids on sale.
-pub(super) fn model_config<'a>(app: &'a App, id: &str) -> Result<&'a ModelConfig, Status> {
+pub(crate) fn model_config<'a>(app: &'a App, id: &str) -> Result<&'a ModelConfig, Status> {
     if id.is_empty() {
         return Err(Status::invalid_argument(
             "model: required; ListModels shows the ids",
@@ -101,7 +101,7 @@ fn prompt_of(messages: &[proto::ChatMessage], prompt: &str) -> Result<Prompt, St
 }
 
 /// Validates a Quote or Generate request and tokenizes its prompt (once).
-pub(super) async fn check(
+pub(crate) async fn check(
     app: &Arc<App>,
     model: &str,
     messages: &[proto::ChatMessage],

@@ -11,6 +11,42 @@ pub(super) async fn handle(
     req: TopUpRequest,
     client: Option<std::net::IpAddr>,
 ) -> Result<TopUpResponse, Status> {
+    let account = if req.account_token.trim().is_empty() {
+        None
+    } else {
+        Some(super::owner::account(app, &req.account_token).await?.id)
+    };
+    let t = issue(app, req.amount_msat, client, account).await?;
+    Ok(TopUpResponse {
+        account_token: t
+            .token
+            .unwrap_or_else(|| req.account_token.trim().to_string()),
+        bolt11: t.invoice.bolt11,
+        payment_hash: hex::encode(t.invoice.payment_hash),
+        amount_msat: t.invoice.amount_msat,
+        expires_at_unix: t.invoice.expires_at_unix,
+    })
+}
+
+/// A top-up invoice issued: for a new account (its token, shown once) or an existing one.
+pub(crate) struct Issued {
+    pub token: Option<String>,
+    pub invoice: crate::store::Invoice,
+}
+
+/// Issues a top-up invoice of `amount_msat` for `account` (None: a new account), under the
+/// per-client cap on unpaid top-ups. gRPC's TopUp and the HTTP face's top-up and L402
+/// challenge all come here.
+pub(crate) async fn issue(
+    app: &Arc<App>,
+    amount_msat: u64,
+    client: Option<std::net::IpAddr>,
+    account: Option<[u8; 16]>,
+) -> Result<Issued, Status> {
+    let req = TopUpRequest {
+        amount_msat,
+        ..Default::default()
+    };
     let p = &app.config.payments;
     if req.amount_msat < p.topup_min_msat || req.amount_msat > p.topup_max_msat {
         return Err(Status::invalid_argument(format!(
@@ -46,19 +82,19 @@ pub(super) async fn handle(
         }
         None => None,
     };
-    let (account_id, token) = if req.account_token.trim().is_empty() {
-        let (raw, hex_token) = super::owner::new_secret();
-        let mut id = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
-        let store = app.store.clone();
-        let hash = super::owner::hash_secret(&raw);
-        tokio::task::spawn_blocking(move || store.create_account(id, hash))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        (id, hex_token)
-    } else {
-        let a = super::owner::account(app, &req.account_token).await?;
-        (a.id, req.account_token.trim().to_string())
+    let (account_id, token) = match account {
+        None => {
+            let (raw, hex_token) = super::owner::new_secret();
+            let mut id = [0u8; 16];
+            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut id);
+            let store = app.store.clone();
+            let hash = super::owner::hash_secret(&raw);
+            tokio::task::spawn_blocking(move || store.create_account(id, hash))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+            (id, Some(hex_token))
+        }
+        Some(id) => (id, None),
     };
     let spec = HoldInvoice {
         amount_msat: req.amount_msat,
@@ -79,11 +115,8 @@ pub(super) async fn handle(
         slot.issued(inv.payment_hash, inv.expires_at_unix);
     }
     tracing::info!(account = %hex::encode(account_id), amount_msat = req.amount_msat, "top-up invoice issued");
-    Ok(TopUpResponse {
-        account_token: token,
-        bolt11: inv.bolt11,
-        payment_hash: hex::encode(inv.payment_hash),
-        amount_msat: inv.amount_msat,
-        expires_at_unix: inv.expires_at_unix,
+    Ok(Issued {
+        token,
+        invoice: inv,
     })
 }
