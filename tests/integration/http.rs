@@ -609,3 +609,119 @@ async fn a_spent_balance_ends_the_stream_cleanly_and_a_gone_client_ends_its_sess
     assert_invariants(&w, &session);
     w.h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_account_is_opened_topped_up_and_refunded_over_http() {
+    // A channel server → payer, for the refund.
+    let w = world_with(&[], 0, 200_000, 4).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, auth: Option<&str>, body: Value| {
+        let mut r = http.post(format!("{}{path}", base(&w))).json(&body);
+        if let Some(a) = auth {
+            r = r.bearer_auth(a);
+        }
+        r.send()
+    };
+    // Without credentials: a new account, its token shown once.
+    let r = post("/v1/account/topup", None, json!({"amount_msat": 30_000}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t: Value = r.json().await.unwrap();
+    let token = t["account_token"].as_str().unwrap().to_string();
+    assert_eq!(t["amount_msat"], 30_000);
+    pay(&w, t["bolt11"].as_str().unwrap()).await;
+    let get = || async {
+        let r = http
+            .get(format!("{}/v1/account", base(&w)))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()
+    };
+    satstream::harness::wait_until("the top-up to be credited", T, || async {
+        get().await["available_msat"] == 30_000
+    })
+    .await
+    .unwrap();
+    // Topping up an existing account returns no new token.
+    let r = post("/v1/account/topup", Some(&token), json!({"amount_msat": 0}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["param"], "amount_msat", "{e}");
+    let t2: Value = post(
+        "/v1/account/topup",
+        Some(&token),
+        json!({"amount_msat": 2_000}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(t2["account_token"], Value::Null);
+    // No credentials for the balance: 401 saying how.
+    let r = http
+        .get(format!("{}/v1/account", base(&w)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // A refund of 10 000 msat to the payer's invoice: the payer's node receives it.
+    let inv = super::support::payer_invoice(&w, Some(10_000));
+    let r: Value = post(
+        "/v1/account/refund",
+        Some(&token),
+        json!({"bolt11": inv, "wait_secs": 60}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        (r["state"].as_str(), r["refunded_msat"].as_u64()),
+        (Some("succeeded"), Some(10_000)),
+        "{r}"
+    );
+    assert_eq!(r["available_msat"], 20_000);
+    let parsed: ldk_node::lightning_invoice::Bolt11Invoice = inv.parse().unwrap();
+    let id = ldk_node::lightning::ln::channelmanager::PaymentId(*parsed.payment_hash().as_ref());
+    let p = w.h.payer.node.payment(&id).unwrap();
+    assert_eq!(
+        (p.status, p.amount_msat),
+        (ldk_node::payment::PaymentStatus::Succeeded, Some(10_000))
+    );
+    assert_eq!(get().await["refunded_msat"], 10_000);
+    w.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_tls_on_the_http_face_serves_the_grpc_certificate() {
+    let w = world_with(&["server.tls=on"], 0, 0, 4).await;
+    let tls = w.h.server().tls.clone().expect("TLS on");
+    let ca = std::fs::read(&tls.trust_path).unwrap();
+    let port = w.h.server().http_addr.unwrap().port();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let r = https
+        .get(format!("https://localhost:{port}/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["data"][0]["id"], "tiny");
+    assert_eq!(v["data"][0]["satstream"]["msat_per_token"], MSAT_PER_TOKEN);
+    // Plaintext to the TLS port is not served.
+    assert!(reqwest::get(format!("http://127.0.0.1:{port}/v1/models"))
+        .await
+        .is_err());
+    w.h.stop().await;
+}
