@@ -15,7 +15,8 @@ pub struct BenchArgs {
     /// each file's perplexity, and llama.cpp beside a second loaded model).
     /// stall (the configured model and backend: the stall share of paid BOLT11 streams with
     /// adaptive lookahead, and how much of it comes before a session's first payment).
-    /// Printed only: chaos (random SIGKILLs of a server process, tiny model), rpc (ListModels
+    /// Printed only: http (the HTTP face's paid tok/s and time to first token against gRPC's,
+    /// PREPAID, the configured model), chaos (random SIGKILLs of a server process, tiny model), rpc (ListModels
     /// latency, completions and the server's peak RSS under 32 paid sessions, tiny model),
     /// soak (a server process's RSS over 1 000 distinct generations of the configured model),
     /// tls (plaintext against TLS: RPC round trip and payment → text, tiny model), gateway
@@ -49,6 +50,12 @@ pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
     if a.model == "gateway" {
         let m = first_model(base)?;
         println!("{}", super::gateway::overhead(&m, 128).await?);
+        eprintln!("machine: {}", super::machine());
+        return Ok(());
+    }
+    if a.model == "http" {
+        let m = first_model(base)?;
+        println!("{}", super::http::report(&m, 256).await?);
         eprintln!("machine: {}", super::machine());
         return Ok(());
     }

@@ -9,6 +9,7 @@ pub mod backends;
 pub mod cli;
 pub mod faults;
 pub mod gateway;
+pub mod http;
 pub mod longrun;
 pub mod transport;
 
