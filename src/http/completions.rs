@@ -457,6 +457,10 @@ async fn complete(
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
             OpenError::Refused(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
+            // OpenAI's clients retry a busy server on 503.
+            OpenError::Engine(e @ crate::engine::EngineError::Busy { .. }) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
             OpenError::Engine(e) => tonic::Status::from(e).into(),
             OpenError::Store(e) => tonic::Status::from(e).into(),
             OpenError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),

@@ -36,6 +36,10 @@ pub async fn run(base: &Config, sets: &[String], a: &RegtestArgs) -> Result<(), 
     .await
     .map_err(|e| ClientError::Harness(e.to_string()))?;
     let addr = h.server().grpc_addr;
+    let http = h
+        .server()
+        .http_addr
+        .map_or_else(|| "off".to_string(), |a| a.to_string());
     let token = &h.server().admin_token;
     // grpcurl's TLS flag: plaintext on loopback by default, or trust the server's own CA.
     let (tls, server_url, cacert) = match &h.server().tls {
@@ -55,6 +59,7 @@ pub async fn run(base: &Config, sets: &[String], a: &RegtestArgs) -> Result<(), 
     println!(
         "\nsatstream is running on regtest.\n\
          gRPC:          {addr}\n\
+         HTTP:          {http} (OpenAI-compatible, L402)\n\
          server node:   {}@{}\n\
          bitcoind RPC:  127.0.0.1:{rpc} (user/password satstream)\n\n\
          In another terminal (`source scripts/env.sh` puts satstream, bitcoin-cli and grpcurl on PATH):\n\
