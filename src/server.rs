@@ -374,6 +374,10 @@ fn lock_down(config: &Config) -> Result<(), ServerError> {
         config.lightning.seed_file.clone()
     };
     crate::files::check_private(&seed, "the Lightning node's seed")?;
+    crate::files::check_private(
+        &crate::http::l402::key_path(&config.server.data_dir),
+        "the L402 root key",
+    )?;
     if !config.server.tls_key_file.as_os_str().is_empty() {
         crate::files::check_private(&config.server.tls_key_file, "the TLS key")?;
     }

@@ -137,7 +137,8 @@ impl L402 {
     }
 }
 
-fn key_path(data_dir: &Path) -> PathBuf {
+/// Where the root key lives.
+pub fn key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("l402.key")
 }
 
