@@ -11,7 +11,7 @@
 //! which halts the generation on the server at once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ldk_node::Event;
 use serde::Serialize;
@@ -127,6 +127,15 @@ pub struct Summary {
     pub receipt_check: String,
 }
 
+/// How often invoices waiting for an HTLC slot are looked at again. A slot frees only when
+/// the commitment dance after a payment's `PaymentSuccessful` is over, which no ldk-node
+/// event reports, so waiting for the next event alone can wait forever.
+const RETRY_EVERY: Duration = Duration::from_millis(50);
+
+/// Sends LDK refused although a channel had a free HTLC slot (a genuine error, or a race with
+/// another user of the wallet): after this many the invoice is given up.
+const MAX_SEND_FAILURES: u32 = 3;
+
 /// The payment rules a session accepted: what every invoice is checked against.
 #[derive(Default)]
 struct Terms {
@@ -177,9 +186,11 @@ struct Run {
     ready: BTreeMap<u32, ClientEvent>,
     next_chunk: u32,
     keysend: Option<Keysend>,
-    /// Invoices the wallet could not send yet (e.g. the channel's HTLC slots are all in use
-    /// by other streams): retried whenever one of our payments resolves.
-    retry: Vec<(Option<u32>, String, u64)>,
+    /// Invoices not sent yet, in order: (chunk, BOLT11, amount, sends LDK refused). Mostly
+    /// waiting for an HTLC slot (LDK lets at most 50 HTLCs be in flight on a channel, shared
+    /// by every stream paying from this wallet); sent when a wallet event comes and every
+    /// [`RETRY_EVERY`].
+    retry: Vec<(Option<u32>, String, u64, u32)>,
     /// KEYSEND: sent so far, and the most the request can cost (no top-up beyond it).
     credited_ahead_msat: u64,
     server_credited_msat: u64,
@@ -214,6 +225,8 @@ pub async fn generate(
         prompt_sha256: Some(prompt_sha256),
         ..Run::default()
     };
+    let mut retry_tick = tokio::time::interval(RETRY_EVERY);
+    retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if run.budget_hit && run.in_flight.is_empty() && run.owed.is_empty() {
             run.summary.outcome = "budget".into();
@@ -249,6 +262,9 @@ pub async fn generate(
                 if !run.on_wallet_event(e, &mut on_event)? {
                     return Err(ClientError::Wallet("the wallet stopped".into()));
                 }
+                run.retry_sends(wallet, &mut on_event)?;
+            }
+            _ = retry_tick.tick(), if !run.retry.is_empty() => {
                 run.retry_sends(wallet, &mut on_event)?;
             }
         }
@@ -391,14 +407,20 @@ impl Run {
         Ok(true)
     }
 
+    /// Sends the waiting invoices in order, up to the first that still cannot go (the rest
+    /// would not either: they wait for the same slot).
     fn retry_sends(
         &mut self,
         wallet: &Wallet,
         on_event: &mut impl FnMut(&ClientEvent),
     ) -> Result<(), ClientError> {
-        for (chunk, bolt11, amount) in std::mem::take(&mut self.retry) {
-            self.pay_invoice(wallet, chunk, &bolt11, amount, on_event)?;
+        let mut waiting = std::mem::take(&mut self.retry).into_iter();
+        for (chunk, bolt11, amount, failures) in waiting.by_ref() {
+            if !self.pay_invoice(wallet, chunk, &bolt11, amount, failures, on_event)? {
+                break;
+            }
         }
+        self.retry.extend(waiting);
         Ok(())
     }
 
@@ -436,27 +458,43 @@ impl Run {
         false
     }
 
-    /// Pays chunk `chunk`'s invoice (None: the prompt's).
+    /// Pays chunk `chunk`'s invoice (None: the prompt's), or queues it (at the end of
+    /// `retry`) when it cannot go yet. Returns false when it was queued.
     fn pay_invoice(
         &mut self,
         wallet: &Wallet,
         chunk: Option<u32>,
         bolt11: &str,
         amount_msat: u64,
+        failures: u32,
         on_event: &mut impl FnMut(&ClientEvent),
-    ) -> Result<(), ClientError> {
+    ) -> Result<bool, ClientError> {
         if !self.affordable(amount_msat, on_event) {
-            return Ok(());
+            return Ok(true);
+        }
+        // Every HTLC slot of the wallet's channels taken (by this and other streams): LDK
+        // would only answer RouteNotFound, log two errors and write a failed payment record,
+        // so ask it nothing until a slot frees; the server's payment timeout bounds the wait.
+        if !wallet.has_htlc_slot() {
+            self.retry
+                .push((chunk, bolt11.to_string(), amount_msat, failures));
+            return Ok(false);
         }
         let hash = match wallet.send(bolt11) {
             Ok(hash) => hash,
+            Err(e) if failures + 1 < MAX_SEND_FAILURES => {
+                tracing::debug!(?chunk, error = %e, "cannot send yet; retrying");
+                self.retry
+                    .push((chunk, bolt11.to_string(), amount_msat, failures + 1));
+                return Ok(false);
+            }
             Err(e) => {
-                // Usually the channel's HTLC slots are all taken by other streams; a slot frees
-                // when any payment of this wallet resolves, and the server's payment timeout
-                // bounds the wait.
-                tracing::debug!(?chunk, error = %e, "cannot send yet; retrying when a payment resolves");
-                self.retry.push((chunk, bolt11.to_string(), amount_msat));
-                return Ok(());
+                tracing::warn!(?chunk, error = %e, "the wallet cannot pay this invoice; giving up");
+                on_event(&ClientEvent::PaymentFailed {
+                    chunk,
+                    reason: e.to_string(),
+                });
+                return Ok(true);
             }
         };
         self.in_flight.insert(
@@ -472,7 +510,7 @@ impl Run {
         }
         self.update_waiting();
         on_event(&ClientEvent::Paying { chunk, amount_msat });
-        Ok(())
+        Ok(true)
     }
 
     /// KEYSEND: keeps one chunk's price credited or in flight ahead of the server's spending.
@@ -652,7 +690,9 @@ impl Run {
             Ev::Invoice(inv) => {
                 let amount = self.check_invoice(&inv)?;
                 self.asked.insert(inv.payment_hash.clone());
-                self.pay_invoice(wallet, inv.chunk_index, &inv.bolt11, amount, on_event)?;
+                // Behind any invoice still waiting for a slot: chunks are paid in order.
+                self.retry.push((inv.chunk_index, inv.bolt11, amount, 0));
+                self.retry_sends(wallet, on_event)?;
             }
             Ev::Tokens(t) => self.text(t.chunk_index, t.first_token, t.tokens, t.text, on_event),
             Ev::EncryptedChunk(c) => {

@@ -188,6 +188,17 @@ impl Wallet {
             .map_err(|_| ClientError::Timeout("payment outcome"))?
     }
 
+    /// Whether a usable channel can take one more outgoing HTLC now. LDK caps the HTLCs in
+    /// flight on a channel (the peer's `max_accepted_htlcs`, 50 with LDK's defaults) and
+    /// reports a channel whose slots are all taken with `next_outbound_htlc_limit_msat` 0;
+    /// its router then finds no route.
+    pub fn has_htlc_slot(&self) -> bool {
+        self.node
+            .list_channels()
+            .iter()
+            .any(|c| c.is_usable && c.next_outbound_htlc_limit_msat > 0)
+    }
+
     /// Usable outbound capacity, msat.
     pub fn outbound_msat(&self) -> u64 {
         self.node
