@@ -14,7 +14,9 @@
 //! is held and committed, the session not yet told), `after_claim` (LDK claimed, the
 //! delivery not yet committed), `after_commit` (delivery committed, the tokens not yet
 //! written to the client), `keysend_credit` (a keysend payment arrived, its credit not yet
-//! committed), `claim` (error only: LDK refuses the claim), `send_invoice` (error only: the
+//! committed), `refund_reserved` (a refund's amount is reserved in SQLite, its payment not yet
+//! handed to LDK), `refund_sent` (LDK took the refund's payment, the caller not yet told),
+//! `claim` (error only: LDK refuses the claim), `send_invoice` (error only: the
 //! client is gone as its invoice is sent), `event` (error only: an event handler fails).
 
 use std::collections::HashMap;

@@ -155,7 +155,6 @@ enum Io {
 pub struct Conn {
     io: Io,
     remote: SocketAddr,
-    local: Option<SocketAddr>,
     _slot: Slot,
 }
 
@@ -303,7 +302,6 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let (tls, tx) = (tls.clone(), tx.clone());
             tokio::spawn(async move {
-                let local = tcp.local_addr().ok();
                 let io = tokio::time::timeout(caps.handshake, async {
                     match tls {
                         Some(a) => a.accept(tcp).await.map(|s| Io::Tls(Box::new(s))),
@@ -321,7 +319,6 @@ pub fn incoming(
                             .send(Ok(Conn {
                                 io,
                                 remote,
-                                local,
                                 _slot: slot,
                             }))
                             .await;
@@ -336,12 +333,6 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-impl Conn {
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.local
-    }
 }
 
 #[cfg(test)]

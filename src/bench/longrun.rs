@@ -56,24 +56,6 @@ fn failed(e: impl std::fmt::Display) -> BenchError {
     BenchError::Failed(e.to_string())
 }
 
-/// A client whose connection comes from `ip` (another loopback address: another client).
-async fn client_from(
-    server: std::net::SocketAddr,
-    ip: IpAddr,
-) -> Result<InferenceClient<tonic::transport::Channel>, BenchError> {
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| async move {
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(std::net::SocketAddr::new(ip, 0))?;
-        let stream = sock.connect(server).await?;
-        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-    });
-    let ch = tonic::transport::Endpoint::from_static("http://127.0.0.1")
-        .connect_with_connector(connector)
-        .await
-        .map_err(failed)?;
-    Ok(InferenceClient::new(ch))
-}
-
 /// ldk-node's payment records, through Admin ListPayments.
 async fn records(w: &ProcessWorld) -> Result<usize, BenchError> {
     let mut a = w.admin().await.map_err(failed)?;
@@ -243,7 +225,7 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
         // Unpaid sessions from 8 addresses, as many as each may hold, kept open.
         let mut held = Vec::new();
         for a in 10..18u8 {
-            let mut c = client_from(server, IpAddr::from([127, 0, 0, a])).await?;
+            let mut c = crate::harness::client_from(server, IpAddr::from([127, 0, 0, a])).await?;
             for i in 0..16 {
                 match c.generate(request(&m.id, 1_000_000 + i, 64)).await {
                     Ok(s) => held.push(s.into_inner()),
@@ -259,7 +241,7 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
     }
     {
         // TopUp spam: 200 anonymous top-ups from one address.
-        let mut c = client_from(server, IpAddr::from([127, 0, 0, 20])).await?;
+        let mut c = crate::harness::client_from(server, IpAddr::from([127, 0, 0, 20])).await?;
         let mut issued = 0;
         for _ in 0..200 {
             let r = c

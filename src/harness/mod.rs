@@ -104,6 +104,30 @@ pub(crate) async fn wait_onchain_funds(
     .await
 }
 
+/// A gRPC client of `server` whose connection comes from `ip` (another loopback address,
+/// 127.0.0.x): another client on this machine, as the server tells clients apart.
+pub async fn client_from(
+    server: std::net::SocketAddr,
+    ip: std::net::IpAddr,
+) -> Result<
+    crate::wire::proto::inference_client::InferenceClient<tonic::transport::Channel>,
+    HarnessError,
+> {
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| async move {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(std::net::SocketAddr::new(ip, 0))?;
+        let stream = sock.connect(server).await?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    let ch = tonic::transport::Endpoint::from_static("http://127.0.0.1")
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| HarnessError::Setup(format!("connecting from {ip}: {e}")))?;
+    Ok(crate::wire::proto::inference_client::InferenceClient::new(
+        ch,
+    ))
+}
+
 pub async fn wait_until<F, Fut>(
     what: &'static str,
     timeout: Duration,

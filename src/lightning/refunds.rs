@@ -118,6 +118,8 @@ impl Lightning {
             }
             Err(e) => return Err(e.into()),
         };
+        // Kill-only points (the crash tests): reserved, not yet handed to LDK.
+        let _ = self.faults.point("refund_reserved");
         let max_fee = refund_fee_cap(
             refund.amount_msat,
             self.refund_max_fee_msat,
@@ -134,6 +136,8 @@ impl Lightning {
         };
         match sent {
             Ok(_) => {
+                // LDK has the payment; the caller has not heard.
+                let _ = self.faults.point("refund_sent");
                 tracing::info!(payment_hash = %hex::encode(hash), amount_msat = refund.amount_msat, via, "refund sent");
                 Ok(refund)
             }

@@ -6,6 +6,7 @@
 //! admits sessions under the caps; [`Resumable`] holds the mailboxes `Resume` attaches
 //! through; [`replay`] serves an ended session's delivered chunks again.
 
+pub mod ending;
 mod meter;
 pub mod open;
 pub mod pace;

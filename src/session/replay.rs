@@ -11,6 +11,7 @@ use crate::lightning::Lightning;
 use crate::store::{SessionState, Store};
 use crate::wire::proto::{self, generate_event::Event as Ev};
 
+use super::ending::{last_event, Ending, Totals};
 use super::receipt::{self, IssueError};
 
 /// The events that replay ended session `sid` from chunk `from_chunk`: its delivered chunks as
@@ -51,28 +52,25 @@ pub fn ended_session(
         None => s.refundable_msat(),
     };
     let reason = s.end_reason.clone().unwrap_or_default();
-    events.push(match s.state {
-        SessionState::Finished => Ev::Done(proto::Done {
-            finish_reason: finish_reason(&reason) as i32,
+    let ending = match s.state {
+        SessionState::Finished => Ending::Done(finish_reason(&reason)),
+        _ => Ending::Halted(
+            halt_reason(&reason),
+            format!("the session has ended ({reason}); replayed from the store"),
+        ),
+    };
+    events.push(last_event(
+        ending,
+        Totals {
             prompt_tokens: s.prompt_tokens,
             completion_tokens: s.completion_tokens,
             chunks: s.chunks_delivered,
             paid_msat: s.paid_msat,
             refundable_msat: s.refundable_msat(),
-            receipt,
-            balance_msat,
-        }),
-        _ => Ev::Halted(proto::Halted {
-            reason: halt_reason(&reason) as i32,
-            message: format!("the session has ended ({reason}); replayed from the store"),
-            completion_tokens_delivered: s.completion_tokens,
-            chunks_delivered: s.chunks_delivered,
-            paid_msat: s.paid_msat,
-            refundable_msat: s.refundable_msat(),
             balance_msat,
             receipt,
-        }),
-    });
+        },
+    ));
     Ok(events)
 }
 

@@ -37,6 +37,32 @@ pub struct Prunable {
     pub succeeded_msat: Option<u64>,
 }
 
+/// Per kind: the final records older than ?1 not yet pruned (at most ?2, oldest first), as
+/// (payment hash, what LDK must report received or sent; NULL: failed). Each WHERE clause is
+/// its table's partial index's, so the query never scans history.
+const PRUNABLE: [(PaymentRecord, &str); 3] = [
+    (
+        PaymentRecord::Invoice,
+        "SELECT payment_hash, CASE WHEN state = 'claimed' THEN COALESCE(received_msat, 0) END
+         FROM invoices
+         WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL AND resolved_at < ?1
+           AND state IN ('claimed', 'failed', 'expired', 'canceled')
+         ORDER BY resolved_at LIMIT ?2",
+    ),
+    (
+        PaymentRecord::Keysend,
+        "SELECT payment_hash, amount_msat FROM keysend_credits
+         WHERE ldk_pruned_at IS NULL AND received_at < ?1 ORDER BY received_at LIMIT ?2",
+    ),
+    (
+        PaymentRecord::Refund,
+        "SELECT payment_hash, CASE WHEN state = 'succeeded' THEN amount_msat END FROM refunds
+         WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL AND resolved_at < ?1
+           AND state IN ('succeeded', 'failed')
+         ORDER BY resolved_at LIMIT ?2",
+    ),
+];
+
 impl Store {
     /// Payments final before `before_unix` whose LDK record is not yet removed, oldest first,
     /// at most `limit` of each kind.
@@ -47,68 +73,21 @@ impl Store {
     ) -> Result<Vec<Prunable>, StoreError> {
         let c = self.read();
         let mut out = Vec::new();
-        let hash = |v: Vec<u8>| {
-            <[u8; 32]>::try_from(v).map_err(|_| StoreError::Corrupt("payment hash".into()))
-        };
-        let mut st = c.prepare(
-            "SELECT payment_hash, state, received_msat FROM invoices
-             WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL AND resolved_at < ?1
-               AND state IN ('claimed', 'failed', 'expired', 'canceled')
-             ORDER BY resolved_at LIMIT ?2",
-        )?;
-        let rows = st
-            .query_map(params![before_unix as i64, limit as i64], |r| {
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<i64>>(2)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        for (h, state, received) in rows {
-            out.push(Prunable {
-                payment_hash: hash(h)?,
-                record: PaymentRecord::Invoice,
-                succeeded_msat: (state == "claimed").then(|| received.unwrap_or(0) as u64),
-            });
-        }
-        let mut st = c.prepare(
-            "SELECT payment_hash, amount_msat FROM keysend_credits
-             WHERE ldk_pruned_at IS NULL AND received_at < ?1 ORDER BY received_at LIMIT ?2",
-        )?;
-        let rows = st
-            .query_map(params![before_unix as i64, limit as i64], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        for (h, amount) in rows {
-            out.push(Prunable {
-                payment_hash: hash(h)?,
-                record: PaymentRecord::Keysend,
-                succeeded_msat: Some(amount as u64),
-            });
-        }
-        let mut st = c.prepare(
-            "SELECT payment_hash, state, amount_msat FROM refunds
-             WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL AND resolved_at < ?1
-               AND state IN ('succeeded', 'failed')
-             ORDER BY resolved_at LIMIT ?2",
-        )?;
-        let rows = st
-            .query_map(params![before_unix as i64, limit as i64], |r| {
-                Ok((
-                    r.get::<_, Vec<u8>>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        for (h, state, amount) in rows {
-            out.push(Prunable {
-                payment_hash: hash(h)?,
-                record: PaymentRecord::Refund,
-                succeeded_msat: (state == "succeeded").then_some(amount as u64),
-            });
+        for (record, sql) in PRUNABLE {
+            let rows = c
+                .prepare(sql)?
+                .query_map(params![before_unix as i64, limit as i64], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<i64>>(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            for (h, succeeded) in rows {
+                out.push(Prunable {
+                    payment_hash: <[u8; 32]>::try_from(h)
+                        .map_err(|_| StoreError::Corrupt("payment hash".into()))?,
+                    record,
+                    succeeded_msat: succeeded.map(|m| m as u64),
+                });
+            }
         }
         Ok(out)
     }

@@ -256,3 +256,136 @@ async fn crash_prepaid_while_topping_up_and_drawing() {
     )
     .await;
 }
+
+/// A refund killed between its reservation and LDK, and between LDK and the reply: after the
+/// restart the money is neither paid twice nor released while it may be in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_refund_between_reservation_and_payment() {
+    use satstream::wire::proto::{GetAccountRequest, RefundRequest};
+    let (mut w, _dir) = world().await;
+    let mut c = w.inference().await.unwrap();
+    // 30 000 sat: the server's side of the payer's channel then exceeds its reserve, so it
+    // can pay refunds back over it.
+    let t = c
+        .top_up(TopUpRequest {
+            account_token: String::new(),
+            amount_msat: 30_000_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        w.payer.pay(&t.bolt11, T).await.unwrap(),
+        satstream::harness::PayOutcome::Succeeded { .. }
+    ));
+    let token = t.account_token;
+    let account = |w: &ProcessWorld| {
+        let token = token.clone();
+        let ep = w.endpoint();
+        async move {
+            satstream::wire::proto::inference_client::InferenceClient::connect(ep)
+                .await
+                .unwrap()
+                .get_account(GetAccountRequest {
+                    account_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    satstream::harness::wait_until("the top-up to be credited", T, || async {
+        account(&w).await.credited_msat == 30_000_000
+    })
+    .await
+    .unwrap();
+    let received = |w: &ProcessWorld, bolt11: &str| {
+        let inv: ldk_node::lightning_invoice::Bolt11Invoice = bolt11.parse().unwrap();
+        w.payer
+            .node
+            .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(
+                *inv.payment_hash().as_ref(),
+            ))
+            .filter(|p| p.status == PaymentStatus::Succeeded)
+            .and_then(|p| p.amount_msat)
+    };
+    let invoice = |w: &ProcessWorld| {
+        use ldk_node::lightning_invoice::{Bolt11InvoiceDescription, Description};
+        let d = Bolt11InvoiceDescription::Direct(Description::new("refund".into()).unwrap());
+        w.payer
+            .node
+            .bolt11_payment()
+            .receive(1_000_000, &d, 3600)
+            .unwrap()
+            .to_string()
+    };
+    let refund = |w: &ProcessWorld, bolt11: String| {
+        let (token, ep) = (token.clone(), w.endpoint());
+        async move {
+            satstream::wire::proto::inference_client::InferenceClient::connect(ep)
+                .await
+                .unwrap()
+                .refund(RefundRequest {
+                    account_token: token,
+                    bolt11,
+                    wait_secs: 30,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+
+    for point in ["refund_reserved", "refund_sent"] {
+        let before = account(&w).await;
+        w.server().stop(T).await.unwrap();
+        let fault = format!("{point}:1");
+        w.start_server(&[("SATSTREAM_FAULT", fault.as_str())])
+            .await
+            .unwrap();
+        w.ensure_channel().await.unwrap();
+        let bolt11 = invoice(&w);
+        assert!(
+            refund(&w, bolt11.clone()).await.is_err(),
+            "{point}: the server dies before it answers"
+        );
+        let status = w.server().wait_exit(T).await.unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}");
+        w.start_server(&[]).await.unwrap();
+        w.ensure_channel().await.unwrap();
+        if point == "refund_reserved" {
+            // LDK never had it: the reservation stays (it is released only once it is an
+            // orphan, lightning::refunds::ORPHAN_REFUND_SECS), nothing was paid, and a retry
+            // with the same invoice is the first attempt, not a second payment.
+            let a = account(&w).await;
+            assert_eq!(a.reserved_msat, before.reserved_msat + 1_000_000, "{point}");
+            assert_eq!(
+                a.available_msat,
+                before.available_msat - 1_000_000,
+                "{point}"
+            );
+            let again = refund(&w, bolt11.clone()).await.unwrap().into_inner();
+            assert_eq!(again.state, "pending", "{point}: {again:?}");
+            assert_eq!(received(&w, &bolt11), None, "{point}: never paid");
+        } else {
+            // LDK dispatched it before the kill: it reports the outcome after the restart,
+            // and the refund is booked once; the payer received exactly the amount.
+            satstream::harness::wait_until("the refund to be booked", T, || async {
+                account(&w).await.refunded_msat == before.refunded_msat + 1_000_000
+            })
+            .await
+            .unwrap();
+            assert_eq!(received(&w, &bolt11), Some(1_000_000), "{point}");
+            let again = refund(&w, bolt11.clone()).await.unwrap().into_inner();
+            assert_eq!(again.state, "succeeded", "{point}: {again:?}");
+            let a = account(&w).await;
+            assert_eq!(a.reserved_msat, before.reserved_msat, "{point}");
+            assert_eq!(
+                a.available_msat,
+                before.available_msat - 1_000_000,
+                "{point}"
+            );
+        }
+    }
+    check_books(&w).await;
+    w.stop().await;
+}

@@ -166,19 +166,9 @@ pub async fn client(w: &World) -> InferenceClient<tonic::transport::Channel> {
 /// A client whose connection comes from `ip` (a loopback address, 127.0.0.x): another client
 /// on this machine, as the server tells clients apart.
 pub async fn client_from(w: &World, ip: &str) -> InferenceClient<tonic::transport::Channel> {
-    let server = w.h.server().grpc_addr;
-    let ip: std::net::IpAddr = ip.parse().unwrap();
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| async move {
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(std::net::SocketAddr::new(ip, 0))?;
-        let stream = sock.connect(server).await?;
-        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-    });
-    let ch = tonic::transport::Endpoint::from_static("http://127.0.0.1")
-        .connect_with_connector(connector)
+    satstream::harness::client_from(w.h.server().grpc_addr, ip.parse().unwrap())
         .await
-        .unwrap();
-    InferenceClient::new(ch)
+        .unwrap()
 }
 
 pub async fn open(w: &World, req: GenerateRequest) -> Streaming<GenerateEvent> {

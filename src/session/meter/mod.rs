@@ -40,6 +40,7 @@ use crate::pricing::Price;
 use crate::store::{ChunkDelivery, SessionState, StoreError};
 use crate::wire::proto::{self, generate_event::Event as Ev, GenerateEvent};
 
+use super::ending::{last_event, Ending, Totals};
 use super::LiveGuard;
 
 // How a chunk gets paid, one file per payment path: hold invoices (BOLT11, ATOMIC), a balance
@@ -912,33 +913,27 @@ impl Meter {
             tokens,
             self.started.elapsed().as_secs_f64(),
         );
-        let ev = match end {
+        let ending = match end {
             End::ClientGone | End::ClientStalled => return,
-            End::Done(r) => Ev::Done(proto::Done {
-                finish_reason: match r {
-                    FinishReason::Length(_) => proto::FinishReason::Length,
-                    FinishReason::Stop(_) => proto::FinishReason::StopString,
-                    _ => proto::FinishReason::Stop,
-                } as i32,
+            End::Done(r) => Ending::Done(match r {
+                FinishReason::Length(_) => proto::FinishReason::Length,
+                FinishReason::Stop(_) => proto::FinishReason::StopString,
+                _ => proto::FinishReason::Stop,
+            }),
+            End::Halt(reason, message) => Ending::Halted(reason, message),
+        };
+        let ev = last_event(
+            ending,
+            Totals {
                 prompt_tokens: self.spec.prompt_tokens,
                 completion_tokens: tokens,
                 chunks,
                 paid_msat: paid,
                 refundable_msat: refundable,
-                receipt,
-                balance_msat: balance,
-            }),
-            End::Halt(reason, message) => Ev::Halted(proto::Halted {
-                reason: reason as i32,
-                message,
-                completion_tokens_delivered: tokens,
-                chunks_delivered: chunks,
-                paid_msat: paid,
-                refundable_msat: refundable,
                 balance_msat: balance,
                 receipt,
-            }),
-        };
+            },
+        );
         // The last word, bounded like every other write.
         let _ = self.send(ev).await;
     }
