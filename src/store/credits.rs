@@ -44,7 +44,7 @@ impl Store {
             let repeat: Option<Option<Vec<u8>>> = tx
                 .query_row(
                     "SELECT session_id FROM keysend_credits
-                     WHERE payment_hash = ?1 AND ldk_pruned_at IS NOT NULL",
+                     WHERE payment_hash = ?1 AND ldk_pruned_at > 0",
                     [payment_hash.as_slice()],
                     |r| r.get(0),
                 )

@@ -94,10 +94,20 @@ impl Store {
 
     /// LDK no longer has these records (one transaction).
     pub fn mark_pruned(&self, pruned: &[(PaymentRecord, [u8; 32])]) -> Result<(), StoreError> {
+        self.mark(pruned, now_unix() as i64)
+    }
+
+    /// These records disagree with LDK's: kept in the node, never offered again (marked 0,
+    /// which [`Store::ldk_pruned`] does not count as removed).
+    pub fn mark_kept(&self, kept: &[(PaymentRecord, [u8; 32])]) -> Result<(), StoreError> {
+        self.mark(kept, 0)
+    }
+
+    fn mark(&self, records: &[(PaymentRecord, [u8; 32])], now: i64) -> Result<(), StoreError> {
+        let pruned = records;
         if pruned.is_empty() {
             return Ok(());
         }
-        let now = now_unix() as i64;
         self.write(|tx| {
             for (record, hash) in pruned {
                 tx.execute(
@@ -119,7 +129,7 @@ impl Store {
         for table in ["invoices", "keysend_credits", "refunds"] {
             let n: i64 = c.query_row(
                 &format!(
-                    "SELECT COUNT(*) FROM {table} WHERE payment_hash = ?1 AND ldk_pruned_at IS NOT NULL"
+                    "SELECT COUNT(*) FROM {table} WHERE payment_hash = ?1 AND ldk_pruned_at > 0"
                 ),
                 [hash.as_slice()],
                 |r| r.get(0),
@@ -184,5 +194,10 @@ mod tests {
             .map(|p| p.payment_hash[0])
             .collect();
         assert_eq!(got, vec![9]);
+        // A record that disagrees with LDK's is kept: never offered again (it would block the
+        // head of the queue), and not counted as removed.
+        s.mark_kept(&[(PaymentRecord::Keysend, [9; 32])]).unwrap();
+        assert!(s.prunable_payments(later, 100).unwrap().is_empty());
+        assert!(!s.ldk_pruned(&[9; 32]).unwrap());
     }
 }
