@@ -479,7 +479,7 @@ async fn complete(
     };
     let sid = accepted.session_id.clone();
     tracing::info!(session = %sid, model = %accepted.model, stream = a.stream, "HTTP completion");
-    let mut t = Translate {
+    let t = Translate {
         kind,
         id: format!(
             "{}-{sid}",
@@ -498,33 +498,56 @@ async fn complete(
         prompt_tokens: accepted.prompt_tokens,
         include_usage: a.include_usage,
         started: false,
-        text: String::new(),
     };
     let header = (
         HeaderName::from_static(SESSION_HEADER),
         HeaderValue::from_str(&sid).expect("hex"),
     );
     if !a.stream {
-        let mut end = None;
-        while let Some(e) = opened.events.recv().await {
-            match e {
-                Ok(GenerateEvent { event: Some(ev) }) => {
-                    if let Some(f) = t.whole(ev) {
-                        end = Some(f);
-                        break;
+        // OpenAI's whole response, but written as the answer is generated (the JSON's content
+        // string grows chunk by chunk): a client that goes away is noticed as in a stream, and
+        // its session ends at once instead of being drawn to its end unheard.
+        let body = futures_util::stream::unfold(
+            (opened.events, t, 0u8),
+            |(mut rx, mut t, stage)| async move {
+                let piece = match stage {
+                    0 => {
+                        let p = t.json_head();
+                        return Some((p, (rx, t, 1)));
                     }
-                }
-                Ok(_) => {}
-                Err(s) => return Err(s.into()),
-            }
-        }
-        let body = end.ok_or_else(|| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the session ended without its last event; see the server log",
-            )
-        })?;
-        return Ok(([header], axum::Json(body)).into_response());
+                    2 => return None,
+                    _ => match rx.recv().await {
+                        Some(Ok(GenerateEvent { event: Some(ev) })) => match t.json_piece(ev) {
+                            (p, true) => return Some((p, (rx, t, 2))),
+                            (p, false) => p,
+                        },
+                        Some(Ok(_)) => String::new(),
+                        Some(Err(s)) => return Some((t.json_failed(s.into()), (rx, t, 2))),
+                        None => {
+                            let e = ApiError::new(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "the session ended without its last event; see the server log",
+                            );
+                            return Some((t.json_failed(e), (rx, t, 2)));
+                        }
+                    },
+                };
+                Some((piece, (rx, t, 1)))
+            },
+        )
+        .filter(|p| std::future::ready(!p.is_empty()))
+        .map(|p| Ok::<_, Infallible>(axum::body::Bytes::from(p)));
+        return Ok((
+            [
+                header,
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+            ],
+            axum::body::Body::from_stream(body),
+        )
+            .into_response());
     }
     // The body owns the meter's receiver: a client that goes away drops it, and the meter
     // ends the session at once.
@@ -565,8 +588,6 @@ struct Translate {
     include_usage: bool,
     /// The first chunk (chat: with the assistant role) was sent.
     started: bool,
-    /// Non-streamed: the text so far.
-    text: String,
 }
 
 /// How a session ended: OpenAI's reason, our extension, the completion's tokens.
@@ -671,37 +692,65 @@ impl Translate {
         (out, true)
     }
 
-    /// Non-streamed: Some(the response) at the end.
-    fn whole(&mut self, ev: Ev) -> Option<Value> {
-        if let Ev::Tokens(tk) = &ev {
-            self.text.push_str(&tk.text);
-            return None;
-        }
-        let end = self.ending(&ev)?;
-        let choice = match self.kind {
-            Kind::Chat => json!({
-                "index": 0,
-                "message": { "role": "assistant", "content": self.text },
-                "logprobs": null,
-                "finish_reason": end.finish_reason,
-            }),
-            Kind::Text => json!({
-                "index": 0,
-                "text": self.text,
-                "logprobs": null,
-                "finish_reason": end.finish_reason,
-            }),
-        };
-        Some(json!({
+    /// Non-streamed, the body's start: everything up to the answer's text.
+    fn json_head(&self) -> String {
+        let head = json!({
             "id": self.id,
             "object": if self.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": self.usage(end.completion_tokens),
-            "satstream": end.satstream,
-        }))
+        })
+        .to_string();
+        let open = match self.kind {
+            Kind::Chat => {
+                r#""choices":[{"index":0,"logprobs":null,"message":{"role":"assistant","content":""#
+            }
+            Kind::Text => r#""choices":[{"index":0,"logprobs":null,"text":""#,
+        };
+        // `{...}` without its closing brace, then the choice up to the open text string.
+        format!("{},{open}", &head[..head.len() - 1])
     }
+
+    /// Non-streamed, one meter event: the text to append, and whether the body is complete.
+    fn json_piece(&mut self, ev: Ev) -> (String, bool) {
+        if let Ev::Tokens(tk) = &ev {
+            return (escaped(&tk.text), false);
+        }
+        let Some(end) = self.ending(&ev) else {
+            return (String::new(), false);
+        };
+        let close = match self.kind {
+            Kind::Chat => "\"}",
+            Kind::Text => "\"",
+        };
+        (
+            format!(
+                "{close},\"finish_reason\":{}}}],\"usage\":{},\"satstream\":{}}}",
+                json!(end.finish_reason),
+                self.usage(end.completion_tokens),
+                end.satstream
+            ),
+            true,
+        )
+    }
+
+    /// Non-streamed, an error after the body began: the text closed, the error beside it.
+    fn json_failed(&self, e: ApiError) -> String {
+        let close = match self.kind {
+            Kind::Chat => "\"}",
+            Kind::Text => "\"",
+        };
+        format!(
+            "{close},\"finish_reason\":null}}],\"error\":{}}}",
+            e.body()["error"]
+        )
+    }
+}
+
+/// `s` as the inside of a JSON string.
+fn escaped(s: &str) -> String {
+    let q = serde_json::to_string(s).expect("a string serializes");
+    q[1..q.len() - 1].to_string()
 }
 
 /// A halt's reason as a short name (`balance_exhausted`, `payment_timeout`…).
@@ -713,4 +762,69 @@ fn halt_name(reason: i32) -> String {
                 .to_ascii_lowercase()
         })
         .unwrap_or_else(|_| "unspecified".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(kind: Kind) -> Translate {
+        Translate {
+            kind,
+            id: "x-1".into(),
+            created: 7,
+            model: "m".into(),
+            session_id: "ab".into(),
+            prompt_tokens: 3,
+            include_usage: false,
+            started: false,
+        }
+    }
+
+    fn tokens(text: &str) -> Ev {
+        Ev::Tokens(proto::Tokens {
+            text: text.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_whole_response_written_as_it_grows_is_openais_json() {
+        for kind in [Kind::Chat, Kind::Text] {
+            let mut tr = t(kind);
+            let mut body = tr.json_head();
+            for p in ["He said \"hi\"\n", "— ok\\", "!"] {
+                let (s, end) = tr.json_piece(tokens(p));
+                assert!(!end);
+                body.push_str(&s);
+            }
+            let (s, end) = tr.json_piece(Ev::Done(proto::Done {
+                finish_reason: proto::FinishReason::Length as i32,
+                completion_tokens: 5,
+                paid_msat: 5_000,
+                ..Default::default()
+            }));
+            assert!(end);
+            body.push_str(&s);
+            let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+            let text = match kind {
+                Kind::Chat => &v["choices"][0]["message"]["content"],
+                Kind::Text => &v["choices"][0]["text"],
+            };
+            assert_eq!(text, "He said \"hi\"\n— ok\\!");
+            assert_eq!(v["choices"][0]["finish_reason"], "length");
+            assert_eq!(v["usage"]["total_tokens"], 8);
+            assert_eq!(v["satstream"]["paid_msat"], 5_000);
+            assert_eq!(v["id"], "x-1");
+            // Cut by an error after it began: still JSON, with the error beside the text.
+            let mut tr = t(kind);
+            let mut body = tr.json_head();
+            body.push_str(&tr.json_piece(tokens("a")).0);
+            body.push_str(
+                &tr.json_failed(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "boom")),
+            );
+            let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+            assert_eq!(v["error"]["message"], "boom");
+        }
+    }
 }

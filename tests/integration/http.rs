@@ -185,6 +185,25 @@ async fn the_openai_sdk_buys_tokens_with_an_account_token_as_its_api_key() {
     for s in &sessions {
         assert_invariants(&w, s);
     }
+    // The only Lightning money that moved is the top-up, per both nodes' own records (the
+    // channel's funding is an on-chain record).
+    let succeeded = |node: &ldk_node::Node, dir: ldk_node::payment::PaymentDirection| -> u64 {
+        node.list_payments()
+            .iter()
+            .filter(|p| {
+                p.direction == dir
+                    && p.status == ldk_node::payment::PaymentStatus::Succeeded
+                    && matches!(p.kind, ldk_node::payment::PaymentKind::Bolt11 { .. })
+            })
+            .filter_map(|p| p.amount_msat)
+            .sum()
+    };
+    use ldk_node::payment::PaymentDirection::{Inbound, Outbound};
+    assert_eq!(succeeded(&w.h.payer.node, Outbound), a.credited_msat);
+    assert_eq!(
+        succeeded(w.h.server().app.lightning.node(), Inbound),
+        a.credited_msat
+    );
     w.h.stop().await;
 }
 
@@ -723,5 +742,40 @@ async fn with_tls_on_the_http_face_serves_the_grpc_certificate() {
     assert!(reqwest::get(format!("http://127.0.0.1:{port}/v1/models"))
         .await
         .is_err());
+    w.h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_gone_from_a_whole_response_ends_its_session_too() {
+    let w = world_with(&[], 0, 0, 4).await;
+    let token = top_up(&w, "", 10_000_000).await;
+    let mut r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", base(&w)))
+        .bearer_auth(&token)
+        .json(&json!({"model": "tiny", "prompt": "hi", "max_tokens": 8_000, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let session = r.headers()["x-satstream-session-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    // The body begins before the answer ends; read a little of it and go.
+    let first = tokio::time::timeout(T, r.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.starts_with(b"{\"id\""), "{first:?}");
+    drop(r);
+    let s = session_ended_within(&w, sid(&session), Duration::from_secs(10)).await;
+    assert_eq!(s.end_reason.as_deref(), Some("client_gone"), "{s:?}");
+    assert!(s.completion_tokens < 8_000, "{s:?}");
+    assert_eq!(
+        account(&w, &token).await.spent_msat,
+        s.completion_tokens as u64 * MSAT_PER_TOKEN
+    );
+    assert_invariants(&w, &session);
     w.h.stop().await;
 }
