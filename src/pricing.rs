@@ -32,6 +32,14 @@ impl Price {
     }
 
     /// Most a generation can cost: the prompt and all `max_tokens`.
+    /// A session's first payment: its prompt's price, or (a free prompt) its first chunk's.
+    pub fn first_payment(&self, prompt_tokens: u32, max_tokens: u32) -> u64 {
+        match self.prompt(prompt_tokens) {
+            0 => self.chunk(self.chunk_tokens.min(max_tokens)),
+            p => p,
+        }
+    }
+
     pub fn max_cost(&self, prompt_tokens: u32, max_tokens: u32) -> u64 {
         self.prompt(prompt_tokens) + self.chunk(max_tokens)
     }

@@ -410,7 +410,9 @@ impl ProcessWorld {
                 .list_payments()
                 .iter()
                 .filter(|p| {
+                    // Its own invoices (refunds it waits for) are not payments it made.
                     p.status == ldk_node::payment::PaymentStatus::Pending
+                        && p.direction == ldk_node::payment::PaymentDirection::Outbound
                         && !matches!(p.kind, ldk_node::payment::PaymentKind::Onchain { .. })
                 })
                 .count();

@@ -406,12 +406,8 @@ async fn complete(
             m
         }
     };
-    let prompt_price = c.price.prompt(c.prompt_tokens());
-    let first = if prompt_price > 0 {
-        prompt_price
-    } else {
-        c.price.chunk(c.price.chunk_tokens.min(max_tokens))
-    };
+    // The same first payment session::open will ask of the account.
+    let first = c.price.first_payment(c.prompt_tokens(), max_tokens);
     let client = h.client(peer, &headers);
     let account =
         match account {

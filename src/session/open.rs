@@ -102,12 +102,7 @@ pub async fn open(app: Arc<App>, o: Opening) -> Result<Opened, OpenError> {
     let price = o.price;
     let prompt_tokens = o.prompt.len() as u32;
     let prompt_price = price.prompt(prompt_tokens);
-    // The first payment: the prompt's, or the first chunk's.
-    let first = if prompt_price > 0 {
-        prompt_price
-    } else {
-        price.chunk(price.chunk_tokens.min(o.max_tokens))
-    };
+    let first = price.first_payment(prompt_tokens, o.max_tokens);
     if o.mode != Mode::Prepaid {
         let inbound = app.lightning.inbound_liquidity().await;
         if inbound < first {

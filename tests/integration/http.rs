@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use satstream::harness::PayOutcome;
-use satstream::wire::proto::{generate_event::Event as Ev, GetAccountRequest};
+use satstream::wire::proto::generate_event::Event as Ev;
 use serde_json::{json, Value};
 
 use super::prepaid::{prepaid, top_up};
 use super::support::{
-    assert_invariants, client, letters, next, open, session_ended_within, sid, world_with, World,
-    MSAT_PER_TOKEN, T,
+    assert_invariants, letters, next, open, server_payment, session_ended_within, sid, world_with,
+    World, MSAT_PER_TOKEN, T,
 };
 
 /// The outside clients (scripts/setup-clients.sh): the venv's python and the npm modules dir.
@@ -54,14 +54,9 @@ fn base(w: &World) -> String {
 }
 
 async fn account(w: &World, token: &str) -> satstream::wire::proto::Account {
-    client(w)
+    super::prepaid::account(w, token)
         .await
-        .get_account(GetAccountRequest {
-            account_token: token.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+        .expect("the account exists")
 }
 
 /// The text of a greedy gRPC PREPAID stream (chat "hi", or the raw prompt "hi").
@@ -282,14 +277,7 @@ async fn an_l402_client_pays_the_challenge_then_streams_and_reuses_its_credentia
     let topup = w.h.server().app.config.payments.l402_topup_msat;
     assert_eq!(acc.credited_msat, topup);
     assert_eq!(acc.spent_msat, 2 * 8 * MSAT_PER_TOKEN);
-    let p =
-        w.h.server()
-            .app
-            .lightning
-            .node()
-            .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
-            .unwrap();
-    assert_eq!(p.amount_msat, Some(topup));
+    assert_eq!(server_payment(&w, hash).amount_msat, Some(topup));
     assert_invariants(&w, paid["session"].as_str().unwrap());
     w.h.stop().await;
 }

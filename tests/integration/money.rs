@@ -151,13 +151,7 @@ async fn a_second_htlc_set_for_a_claimed_chunk_is_never_claimed() {
         1,
         "{ledger:?}"
     );
-    let p =
-        w.h.server()
-            .app
-            .lightning
-            .node()
-            .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
-            .unwrap();
+    let p = super::support::server_payment(&w, hash);
     assert_eq!(p.status, ldk_node::payment::PaymentStatus::Succeeded);
     assert_eq!(
         p.amount_msat,

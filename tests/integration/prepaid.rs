@@ -48,7 +48,7 @@ pub(super) async fn top_up(w: &World, token: &str, amount_msat: u64) -> String {
     token
 }
 
-async fn account(w: &World, token: &str) -> Option<satstream::wire::proto::Account> {
+pub(super) async fn account(w: &World, token: &str) -> Option<satstream::wire::proto::Account> {
     if token.is_empty() {
         return None;
     }

@@ -327,6 +327,16 @@ pub async fn pay_until_done(w: &World, s: &mut Streaming<GenerateEvent>) -> Paid
     }
 }
 
+/// The server node's own record of the payment `hash` (it must have one).
+pub fn server_payment(w: &World, hash: [u8; 32]) -> ldk_node::payment::PaymentDetails {
+    w.h.server()
+        .app
+        .lightning
+        .node()
+        .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
+        .expect("the server node has a record of the payment")
+}
+
 /// An invoice of the payer's wallet (None: amountless).
 pub fn payer_invoice(w: &World, amount_msat: Option<u64>) -> String {
     use ldk_node::lightning_invoice::{Bolt11InvoiceDescription, Description};

@@ -44,17 +44,12 @@ pub(crate) async fn pay(
     bolt11: &str,
     wait_secs: u32,
 ) -> Result<RefundResponse, Status> {
-    let req = RefundRequest {
-        bolt11: bolt11.to_string(),
-        wait_secs,
-        ..Default::default()
-    };
-    if req.bolt11.trim().is_empty() {
+    if bolt11.trim().is_empty() {
         return Err(Status::invalid_argument(
             "bolt11: required, an invoice of your wallet (no amount: the whole balance)",
         ));
     }
-    let wait = match req.wait_secs {
+    let wait = match wait_secs {
         0 => DEFAULT_WAIT,
         s if Duration::from_secs(s as u64) > MAX_WAIT => {
             return Err(Status::invalid_argument(format!(
@@ -68,8 +63,8 @@ pub(crate) async fn pay(
     };
     // Listen before paying: the outcome may come at once.
     let mut notices = app.lightning.subscribe();
-    let (ln, bolt11) = (app.lightning.clone(), req.bolt11.clone());
-    let paid = tokio::task::spawn_blocking(move || ln.pay_refund(owner, &bolt11, "api"))
+    let (ln, invoice) = (app.lightning.clone(), bolt11.to_string());
+    let paid = tokio::task::spawn_blocking(move || ln.pay_refund(owner, &invoice, "api"))
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
     let refund = match paid {
@@ -99,7 +94,7 @@ pub(crate) async fn pay(
         }
         Err(RefundError::Store(e)) => return Err(e.into()),
         Err(RefundError::Send(e)) => {
-            let hash = crate::lightning::refunds::invoice_hash(&req.bolt11);
+            let hash = crate::lightning::refunds::invoice_hash(bolt11);
             return respond(
                 app,
                 owner,

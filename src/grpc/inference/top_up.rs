@@ -43,22 +43,18 @@ pub(crate) async fn issue(
     client: Option<std::net::IpAddr>,
     account: Option<[u8; 16]>,
 ) -> Result<Issued, Status> {
-    let req = TopUpRequest {
-        amount_msat,
-        ..Default::default()
-    };
     let p = &app.config.payments;
-    if req.amount_msat < p.topup_min_msat || req.amount_msat > p.topup_max_msat {
+    if amount_msat < p.topup_min_msat || amount_msat > p.topup_max_msat {
         return Err(Status::invalid_argument(format!(
             "amount_msat: must be between {} and {} msat on this server (got {})",
-            p.topup_min_msat, p.topup_max_msat, req.amount_msat
+            p.topup_min_msat, p.topup_max_msat, amount_msat
         )));
     }
     let inbound = app.lightning.inbound_liquidity().await;
-    if inbound < req.amount_msat {
+    if inbound < amount_msat {
         return Err(Status::failed_precondition(format!(
             "the server can receive {inbound} msat now, less than {} msat: open a channel to {}@{}",
-            req.amount_msat,
+            amount_msat,
             app.lightning.node_id(),
             app.lightning.public_address()
         )));
@@ -97,7 +93,7 @@ pub(crate) async fn issue(
         Some(id) => (id, None),
     };
     let spec = HoldInvoice {
-        amount_msat: req.amount_msat,
+        amount_msat,
         description: "satstream prepaid top-up".into(),
         expiry_secs: p.invoice_expiry_secs,
         purpose: InvoicePurpose::TopUp,
@@ -114,7 +110,7 @@ pub(crate) async fn issue(
     if let Some(slot) = slot {
         slot.issued(inv.payment_hash, inv.expires_at_unix);
     }
-    tracing::info!(account = %hex::encode(account_id), amount_msat = req.amount_msat, "top-up invoice issued");
+    tracing::info!(account = %hex::encode(account_id), amount_msat = amount_msat, "top-up invoice issued");
     Ok(Issued {
         token,
         invoice: inv,
