@@ -12,6 +12,8 @@ GRPCURL="$(scripts/setup-grpcurl.sh | tail -n1)"; export GRPCURL
 SATSTREAM_UPSTREAM_PYTHON="$(scripts/setup-upstream.sh | tail -n1)"; export SATSTREAM_UPSTREAM_PYTHON
 # The outside clients of the HTTP face: the `openai` SDK (PyPI) and an L402 client (npm).
 SATSTREAM_CLIENTS="$(scripts/setup-clients.sh | tail -n1)"; export SATSTREAM_CLIENTS
+# The chat page is tested in a real headless browser: Debian's Chromium and its ChromeDriver.
+scripts/apt-install.sh chromium chromium-driver
 cargo fmt --all -- --check
 # The server and client build, lint-clean, without the test tooling (harness, bench, tiny model).
 cargo clippy --release --locked --no-default-features --lib --bins -- -D warnings

@@ -12,6 +12,7 @@
 //! - [`http`]: the HTTP face. OpenAI-compatible completions (streamed as SSE) and the
 //!   account endpoints, paid from a PREPAID account (the API key) or through an L402
 //!   challenge; it translates to the same validation, `session::open` and handlers as gRPC.
+//!   It also serves the chat page (`http::page`) that people use from a browser.
 //! - [`lightning`]: the embedded ldk-node and every money decision: hold invoices and the
 //!   crash-safe claim protocol (`lightning::invoices`), refunds, channel closures, and
 //!   `lightning::events`, the single event loop that commits each event's effect before

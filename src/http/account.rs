@@ -132,6 +132,12 @@ pub async fn receipt(
     let r = tokio::task::spawn_blocking(move || crate::session::receipt::issue(&store, &ln, &sid))
         .await
         .map_err(|e| ApiError::from(tonic::Status::internal(e.to_string())))?
-        .map_err(|e| ApiError::from(crate::grpc::inference::get_receipt::status(e)))?;
+        .map_err(|e| match e {
+            // Not an error of the request: ask again shortly (the page does).
+            crate::session::receipt::IssueError::Running(_) => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            e => ApiError::from(crate::grpc::inference::get_receipt::status(e)),
+        })?;
     Ok(Json(super::receipt_json(&r)))
 }

@@ -494,6 +494,8 @@ async fn complete(
         prompt_tokens: accepted.prompt_tokens,
         include_usage: a.include_usage,
         started: false,
+        held: None,
+        balance: None,
     };
     let header = (
         HeaderName::from_static(SESSION_HEADER),
@@ -584,6 +586,12 @@ struct Translate {
     include_usage: bool,
     /// The first chunk (chat: with the assistant role) was sent.
     started: bool,
+    /// A streamed chunk waiting for the account's balance after its debit (the meter sends
+    /// each PREPAID chunk's Balance right after its Tokens), so that every chunk event carries
+    /// what it cost: the page's live meter reads it.
+    held: Option<Value>,
+    /// The account as of the last Balance event: (spent, available), msat.
+    balance: Option<(u64, u64)>,
 }
 
 /// How a session ended: OpenAI's reason, our extension, the completion's tokens.
@@ -660,25 +668,33 @@ impl Translate {
     }
 
     /// SSE events for one meter event, and whether it was the end (which closes with
-    /// `[DONE]`).
+    /// `[DONE]`). A chunk is sent once the balance after its debit is known (the next event),
+    /// with `satstream: {chunk_index, tokens, spent_msat, available_msat}`.
     fn streamed(&mut self, ev: Ev) -> (Vec<Event>, bool) {
         let data = |v: Value| Event::default().data(v.to_string());
+        let mut out = Vec::new();
+        if let Ev::Balance(b) = &ev {
+            self.balance = Some((b.spent_msat, b.available_msat));
+        }
+        if let Some(held) = self.held.take() {
+            out.push(data(self.with_balance(held)));
+        }
         if let Ev::Tokens(tk) = &ev {
             let first = !self.started;
             self.started = true;
-            return (
-                vec![data(self.chunk(self.choice(&tk.text, None, first)))],
-                false,
-            );
+            let mut c = self.chunk(self.choice(&tk.text, None, first));
+            c["satstream"] = json!({ "chunk_index": tk.chunk_index, "tokens": tk.tokens });
+            self.held = Some(c);
+            return (out, false);
         }
         let Some(end) = self.ending(&ev) else {
-            return (Vec::new(), false);
+            return (out, false);
         };
         let first = !self.started;
         self.started = true;
         let mut last = self.chunk(self.choice("", Some(end.finish_reason), first));
         last["satstream"] = end.satstream;
-        let mut out = vec![data(last)];
+        out.push(data(last));
         if self.include_usage {
             let mut u = self.chunk(json!([]));
             u["usage"] = self.usage(end.completion_tokens);
@@ -686,6 +702,14 @@ impl Translate {
         }
         out.push(Event::default().data("[DONE]"));
         (out, true)
+    }
+
+    fn with_balance(&self, mut chunk: Value) -> Value {
+        if let Some((spent, available)) = self.balance {
+            chunk["satstream"]["spent_msat"] = json!(spent);
+            chunk["satstream"]["available_msat"] = json!(available);
+        }
+        chunk
     }
 
     /// Non-streamed, the body's start: everything up to the answer's text.
@@ -774,6 +798,8 @@ mod tests {
             prompt_tokens: 3,
             include_usage: false,
             started: false,
+            held: None,
+            balance: None,
         }
     }
 
@@ -782,6 +808,54 @@ mod tests {
             text: text.into(),
             ..Default::default()
         })
+    }
+
+    fn sse(events: &[Event]) -> Vec<String> {
+        events.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>()
+    }
+
+    #[test]
+    fn every_streamed_chunk_carries_the_balance_after_its_debit() {
+        let mut tr = t(Kind::Chat);
+        let balance = |spent, available| {
+            Ev::Balance(proto::Balance {
+                credited_msat: 100_000,
+                spent_msat: spent,
+                available_msat: available,
+            })
+        };
+        // The prompt's debit: nothing to send yet.
+        assert!(tr.streamed(balance(3_000, 97_000)).0.is_empty());
+        let mut t1 = tokens("Hel");
+        if let Ev::Tokens(t) = &mut t1 {
+            t.chunk_index = 0;
+            t.tokens = 2;
+        }
+        // Held until its own debit is known...
+        assert!(tr.streamed(t1).0.is_empty());
+        let (out, end) = tr.streamed(balance(5_000, 95_000));
+        assert!(!end);
+        let s = sse(&out).join("");
+        for want in [
+            r#"\"content\":\"Hel\""#,
+            r#"\"role\":\"assistant\""#,
+            r#"\"chunk_index\":0"#,
+            r#"\"tokens\":2"#,
+            r#"\"spent_msat\":5000"#,
+            r#"\"available_msat\":95000"#,
+        ] {
+            assert!(s.contains(want), "{want} in {s}");
+        }
+        // ...and a chunk the end follows at once is sent before the end.
+        assert!(tr.streamed(tokens("lo")).0.is_empty());
+        let (out, end) = tr.streamed(Ev::Done(proto::Done::default()));
+        assert!(end);
+        let s = sse(&out);
+        assert_eq!(s.len(), 3, "{s:?}");
+        assert!(s[0].contains(r#"\"content\":\"lo\""#), "{}", s[0]);
+        assert!(s[0].contains(r#"\"spent_msat\":5000"#), "{}", s[0]);
+        assert!(s[1].contains("finish_reason"), "{}", s[1]);
+        assert!(s[2].contains("[DONE]"), "{}", s[2]);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`models`]: `GET /v1/models`, with our prices.
 //! - [`l402`]: the macaroon, the challenge and the credential (bLIP-26).
 //! - [`error`]: OpenAI's error JSON and the status each refusal gets.
+//! - [`page`]: the chat page at `/` (assets compiled in, strict CSP) and `/qr.svg`; a client of
+//!   the endpoints above, like any other.
 //!
 //! Credentials: `Authorization: Bearer <account token>` (the token TopUp returns is the API
 //! key), or `Authorization: L402 <macaroon>:<preimage>`, which speaks for the account its
@@ -25,6 +27,7 @@ pub mod completions;
 pub mod error;
 pub mod l402;
 pub mod models;
+pub mod page;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -216,6 +219,11 @@ impl Http {
 /// The routes.
 pub fn router(http: Arc<Http>) -> Router {
     Router::new()
+        .route("/", get(page::index))
+        .route("/app.js", get(page::app_js))
+        .route("/app.css", get(page::app_css))
+        .route("/icon.svg", get(page::icon))
+        .route("/qr.svg", get(page::qr))
         .route("/v1/models", get(models::list))
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/completions", post(completions::text))
@@ -226,8 +234,9 @@ pub fn router(http: Arc<Http>) -> Router {
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
-                "no such endpoint: this server serves /v1/models, /v1/chat/completions, \
-                 /v1/completions, /v1/account[/topup|/refund] and /v1/receipts/{session_id}",
+                "no such endpoint: this server serves its chat page at /, and /v1/models, \
+                 /v1/chat/completions, /v1/completions, /v1/account[/topup|/refund] and \
+                 /v1/receipts/{session_id}",
             )
         })
         .with_state(http)

@@ -21,6 +21,20 @@ use crate::wire::proto::{self, generate_event::Event as Ev, GenerateEvent};
 /// paced by payment).
 pub const CLIENT_BUFFER: usize = 64;
 
+/// A balance-funded chunk (KEYSEND, PREPAID) is drawn as it is queued for the client: its
+/// buffer holds two chunks (their Tokens and Balance events), so that a client that goes away
+/// was charged for at most those beyond what its connection took. Invoiced chunks are paid
+/// before they are queued; their buffer can be deep.
+pub const BALANCE_BUFFER: usize = 4;
+
+/// The buffer towards the client of a session in `mode`.
+pub fn client_buffer(mode: Mode) -> usize {
+    match mode {
+        Mode::Keysend | Mode::Prepaid => BALANCE_BUFFER,
+        Mode::Bolt11 | Mode::Atomic => CLIENT_BUFFER,
+    }
+}
+
 /// The cap on unpaid tokens per session when `payments.max_unpaid_msat` is 0.
 const AUTO_UNPAID_TOKENS: u32 = 256;
 
@@ -171,7 +185,7 @@ pub async fn open(app: Arc<App>, o: Opening) -> Result<Opened, OpenError> {
         cap_tokens,
     )
     .with_node(app.payment_latency.clone());
-    let (tx, rx) = tokio::sync::mpsc::channel(CLIENT_BUFFER);
+    let (tx, rx) = tokio::sync::mpsc::channel(client_buffer(o.mode));
     let send = |e: Ev| Ok::<_, tonic::Status>(GenerateEvent { event: Some(e) });
     let accepted = proto::Accepted {
         session_id: hex::encode(session_id),

@@ -69,7 +69,7 @@ pub(super) fn prepaid(max_tokens: u32, token: &str) -> GenerateRequest {
 }
 
 /// Waits for the payer's node to report `amount_msat` received for `bolt11`.
-async fn payer_received(w: &World, bolt11: &str) -> u64 {
+pub(super) async fn payer_received(w: &World, bolt11: &str) -> u64 {
     let inv: ldk_node::lightning_invoice::Bolt11Invoice = bolt11.parse().unwrap();
     let id = ldk_node::lightning::ln::channelmanager::PaymentId(*inv.payment_hash().as_ref());
     let node = w.h.payer.node.clone();

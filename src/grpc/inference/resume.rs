@@ -7,7 +7,7 @@ use super::EventStream;
 use crate::app::App;
 use crate::grpc::proto::{GenerateEvent, ResumeRequest};
 use crate::session::receipt::IssueError;
-use crate::session::Attach;
+use crate::session::{Attach, Mode};
 use crate::store::SessionState;
 
 /// How long Resume waits for the session's meter to take the new stream.
@@ -31,7 +31,8 @@ pub(super) async fn handle(app: &Arc<App>, req: ResumeRequest) -> Result<EventSt
     if s.state == SessionState::Open {
         // Taken before attaching: the meter may end at any moment.
         let closed = app.resumable.closed(&s.id);
-        let (tx, rx) = tokio::sync::mpsc::channel(crate::session::open::CLIENT_BUFFER);
+        let mode = Mode::from_name(&s.mode).unwrap_or(Mode::Bolt11);
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::session::open::client_buffer(mode));
         let (reply, answer) = tokio::sync::oneshot::channel();
         let a = Attach {
             out: tx,

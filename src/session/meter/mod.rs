@@ -67,6 +67,13 @@ impl Mode {
             Mode::Prepaid => "PREPAID",
         }
     }
+
+    /// The mode [`Mode::as_str`] names (as the store keeps it).
+    pub fn from_name(name: &str) -> Option<Mode> {
+        [Mode::Bolt11, Mode::Atomic, Mode::Keysend, Mode::Prepaid]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
 }
 
 pub struct SessionSpec {
