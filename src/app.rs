@@ -20,7 +20,7 @@ pub struct App {
     pub resumable: crate::session::Resumable,
     /// Cancelled when the server shuts down: sessions halt and fail back what they hold.
     pub shutdown: CancellationToken,
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Recent payment latencies on this node: a new session's first lookahead.
     pub payment_latency: Arc<crate::session::pace::Recent>,
     /// How clients are told apart (address prefixes, trusted proxies).

@@ -4,6 +4,9 @@
 'use strict';
 
 const KEY = 'satstream.account_token';
+// The answer being streamed, as shown so far: if the page closes mid-answer, the next load
+// shows what was paid for and checks it against the receipt.
+const PROGRESS = 'satstream.answer_in_progress';
 const $ = (id) => document.getElementById(id);
 const state = {
   token: localStorage.getItem(KEY) || '',
@@ -244,8 +247,14 @@ function addMessage(role, text) {
   body.textContent = text;
   el.append(body);
   $('log').append(el);
-  el.scrollIntoView({ block: 'end' });
+  toBottom();
   return el;
+}
+
+// Follows the answer inside the log only: the page itself (and the Stop button) stays put.
+function toBottom() {
+  const log = $('log');
+  log.scrollTop = log.scrollHeight;
 }
 
 function addNote(el, text, bad) {
@@ -363,10 +372,11 @@ async function readStream(res, a) {
         a.chunks.push(choice.delta.content);
         a.el.dataset.chunks = String(a.chunks.length);
         a.tokens += ext.tokens || 0;
+        keepProgress(a);
         if (ext.spent_msat !== undefined && a.spentBefore !== null) a.spent = ext.spent_msat - a.spentBefore;
         if (ext.available_msat !== undefined) a.available = ext.available_msat;
         meter(a);
-        a.el.scrollIntoView({ block: 'end' });
+        toBottom();
       }
       if (choice && choice.finish_reason) end = { reason: choice.finish_reason, ...ext };
     }
@@ -377,6 +387,7 @@ async function readStream(res, a) {
 
 function finish(a, end, err) {
   state.answer = null;
+  localStorage.removeItem(PROGRESS);
   busy(false);
   if (end) {
     if (end.paid_msat !== undefined) a.spent = end.paid_msat;
@@ -441,6 +452,7 @@ async function laterReceipt(a) {
     }
     await new Promise((r) => setTimeout(r, 300));
   }
+  addNote(a.el, 'The receipt is not ready yet: the server is still settling this answer. Reload the page in a moment.', true);
 }
 
 async function sha256hex(text) {
@@ -485,6 +497,34 @@ async function showReceipt(a, r) {
   check.textContent = (c.ok === true ? '✓ ' : c.ok === false ? '✗ ' : '') + c.text;
   check.className = 'check ' + (c.ok === true ? 'good' : c.ok === false ? 'bad' : '');
   a.el.dataset.receipt = c.ok === true ? 'match' : c.ok === false ? 'mismatch' : 'unchecked';
+}
+
+function keepProgress(a) {
+  if (!a.session) return;
+  try {
+    localStorage.setItem(PROGRESS, JSON.stringify({ session: a.session, chunks: a.chunks }));
+  } catch (_) {
+    // Storage full: the answer is still shown; only a reload would lose it.
+  }
+}
+
+// A page that closed mid-answer: show what it had shown, and the session's receipt.
+function restoreCut() {
+  let p = null;
+  try {
+    p = JSON.parse(localStorage.getItem(PROGRESS) || 'null');
+  } catch (_) {
+    // Not ours: dropped below.
+  }
+  localStorage.removeItem(PROGRESS);
+  if (!p || typeof p.session !== 'string' || !Array.isArray(p.chunks) || !state.token) return;
+  const el = addMessage('assistant', p.chunks.join(''));
+  const a = { el, text: el.querySelector('.text'), chunks: p.chunks.map(String), session: p.session, tokens: 0, spent: 0 };
+  el.dataset.state = 'cut';
+  el.dataset.session = p.session;
+  el.dataset.chunks = String(a.chunks.length);
+  addNote(el, 'This answer was cut when the page closed. What it showed, and its receipt:');
+  laterReceipt(a);
 }
 
 // ---- refund ----
@@ -568,5 +608,6 @@ document.addEventListener('DOMContentLoaded', () => {
   showKey();
   loadModels();
   refreshAccount();
+  restoreCut();
   document.body.dataset.ready = '1';
 });

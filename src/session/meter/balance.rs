@@ -10,7 +10,7 @@ impl Meter {
     /// cover it), then starts the engine.
     pub(super) async fn charge_prompt(&mut self) -> Result<(), End> {
         let (store, sid, price) = (
-            self.app.store.clone(),
+            self.parts.store.clone(),
             self.sid(),
             self.spec.prompt_price_msat,
         );
@@ -47,7 +47,7 @@ impl Meter {
         &self,
         u: &Unpaid,
     ) -> Result<Result<bool, StoreError>, End> {
-        let (store, d) = (self.app.store.clone(), self.delivery(u));
+        let (store, d) = (self.parts.store.clone(), self.delivery(u));
         blocking(move || store.deliver_chunk(&d)).await
     }
 

@@ -73,7 +73,7 @@ impl Meter {
                 sealed.as_ref().map(|s| s.key),
             ),
         );
-        if self.app.lightning.faults().point("send_invoice").is_err() {
+        if self.parts.lightning.faults().point("send_invoice").is_err() {
             return Err(End::ClientGone);
         }
         let mut ask = Vec::new();
@@ -119,7 +119,7 @@ impl Meter {
         }
         let Some(k) = self.by_hash.remove(&h.payment_hash) else {
             // Not ours any more (cannot happen: listeners are per invoice); never keep it.
-            let (ln, hash) = (self.app.lightning.clone(), h.payment_hash);
+            let (ln, hash) = (self.parts.lightning.clone(), h.payment_hash);
             let _ = blocking(move || ln.fail(&hash, "no such chunk in this session")).await;
             return Ok(());
         };
@@ -137,7 +137,7 @@ impl Meter {
             delivery.prompt_msat = self.spec.prompt_price_msat;
         }
         hashes.push(h.payment_hash);
-        let ln = self.app.lightning.clone();
+        let ln = self.parts.lightning.clone();
         let claimed = {
             let hashes = hashes.clone();
             blocking(move || ln.claim(&hashes, Some(&delivery))).await?
@@ -152,7 +152,7 @@ impl Meter {
         self.after_commit()?;
         let delivering = Instant::now();
         self.release(u).await?;
-        self.app
+        self.parts
             .metrics
             .payment_to_tokens(notice, claim, delivering.elapsed());
         Ok(())
@@ -162,7 +162,7 @@ impl Meter {
         &self,
         spec: HoldInvoice,
     ) -> Result<crate::store::Invoice, End> {
-        let (ln, tx) = (self.app.lightning.clone(), self.held_tx.clone());
+        let (ln, tx) = (self.parts.lightning.clone(), self.held_tx.clone());
         blocking(move || ln.create_hold_invoice(&spec, Some(tx)))
             .await?
             .map_err(|e| End::payment(format!("cannot issue an invoice: {e}")))

@@ -189,8 +189,17 @@ enum Client {
     Away { since: Instant },
 }
 
+/// What a meter uses of the house: the ledger, the node, the engine, the metrics (the rest of
+/// [`App`] is the front doors' business).
+struct Parts {
+    store: crate::store::Store,
+    lightning: Arc<crate::lightning::Lightning>,
+    engine: crate::engine::Engine,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
 struct Meter {
-    app: Arc<App>,
+    parts: Parts,
     spec: SessionSpec,
     client: Client,
     held_tx: mpsc::UnboundedSender<HeldHtlc>,
@@ -283,7 +292,12 @@ async fn run_session(
     app.lightning.register_session(sid, notice_tx);
     let (mut attach_rx, ended_by_owner) = app.resumable.open(sid);
     let mut m = Meter {
-        app: app.clone(),
+        parts: Parts {
+            store: app.store.clone(),
+            lightning: app.lightning.clone(),
+            engine: app.engine.clone(),
+            metrics: app.metrics.clone(),
+        },
         spec,
         client: Client::Attached(out),
         held_tx,
@@ -544,7 +558,7 @@ impl Meter {
             *since = paused(*since);
         }
         self.send(Ev::Accepted(self.spec.accepted.clone())).await?;
-        let (store, sid) = (self.app.store.clone(), self.sid());
+        let (store, sid) = (self.parts.store.clone(), self.sid());
         let delivered = blocking(move || store.delivered_chunks(&sid))
             .await?
             .map_err(|e| End::payment(format!("store: {e}")))?;
@@ -682,7 +696,7 @@ impl Meter {
         let admission = match self.admission.take() {
             Some(a) => a,
             None => self
-                .app
+                .parts
                 .engine
                 .admit(&self.spec.model)
                 .await
@@ -691,7 +705,7 @@ impl Meter {
         let mut params = self.spec.params.clone();
         params.allowance = self.allowance();
         let gen = self
-            .app
+            .parts
             .engine
             .start(admission, params)
             .await
@@ -762,7 +776,7 @@ impl Meter {
 
     /// Fault point between a delivery's commit and its write to the client.
     fn after_commit(&self) -> Result<(), End> {
-        self.app
+        self.parts
             .lightning
             .faults()
             .point("after_commit")
@@ -844,7 +858,7 @@ impl Meter {
         }
         withdraw.extend(self.prompt_held.take());
         if !withdraw.is_empty() {
-            let (ln, why) = (self.app.lightning.clone(), reason_str.clone());
+            let (ln, why) = (self.parts.lightning.clone(), reason_str.clone());
             let _ = blocking(move || {
                 for hash in withdraw {
                     if let Err(e) = ln.cancel(&hash, &why) {
@@ -876,8 +890,8 @@ impl Meter {
             End::Done(_) => SessionState::Finished,
             _ => SessionState::Halted,
         };
-        let (store, sid, why) = (self.app.store.clone(), self.sid(), reason_str.clone());
-        let ln = self.app.lightning.clone();
+        let (store, sid, why) = (self.parts.store.clone(), self.sid(), reason_str.clone());
+        let ln = self.parts.lightning.clone();
         let account = self.spec.account_id;
         let ended = blocking(move || {
             store.end_session(&sid, state, &why)?;

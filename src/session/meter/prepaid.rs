@@ -34,7 +34,7 @@ impl Meter {
         let Some(aid) = self.spec.account_id else {
             return Ok(());
         };
-        let store = self.app.store.clone();
+        let store = self.parts.store.clone();
         let a = blocking(move || store.account(&aid))
             .await?
             .map_err(|e| End::payment(format!("store: {e}")))?
