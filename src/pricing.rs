@@ -31,7 +31,6 @@ impl Price {
         prompt_tokens as u64 * self.msat_per_prompt_token
     }
 
-    /// Most a generation can cost: the prompt and all `max_tokens`.
     /// A session's first payment: its prompt's price, or (a free prompt) its first chunk's.
     pub fn first_payment(&self, prompt_tokens: u32, max_tokens: u32) -> u64 {
         match self.prompt(prompt_tokens) {
@@ -40,6 +39,7 @@ impl Price {
         }
     }
 
+    /// Most a generation can cost: the prompt and all `max_tokens`.
     pub fn max_cost(&self, prompt_tokens: u32, max_tokens: u32) -> u64 {
         self.prompt(prompt_tokens) + self.chunk(max_tokens)
     }

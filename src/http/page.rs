@@ -27,7 +27,7 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 /// Longest text `/qr.svg` encodes: a BOLT11 invoice with a long description stays well under.
 const QR_MAX: usize = 2_000;
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+fn asset(content_type: &'static str, body: impl Into<axum::body::Body>) -> Response {
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
@@ -46,7 +46,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
             // A new binary may bring a new page: revalidate rather than run a stale script.
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         ],
-        body,
+        body.into(),
     )
         .into_response()
 }
@@ -74,13 +74,7 @@ pub struct Qr {
 
 /// `GET /qr.svg?data=…`: the text as a QR code (SVG). The page shows a top-up invoice with it.
 pub async fn qr(Query(q): Query<Qr>) -> Result<Response, ApiError> {
-    Ok(asset_owned("image/svg+xml", qr_svg(&q.data)?))
-}
-
-fn asset_owned(content_type: &'static str, body: String) -> Response {
-    let mut r = asset(content_type, "");
-    *r.body_mut() = axum::body::Body::from(body);
-    r
+    Ok(asset("image/svg+xml", qr_svg(&q.data)?))
 }
 
 /// The SVG of `data`'s QR code, black on white with its quiet zone.

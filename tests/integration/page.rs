@@ -12,12 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use ldk_node::lightning::ln::channelmanager::PaymentId;
-use ldk_node::payment::PaymentStatus;
 use satstream::harness::PayOutcome;
 use serde_json::{json, Value};
 
-use super::prepaid::{account, payer_received, top_up};
+use super::prepaid::{account, payer_settled, top_up};
 use super::support::{assert_invariants, sid, world_with, World, MSAT_PER_TOKEN, T};
 
 /// One headless Chromium with its chromedriver, on a fresh profile.
@@ -237,16 +235,13 @@ fn base(w: &World) -> String {
     )
 }
 
-/// What the payer's node recorded for an invoice it paid.
-fn payer_paid(w: &World, bolt11: &str) -> u64 {
-    let inv: ldk_node::lightning_invoice::Bolt11Invoice = bolt11.parse().unwrap();
-    let p =
-        w.h.payer
-            .node
-            .payment(&PaymentId(*inv.payment_hash().as_ref()))
-            .expect("the payer's record");
-    assert_eq!(p.status, PaymentStatus::Succeeded);
-    p.amount_msat.unwrap()
+/// A world, an account of `amount_msat` topped up over gRPC, and the page using its key.
+async fn with_account(amount_msat: u64) -> (World, String, Browser) {
+    let w = world_with(&[], 0, 0, 4).await;
+    let token = top_up(&w, "", amount_msat).await;
+    let b = Browser::open(&base(&w)).await;
+    b.use_key(&token).await;
+    (w, token, b)
 }
 
 /// The text the server delivered in a session, chunk by chunk.
@@ -331,7 +326,7 @@ async fn the_page_tops_up_off_its_qr_invoice_and_streams_a_paid_answer() {
         "page: pay → balance shown in {} ms",
         shown_after.as_millis()
     );
-    assert_eq!(payer_paid(&w, &bolt11), 1_000_000);
+    assert_eq!(payer_settled(&w, &bolt11).await, 1_000_000);
     let token = b.token().await;
     assert!(!token.is_empty(), "the page keeps the account's key");
     assert_eq!(account(&w, &token).await.unwrap().credited_msat, 1_000_000);
@@ -440,7 +435,7 @@ async fn a_webln_wallet_pays_the_top_up_and_the_page_believes_the_server() {
         .js("return document.getElementById('invoice-status').textContent")
         .await;
     assert!(status.as_str().unwrap().starts_with("Paid"), "{status}");
-    assert_eq!(payer_paid(&w, &bolt11), 500_000);
+    assert_eq!(payer_settled(&w, &bolt11).await, 500_000);
     let token = b.token().await;
     assert_eq!(account(&w, &token).await.unwrap().credited_msat, 500_000);
 
@@ -456,7 +451,7 @@ async fn a_webln_wallet_pays_the_top_up_and_the_page_believes_the_server() {
         )
         .await;
     assert_eq!(said, "Refunded 500 sats.");
-    assert_eq!(payer_received(&w, &refund_to).await, 500_000);
+    assert_eq!(payer_settled(&w, &refund_to).await, 500_000);
     let a = account(&w, &token).await.unwrap();
     assert_eq!((a.refunded_msat, a.available_msat), (500_000, 0));
     b.until(
@@ -479,10 +474,7 @@ async fn a_webln_wallet_pays_the_top_up_and_the_page_believes_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_or_dropped_answer_is_charged_only_for_what_reached_the_page() {
-    let w = world_with(&[], 0, 0, 4).await;
-    let token = top_up(&w, "", 20_000_000).await;
-    let b = Browser::open(&base(&w)).await;
-    b.use_key(&token).await;
+    let (w, token, b) = with_account(20_000_000).await;
 
     // Stop: the button ends the session; nothing more is charged.
     b.ask("hi", 8_000).await;
@@ -574,10 +566,7 @@ async fn check_cut(w: &World, shown: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn text_from_the_person_and_the_model_is_shown_as_text_never_run() {
-    let w = world_with(&[], 0, 0, 4).await;
-    let token = top_up(&w, "", 1_000_000).await;
-    let b = Browser::open(&base(&w)).await;
-    b.use_key(&token).await;
+    let (_w, _token, b) = with_account(1_000_000).await;
     let attack = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">";
     b.ask(attack, 8).await;
     let end = b.answer_end().await;
@@ -616,11 +605,8 @@ async fn text_from_the_person_and_the_model_is_shown_as_text_never_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_spent_balance_ends_the_answer_in_words_with_a_way_to_top_up() {
-    let w = world_with(&[], 0, 0, 4).await;
     // 50 000 msat: twelve chunks of 4 tokens (4 000 msat each), not thirteen.
-    let token = top_up(&w, "", 50_000).await;
-    let b = Browser::open(&base(&w)).await;
-    b.use_key(&token).await;
+    let (w, token, b) = with_account(50_000).await;
     b.ask("hi", 8_000).await;
     let end = b.answer_end().await;
     assert_eq!(end["state"], "halted", "{end}");

@@ -68,12 +68,12 @@ pub(super) fn prepaid(max_tokens: u32, token: &str) -> GenerateRequest {
     r
 }
 
-/// Waits for the payer's node to report `amount_msat` received for `bolt11`.
-pub(super) async fn payer_received(w: &World, bolt11: &str) -> u64 {
+/// Waits for the payer's node to record `bolt11` settled (received, or paid); its amount.
+pub(super) async fn payer_settled(w: &World, bolt11: &str) -> u64 {
     let inv: ldk_node::lightning_invoice::Bolt11Invoice = bolt11.parse().unwrap();
     let id = ldk_node::lightning::ln::channelmanager::PaymentId(*inv.payment_hash().as_ref());
     let node = w.h.payer.node.clone();
-    wait_until("the payer to receive the refund", T, || {
+    wait_until("the payer's record of the payment", T, || {
         let node = node.clone();
         async move {
             node.payment(&id)
@@ -205,7 +205,7 @@ async fn a_keysend_leftover_is_refunded_to_the_payer() {
         ("succeeded", 3_000, 2_000)
     );
     assert_eq!(
-        payer_received(&w, &inv).await,
+        payer_settled(&w, &inv).await,
         3_000,
         "checked on the payer's node"
     );
@@ -225,7 +225,7 @@ async fn a_keysend_leftover_is_refunded_to_the_payer() {
         (r.state.as_str(), r.refunded_msat, r.balance_msat),
         ("succeeded", 2_000, 0)
     );
-    assert_eq!(payer_received(&w, &inv).await, 2_000);
+    assert_eq!(payer_settled(&w, &inv).await, 2_000);
     let e = c.refund(refund(payer_invoice(&w, None))).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     let s = assert_invariants(&w, &acc.session_id);
@@ -446,7 +446,7 @@ async fn concurrent_refund_generate_and_topup_conserve_every_msat() {
                     .unwrap()
                     .into_inner();
                 if r.state == "succeeded" {
-                    assert_eq!(payer_received(&w, &inv).await, 3_000);
+                    assert_eq!(payer_settled(&w, &inv).await, 3_000);
                 }
                 r
             })
@@ -535,7 +535,7 @@ async fn refunds_and_a_draw_contesting_one_balance_never_spend_it_twice() {
                 Ok(r) => {
                     let r = r.into_inner();
                     assert_eq!(r.state, "succeeded", "{r:?}");
-                    assert_eq!(payer_received(&w, &inv).await, r.refunded_msat);
+                    assert_eq!(payer_settled(&w, &inv).await, r.refunded_msat);
                     r.refunded_msat
                 }
                 Err(e) => {

@@ -110,7 +110,7 @@ pub(crate) async fn issue(
     if let Some(slot) = slot {
         slot.issued(inv.payment_hash, inv.expires_at_unix);
     }
-    tracing::info!(account = %hex::encode(account_id), amount_msat = amount_msat, "top-up invoice issued");
+    tracing::info!(account = %hex::encode(account_id), amount_msat, "top-up invoice issued");
     Ok(Issued {
         token,
         invoice: inv,

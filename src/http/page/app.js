@@ -395,12 +395,7 @@ function finish(a, end, err) {
     meter(a);
     if (end.halted === 'balance_exhausted') {
       a.el.dataset.state = 'halted';
-      const n = addNote(a.el, 'Your balance ran out, so the answer stopped here. ', true);
-      const b = document.createElement('button');
-      b.textContent = 'Top up';
-      b.className = 'primary';
-      b.addEventListener('click', () => { $('wallet').scrollIntoView(); topUp(); });
-      n.append(b);
+      addNote(a.el, 'Your balance ran out, so the answer stopped here. ', true).append(topUpButton());
     } else if (end.halted) {
       a.el.dataset.state = 'halted';
       addNote(a.el, `Stopped by the server: ${end.message || end.halted}.`, true);
@@ -416,16 +411,19 @@ function finish(a, end, err) {
   } else {
     a.el.dataset.state = 'failed';
     addNote(a.el, err ? err.message : 'The answer failed.', true);
-    if (err && err.status === 402) {
-      const b = document.createElement('button');
-      b.textContent = 'Top up';
-      b.className = 'primary';
-      b.addEventListener('click', () => { $('wallet').scrollIntoView(); topUp(); });
-      a.el.append(b);
-    }
+    if (err && err.status === 402) a.el.append(topUpButton());
     if (a.session && a.chunks.length) laterReceipt(a);
   }
   refreshAccount();
+}
+
+// A Top up button beside an answer that ran out of balance.
+function topUpButton() {
+  const b = document.createElement('button');
+  b.textContent = 'Top up';
+  b.className = 'primary';
+  b.addEventListener('click', () => { $('wallet').scrollIntoView(); topUp(); });
+  return b;
 }
 
 function stop() {
