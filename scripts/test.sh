@@ -10,6 +10,8 @@ GRPCURL="$(scripts/setup-grpcurl.sh | tail -n1)"; export GRPCURL
 # The real upstream the `openai` backend's tests run against (llama-cpp-python's server;
 # its wheel builds from source once, ~8 min, then it is cached).
 SATSTREAM_UPSTREAM_PYTHON="$(scripts/setup-upstream.sh | tail -n1)"; export SATSTREAM_UPSTREAM_PYTHON
+# And llama.cpp's own server, built once from the same llama.cpp source (~6 min).
+SATSTREAM_LLAMA_SERVER="$(scripts/setup-llama-server.sh | tail -n1)"; export SATSTREAM_LLAMA_SERVER
 # The outside clients of the HTTP face: the `openai` SDK (PyPI) and an L402 client (npm).
 SATSTREAM_CLIENTS="$(scripts/setup-clients.sh | tail -n1)"; export SATSTREAM_CLIENTS
 # The chat page is tested in a real headless browser: Debian's Chromium and its ChromeDriver.

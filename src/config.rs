@@ -52,8 +52,11 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// Base URLs of the replicas, up to and including the API version
-    /// (`http://10.0.0.5:8000/v1`); `/completions` and `/models` are appended.
+    /// The protocol the replicas speak (`api = "openai"` or `"llama.cpp"`).
+    pub api: UpstreamApi,
+    /// Base URLs of the replicas; `/completions` and `/models` are appended. For `openai`, up
+    /// to and including the API version (`http://10.0.0.5:8000/v1`); for `llama.cpp`, the
+    /// server's root (`http://10.0.0.5:8080`), where its native endpoints live.
     pub urls: Vec<String>,
     /// The model name the upstream serves (its `/models` id). Empty: the model's `id`.
     pub model: String,
@@ -73,6 +76,7 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
+            api: UpstreamApi::default(),
             urls: Vec::new(),
             model: String::new(),
             api_key_file: PathBuf::new(),
@@ -82,6 +86,22 @@ impl Default for UpstreamConfig {
             idle_timeout_secs: 60,
         }
     }
+}
+
+/// How the gateway talks to its upstream, and so how exactly it can count what it sells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum UpstreamApi {
+    /// OpenAI's `POST /completions`: the prompt goes as text and tokens come back as text,
+    /// mapped back to ids by the gateway's tokenizer (exact when the upstream streams one
+    /// token per event; docs/scale-out.md).
+    #[default]
+    #[serde(rename = "openai")]
+    Openai,
+    /// llama.cpp's `llama-server`, its native `POST /completions`: the prompt goes as token
+    /// ids and every streamed event carries the id of the token it was sampled for and the
+    /// server's own count of generated tokens, so what is charged is what was generated.
+    #[serde(rename = "llama.cpp")]
+    Llamacpp,
 }
 
 impl UpstreamConfig {
@@ -1049,6 +1069,14 @@ msat_per_token = 1000
         assert_eq!(c.models[0].backend, BackendKind::Openai);
         assert_eq!(u.urls, vec!["http://10.0.0.5:8000/v1".to_string()]);
         assert_eq!((u.health_interval_secs, u.idle_timeout_secs), (5, 60));
+        assert_eq!(u.api, UpstreamApi::Openai);
+        let c = load(&remote, &[], &["models.0.upstream.api=\"llama.cpp\""]).unwrap();
+        assert_eq!(
+            c.models[0].upstream.as_ref().unwrap().api,
+            UpstreamApi::Llamacpp
+        );
+        let e = load(&remote, &[], &["models.0.upstream.api=\"vllm\""]).unwrap_err();
+        assert!(e.to_string().contains("llama.cpp"), "{e}");
         // The replica list from the environment, as a TOML array.
         let c = load(
             &remote,

@@ -1,7 +1,9 @@
-//! A real OpenAI-compatible upstream for the `openai` backend's tests and benchmarks:
-//! llama-cpp-python's server (installed by `scripts/setup-upstream.sh`), run through
-//! `scripts/upstream.py`, which adds `GET /satstream/stats`: the tokens the upstream's engine
-//! sampled, counted on its own side.
+//! Real upstreams for the `openai` backend's tests and benchmarks:
+//! - llama-cpp-python's OpenAI-compatible server (installed by `scripts/setup-upstream.sh`),
+//!   run through `scripts/upstream.py`, which adds `GET /satstream/stats`: the tokens the
+//!   upstream's engine sampled, counted on its own side;
+//! - llama.cpp's own `llama-server` (built by `scripts/setup-llama-server.sh`), spoken to by
+//!   its native API (`upstream.api = "llama.cpp"`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -10,8 +12,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::bitcoind::spawn_kept;
+use super::bitcoind::{free_port, spawn_kept};
 use super::HarnessError;
+use crate::config::UpstreamApi;
 
 /// The launcher, built into the binary so that no checkout path is needed at run time.
 const LAUNCHER: &str = include_str!("../../scripts/upstream.py");
@@ -31,11 +34,45 @@ pub struct Upstream {
     child: Child,
     _keeper: std::sync::mpsc::Sender<()>,
     _dir: tempfile::TempDir,
-    /// The base URL the backend is configured with (`http://127.0.0.1:P/v1`).
+    /// The base URL the backend is configured with (`http://127.0.0.1:P/v1` for OpenAI's API,
+    /// `http://127.0.0.1:P` for llama.cpp's).
     pub url: String,
     /// The model name it serves.
     pub model: String,
+    /// The API the backend speaks to it.
+    pub api: UpstreamApi,
     http: reqwest::Client,
+}
+
+/// `llama-server`: `SATSTREAM_LLAMA_SERVER`, else the binary `scripts/setup-llama-server.sh`
+/// builds.
+pub fn llama_server() -> Result<PathBuf, HarnessError> {
+    if let Some(p) = std::env::var_os("SATSTREAM_LLAMA_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let bin = cache_dir()?.join("llama-server-0.3.36/llama-server");
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(HarnessError::Setup(format!(
+            "{} is missing: run scripts/setup-llama-server.sh (or set SATSTREAM_LLAMA_SERVER)",
+            bin.display()
+        )))
+    }
+}
+
+fn cache_dir() -> Result<PathBuf, HarnessError> {
+    std::env::var_os("SATSTREAM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/satstream")))
+        .ok_or_else(|| HarnessError::Setup("HOME is not set".into()))
+}
+
+/// The last lines of a child's log, for a start-up failure's message.
+fn log_tail(path: &Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().rev().take(15).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// The Python interpreter that has llama-cpp-python: `SATSTREAM_UPSTREAM_PYTHON`, else the
@@ -44,11 +81,7 @@ pub fn python() -> Result<PathBuf, HarnessError> {
     if let Some(p) = std::env::var_os("SATSTREAM_UPSTREAM_PYTHON") {
         return Ok(PathBuf::from(p));
     }
-    let cache = std::env::var_os("SATSTREAM_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/satstream")))
-        .ok_or_else(|| HarnessError::Setup("HOME is not set".into()))?;
-    let py = cache.join("upstream-venv/bin/python");
+    let py = cache_dir()?.join("upstream-venv/bin/python");
     if py.exists() {
         Ok(py)
     } else {
@@ -119,24 +152,13 @@ impl Upstream {
             // Keep draining so the child never blocks on a full pipe.
             lines.for_each(drop);
         });
-        let log_tail = |dir: &Path| {
-            let s = std::fs::read_to_string(dir.join("upstream.log")).unwrap_or_default();
-            s.lines()
-                .rev()
-                .take(15)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
         let port = match tokio::time::timeout(Duration::from_secs(60), rx).await {
             Ok(Ok(Some(p))) => p,
             _ => {
                 let _ = child.kill();
                 return Err(setup(format!(
                     "did not start within 60 s; its log ends:\n{}",
-                    log_tail(dir.path())
+                    log_tail(&dir.path().join("upstream.log"))
                 )));
             }
         };
@@ -146,8 +168,91 @@ impl Upstream {
             _dir: dir,
             url: format!("http://127.0.0.1:{port}/v1"),
             model: name.to_string(),
+            api: UpstreamApi::Openai,
             http: reqwest::Client::new(),
         })
+    }
+
+    /// Starts llama.cpp's `llama-server` for `model` (served as `name`) with `parallel` slots
+    /// of `n_ctx` tokens each and `threads` threads, and returns once its `/health` answers.
+    pub async fn start_llama_server(
+        model: &Path,
+        name: &str,
+        n_ctx: u32,
+        threads: u32,
+        parallel: u32,
+    ) -> Result<Upstream, HarnessError> {
+        let setup = |e: String| HarnessError::Setup(format!("llama-server: {e}"));
+        let bin = llama_server()?;
+        let dir = tempfile::tempdir().map_err(|e| setup(e.to_string()))?;
+        let log_path = dir.path().join("llama-server.log");
+        let http = reqwest::Client::new();
+        // A port picked free can be taken before the server binds it: then another one.
+        for _ in 0..3 {
+            let port = free_port();
+            let log = std::fs::File::create(&log_path).map_err(|e| setup(e.to_string()))?;
+            let mut cmd = Command::new(&bin);
+            cmd.arg("--model")
+                .arg(model)
+                .args(["--alias", name, "--host", "127.0.0.1"])
+                .args(["--port", &port.to_string()])
+                .args(["--ctx-size", &(n_ctx * parallel).to_string()])
+                .args(["--parallel", &parallel.to_string()])
+                .args(["--threads", &threads.to_string()])
+                .args(["--threads-batch", &threads.to_string()])
+                // Its AMX weight repacking crashes on the tiny model's tensors on CPUs that
+                // have AMX (this CI's Xeon), seen as a SIGSEGV in ggml_backend_amx_mul_mat.
+                .arg("--no-repack")
+                .arg("--no-warmup")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            let (mut child, keeper) = spawn_kept(cmd, "llama-server")
+                .map_err(|e| setup(format!("{}: {e}", bin.display())))?;
+            let health = format!("http://127.0.0.1:{port}/health");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            let up = loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break false; // exited: the port was taken, or a real failure (logged)
+                }
+                let ok = http
+                    .get(&health)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ok {
+                    break true;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    return Err(setup(format!(
+                        "did not answer /health within 60 s; its log ends:\n{}",
+                        log_tail(&log_path)
+                    )));
+                }
+                // Loading takes a few hundred ms; /health is the only sign of it being done.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            if up {
+                return Ok(Upstream {
+                    child,
+                    _keeper: keeper,
+                    _dir: dir,
+                    url: format!("http://127.0.0.1:{port}"),
+                    model: name.to_string(),
+                    api: UpstreamApi::Llamacpp,
+                    http,
+                });
+            }
+            if !log_tail(&log_path).contains("bind") {
+                break;
+            }
+        }
+        Err(setup(format!(
+            "exited at start; its log ends:\n{}",
+            log_tail(&log_path)
+        )))
     }
 
     fn base(&self) -> &str {
@@ -195,7 +300,7 @@ impl Upstream {
         let started = std::time::Instant::now();
         let resp = self
             .http
-            .post(format!("{}/completions", self.url))
+            .post(format!("{}/v1/completions", self.base()))
             .json(&serde_json::json!({
                 "model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0.0, "stream": true,

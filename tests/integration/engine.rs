@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::support::{on_every_backend, Backend};
 use satstream::config::{BackendKind, ModelConfig, UpstreamConfig};
 use satstream::engine::tiny_model::{self, expected_output, TinyModelOptions};
 use satstream::engine::{
@@ -37,37 +38,56 @@ struct Tiny {
     _dir: TempDir,
 }
 
-/// Two llama-cpp-python servers on the tiny model, as the `openai` backend's replicas.
+/// `n` llama-cpp-python servers on the tiny model, as the `openai` backend's replicas.
 pub async fn tiny_upstreams(path: &Path, n: usize) -> Vec<Upstream> {
-    let starts = (0..n).map(|_| Upstream::start(path, "tiny", tiny_model::CONTEXT_LENGTH, 1));
-    futures_util::future::try_join_all(starts)
-        .await
-        .expect("upstream starts (scripts/setup-upstream.sh installs it)")
+    tiny_upstreams_of(Backend::Openai, path, n).await
+}
+
+/// `n` replicas of the tiny model on the upstream `backend` names (none for the in-process
+/// backends).
+pub async fn tiny_upstreams_of(backend: Backend, path: &Path, n: usize) -> Vec<Upstream> {
+    let ctx = tiny_model::CONTEXT_LENGTH;
+    let starts: Vec<_> = match backend {
+        Backend::Mistralrs | Backend::Llamacpp => return Vec::new(),
+        Backend::Openai => (0..n)
+            .map(|_| futures_util::future::Either::Left(Upstream::start(path, "tiny", ctx, 1)))
+            .collect(),
+        // Four slots each: the tests' concurrent streams run side by side, as they would on
+        // a production llama-server.
+        Backend::LlamaServer => (0..n)
+            .map(|_| {
+                futures_util::future::Either::Right(Upstream::start_llama_server(
+                    path, "tiny", 4096, 1, 4,
+                ))
+            })
+            .collect(),
+    };
+    futures_util::future::try_join_all(starts).await.expect(
+        "upstream starts (scripts/setup-upstream.sh and scripts/setup-llama-server.sh install them)",
+    )
 }
 
 pub fn upstream_config(upstreams: &[Upstream]) -> UpstreamConfig {
     UpstreamConfig {
+        api: upstreams[0].api,
         urls: upstreams.iter().map(|u| u.url.clone()).collect(),
         model: "tiny".into(),
         ..UpstreamConfig::default()
     }
 }
 
-async fn tiny(backend: BackendKind, edit: impl FnOnce(&mut ModelConfig)) -> Tiny {
+async fn tiny(backend: Backend, edit: impl FnOnce(&mut ModelConfig)) -> Tiny {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model::write_tiny_model(dir.path()).unwrap();
     let mut cfg = model_config("tiny", &path);
-    cfg.backend = backend;
-    let upstreams = match backend {
-        BackendKind::Openai => tiny_upstreams(&path, 2).await,
-        _ => Vec::new(),
-    };
-    if backend == BackendKind::Openai {
+    cfg.backend = backend.kind();
+    let upstreams = tiny_upstreams_of(backend, &path, 2).await;
+    if !upstreams.is_empty() {
         cfg.upstream = Some(upstream_config(&upstreams));
     }
     edit(&mut cfg);
     let engine = Engine::load(&[cfg]).await.expect("tiny model loads");
-    let expected = match backend {
+    let expected = match backend.kind() {
         BackendKind::Mistralrs => "mistral.rs",
         BackendKind::Llamacpp => "llama.cpp",
         BackendKind::Openai => "openai",
@@ -118,7 +138,7 @@ fn s(bytes: &[u8]) -> String {
     String::from_utf8(bytes.to_vec()).unwrap()
 }
 
-async fn tiny_long_output_runs_to_max_tokens_exactly(backend: BackendKind) {
+async fn tiny_long_output_runs_to_max_tokens_exactly(backend: Backend) {
     let t = tiny(backend, |_| {}).await;
     let n = 3000;
     let mut g = t
@@ -141,7 +161,7 @@ async fn tiny_long_output_runs_to_max_tokens_exactly(backend: BackendKind) {
     assert_eq!(g.events.recv().await, None);
 }
 
-async fn tiny_early_eos_is_not_a_token(backend: BackendKind) {
+async fn tiny_early_eos_is_not_a_token(backend: Backend) {
     let t = tiny(backend, |_| {}).await;
     let mut g = t
         .engine
@@ -174,7 +194,7 @@ async fn tiny_early_eos_is_not_a_token(backend: BackendKind) {
     );
 }
 
-async fn tiny_chat_prompt_counts_template_tokens(backend: BackendKind) {
+async fn tiny_chat_prompt_counts_template_tokens(backend: Backend) {
     let t = tiny(backend, |_| {}).await;
     let chat = Prompt::Chat(vec![ChatMessage {
         role: "user".into(),
@@ -199,7 +219,7 @@ async fn tiny_chat_prompt_counts_template_tokens(backend: BackendKind) {
     assert_eq!(texts.concat(), "abcdefghijklmnopqrstuvwxyzabcd");
 }
 
-async fn tiny_split_characters_are_attributed_exactly(backend: BackendKind) {
+async fn tiny_split_characters_are_attributed_exactly(backend: Backend) {
     let t = tiny(backend, |_| {}).await;
     // "!" → C3 A9 "!" C3 A9 "!" C3: "é" spans two tokens; the 7th token is half a character.
     let mut g = t
@@ -218,7 +238,7 @@ async fn tiny_split_characters_are_attributed_exactly(backend: BackendKind) {
     );
 }
 
-async fn tiny_stop_string_ends_with_the_completing_token(backend: BackendKind) {
+async fn tiny_stop_string_ends_with_the_completing_token(backend: Backend) {
     let t = tiny(backend, |_| {}).await;
     let mut p = params(text("a"), 1000);
     p.stop = vec!["xyz".into(), "never".into()];
@@ -235,7 +255,7 @@ async fn tiny_stop_string_ends_with_the_completing_token(backend: BackendKind) {
     assert_eq!(g.handle.generated(), 25);
 }
 
-async fn tiny_cancel_is_immediate_and_frees_the_slot(backend: BackendKind) {
+async fn tiny_cancel_is_immediate_and_frees_the_slot(backend: Backend) {
     let t = tiny(backend, |c| {
         c.max_concurrent = 1;
         c.max_queue = 0;
@@ -280,7 +300,7 @@ async fn tiny_cancel_is_immediate_and_frees_the_slot(backend: BackendKind) {
     assert!(frozen < 30000);
 }
 
-async fn tiny_dropping_the_generation_cancels_it(backend: BackendKind) {
+async fn tiny_dropping_the_generation_cancels_it(backend: Backend) {
     let t = tiny(backend, |c| {
         c.max_concurrent = 1;
         c.max_queue = 0;
@@ -304,7 +324,7 @@ async fn tiny_dropping_the_generation_cancels_it(backend: BackendKind) {
     assert_eq!(texts.concat(), "89");
 }
 
-async fn tiny_stop_ends_cleanly_after_delivering_everything(backend: BackendKind) {
+async fn tiny_stop_ends_cleanly_after_delivering_everything(backend: Backend) {
     let t = tiny(backend, |_| {}).await;
     let mut g = t
         .engine
@@ -330,7 +350,7 @@ async fn tiny_stop_ends_cleanly_after_delivering_everything(backend: BackendKind
     assert!(expected.ends_with(&rest.concat()));
 }
 
-async fn tiny_allowance_pauses_exactly_and_resumes_identically(backend: BackendKind) {
+async fn tiny_allowance_pauses_exactly_and_resumes_identically(backend: Backend) {
     let t = tiny(backend, |c| {
         c.max_concurrent = 1;
         c.max_queue = 0;
@@ -379,7 +399,7 @@ async fn tiny_allowance_pauses_exactly_and_resumes_identically(backend: BackendK
     assert_eq!([part1, part2, part3].concat(), reference);
 }
 
-async fn tiny_pause_inside_a_character_and_at_zero(backend: BackendKind) {
+async fn tiny_pause_inside_a_character_and_at_zero(backend: Backend) {
     let t = tiny(backend, |_| {}).await;
     let mut p = params(text("!"), 6);
     p.allowance = 0;
@@ -411,7 +431,7 @@ async fn tiny_pause_inside_a_character_and_at_zero(backend: BackendKind) {
     );
 }
 
-async fn tiny_cancel_while_paused(backend: BackendKind) {
+async fn tiny_cancel_while_paused(backend: Backend) {
     let t = tiny(backend, |_| {}).await;
     let mut p = params(text("a"), 100);
     p.allowance = 3;
@@ -433,7 +453,7 @@ async fn tiny_cancel_while_paused(backend: BackendKind) {
     assert_eq!(g.handle.generated(), 3);
 }
 
-async fn tiny_stalled_consumer_does_not_block_another_stream(backend: BackendKind) {
+async fn tiny_stalled_consumer_does_not_block_another_stream(backend: Backend) {
     let t = tiny(backend, |c| c.max_concurrent = 2).await;
     let n = 4000;
     // Never read while the other runs: far more events than any channel mistral.rs uses.
@@ -460,7 +480,7 @@ async fn tiny_stalled_consumer_does_not_block_another_stream(backend: BackendKin
     );
 }
 
-async fn tiny_queue_bound_gives_busy(backend: BackendKind) {
+async fn tiny_queue_bound_gives_busy(backend: Backend) {
     let t = tiny(backend, |c| {
         c.max_concurrent = 1;
         c.max_queue = 1;
@@ -511,7 +531,7 @@ async fn tiny_queue_bound_gives_busy(backend: BackendKind) {
     assert_eq!(texts.concat(), "56789");
 }
 
-async fn tiny_invalid_requests_fail_before_any_work(backend: BackendKind) {
+async fn tiny_invalid_requests_fail_before_any_work(backend: Backend) {
     let t = tiny(backend, |c| c.context_length = 16).await;
     let e = &t.engine;
     assert_eq!(
@@ -726,7 +746,7 @@ async fn smollm2_pause_resume_is_exact_in_counts_and_first_segment() {
 /// random few milliseconds after it is complete, so allowance changes land both while a
 /// generation runs and while it is paused, and resumes meet each other's cached prefixes.
 /// Every one must produce exactly its text.
-async fn tiny_concurrent_paced_generations_are_exact(backend: BackendKind) {
+async fn tiny_concurrent_paced_generations_are_exact(backend: Backend) {
     use rand::Rng;
     super::support::init_tracing();
     const CHUNK: u32 = 4;
@@ -791,34 +811,8 @@ async fn tiny_concurrent_paced_generations_are_exact(backend: BackendKind) {
     }
 }
 
-/// Every tiny-model engine test runs on every backend (the same body, parametrized): the two
-/// in process, and the remote one against real llama-cpp-python servers.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use super::*;
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn mistralrs() {
-                    super::$name(BackendKind::Mistralrs).await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn llamacpp() {
-                    super::$name(BackendKind::Llamacpp).await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn openai() {
-                    super::$name(BackendKind::Openai).await
-                }
-            }
-        )*
-    };
-}
-
-on_both_backends!(
+on_every_backend!(
+    workers = 2;
     tiny_long_output_runs_to_max_tokens_exactly,
     tiny_early_eos_is_not_a_token,
     tiny_chat_prompt_counts_template_tokens,

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use satstream::config::BackendKind;
 use satstream::harness::PayOutcome;
 use satstream::store::SessionState;
 use satstream::wire::cipher;
@@ -15,11 +14,11 @@ use satstream::wire::proto::{
 };
 
 use super::support::{
-    assert_invariants, client, letters, next, open, pay_until_done, request, session_ended_within,
-    sid, world, world_on, CHUNK, MSAT_PER_TOKEN, T,
+    assert_invariants, client, letters, next, on_every_backend, open, pay_until_done, request,
+    session_ended_within, sid, world, world_on, Backend, CHUNK, MSAT_PER_TOKEN, T,
 };
 
-async fn bolt11_pays_each_chunk_and_gets_exact_text(backend: BackendKind) {
+async fn bolt11_pays_each_chunk_and_gets_exact_text(backend: Backend) {
     let w = world_on(backend, &[]).await;
     let mut s = open(&w, request(10, PaymentMode::Bolt11)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
@@ -56,7 +55,7 @@ async fn bolt11_pays_each_chunk_and_gets_exact_text(backend: BackendKind) {
     w.h.stop().await;
 }
 
-async fn atomic_chunks_decrypt_with_the_payers_preimage(backend: BackendKind) {
+async fn atomic_chunks_decrypt_with_the_payers_preimage(backend: Backend) {
     let w = world_on(backend, &[]).await;
     let mut s = open(&w, request(10, PaymentMode::Atomic)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
@@ -95,7 +94,7 @@ async fn atomic_chunks_decrypt_with_the_payers_preimage(backend: BackendKind) {
     w.h.stop().await;
 }
 
-async fn keysend_balance_releases_chunks_and_keeps_the_rest_refundable(backend: BackendKind) {
+async fn keysend_balance_releases_chunks_and_keeps_the_rest_refundable(backend: Backend) {
     let w = world_on(backend, &[]).await;
     let mut s = open(&w, request(10, PaymentMode::Keysend)).await;
     let Ev::Accepted(acc) = next(&mut s).await else {
@@ -134,7 +133,7 @@ async fn keysend_balance_releases_chunks_and_keeps_the_rest_refundable(backend: 
     w.h.stop().await;
 }
 
-async fn payer_stops_paying_halts_and_late_payment_is_failed_back(backend: BackendKind) {
+async fn payer_stops_paying_halts_and_late_payment_is_failed_back(backend: Backend) {
     // The cap on unpaid exposure: 12 tokens (3 chunks) at 1 000 msat a token.
     let w = world_on(
         backend,
@@ -319,7 +318,7 @@ async fn bad_requests_get_clear_statuses() {
     w.h.stop().await;
 }
 
-async fn eight_concurrent_sessions_on_one_channel_are_all_exact(backend: BackendKind) {
+async fn eight_concurrent_sessions_on_one_channel_are_all_exact(backend: Backend) {
     let w = std::sync::Arc::new(world_on(backend, &[]).await);
     let mut tasks = Vec::new();
     for i in 0..8u32 {
@@ -472,34 +471,8 @@ async fn underpaid_chunk_htlc_is_failed_back_and_nothing_delivered() {
     w.h.stop().await;
 }
 
-/// The paid-stream tests that exercise the engine run on every backend (the remote one
-/// against two real llama-cpp-python replicas).
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use super::*;
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn mistralrs() {
-                    super::$name(BackendKind::Mistralrs).await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn llamacpp() {
-                    super::$name(BackendKind::Llamacpp).await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn openai() {
-                    super::$name(BackendKind::Openai).await
-                }
-            }
-        )*
-    };
-}
-
-on_both_backends!(
+on_every_backend!(
+    workers = 4;
     bolt11_pays_each_chunk_and_gets_exact_text,
     atomic_chunks_decrypt_with_the_payers_preimage,
     keysend_balance_releases_chunks_and_keeps_the_rest_refundable,

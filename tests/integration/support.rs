@@ -52,6 +52,27 @@ pub const T: Duration = Duration::from_secs(60);
 pub const MSAT_PER_TOKEN: u64 = 1_000;
 pub const CHUNK: u32 = 4;
 
+/// Where a test's tiny model runs: in process, or behind the gateway on real upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Mistralrs,
+    Llamacpp,
+    /// llama-cpp-python's server, spoken to over OpenAI's API.
+    Openai,
+    /// llama.cpp's `llama-server`, spoken to over its native API (token ids).
+    LlamaServer,
+}
+
+impl Backend {
+    pub fn kind(self) -> BackendKind {
+        match self {
+            Backend::Mistralrs => BackendKind::Mistralrs,
+            Backend::Llamacpp => BackendKind::Llamacpp,
+            Backend::Openai | Backend::LlamaServer => BackendKind::Openai,
+        }
+    }
+}
+
 pub struct World {
     pub h: Harness,
     /// The `openai` backend's replicas (none for the in-process backends).
@@ -64,13 +85,13 @@ pub async fn world(sets: &[&str]) -> World {
 }
 
 /// A world whose tiny model runs on `backend`.
-pub async fn world_on(backend: BackendKind, sets: &[&str]) -> World {
+pub async fn world_on(backend: Backend, sets: &[&str]) -> World {
     world_full(sets, 0, 0, CHUNK, backend, 2).await
 }
 
 /// A world whose tiny model is served by `replicas` llama-cpp-python servers (`openai`).
 pub async fn world_remote(replicas: usize, sets: &[&str]) -> World {
-    world_full(sets, 0, 0, CHUNK, BackendKind::Openai, replicas).await
+    world_full(sets, 0, 0, CHUNK, Backend::Openai, replicas).await
 }
 
 /// A world on the tiny model priced `msat_per_prompt_token` per prompt token, with a
@@ -86,7 +107,7 @@ pub async fn world_with(
         msat_per_prompt_token,
         server_channel_sat,
         chunk_tokens,
-        BackendKind::Mistralrs,
+        Backend::Mistralrs,
         0,
     )
     .await
@@ -97,18 +118,14 @@ async fn world_full(
     msat_per_prompt_token: u64,
     server_channel_sat: u64,
     chunk_tokens: u32,
-    backend: BackendKind,
+    backend: Backend,
     replicas: usize,
 ) -> World {
     super::support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let path = write_tiny_model(dir.path()).unwrap();
-    let upstreams = match backend {
-        BackendKind::Openai => super::engine::tiny_upstreams(&path, replicas).await,
-        _ => Vec::new(),
-    };
-    let upstream =
-        (backend == BackendKind::Openai).then(|| super::engine::upstream_config(&upstreams));
+    let upstreams = super::engine::tiny_upstreams_of(backend, &path, replicas).await;
+    let upstream = (!upstreams.is_empty()).then(|| super::engine::upstream_config(&upstreams));
     let h = Harness::start(HarnessOptions {
         models: vec![ModelConfig {
             id: "tiny".into(),
@@ -119,7 +136,7 @@ async fn world_full(
             chunk_tokens,
             max_concurrent: 8,
             max_queue: 16,
-            backend,
+            backend: backend.kind(),
             upstream,
         }],
         sets: sets.iter().map(|s| s.to_string()).collect(),
@@ -349,3 +366,37 @@ pub fn payer_invoice(w: &World, amount_msat: Option<u64>) -> String {
     .unwrap()
     .to_string()
 }
+
+/// Runs each named test body (`async fn name(backend: Backend)`) on every backend, as one test
+/// per backend: the two in process, and the gateway on two real upstreams, llama-cpp-python
+/// over OpenAI's API and llama.cpp's `llama-server` over its native one.
+macro_rules! on_every_backend {
+    (workers = $w:literal; $($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = $w)]
+                async fn mistralrs() {
+                    super::$name(Backend::Mistralrs).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = $w)]
+                async fn llamacpp() {
+                    super::$name(Backend::Llamacpp).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = $w)]
+                async fn openai() {
+                    super::$name(Backend::Openai).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = $w)]
+                async fn llama_server() {
+                    super::$name(Backend::LlamaServer).await
+                }
+            }
+        )*
+    };
+}
+pub(crate) use on_every_backend;

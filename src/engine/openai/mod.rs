@@ -4,13 +4,16 @@
 //!
 //! How the engine interface maps onto HTTP (docs/scale-out.md says why):
 //! - **Prompts** are tokenized on the gateway by llama.cpp with the model's own GGUF vocabulary
-//!   and chat template ([`vocab`]), and sent to `POST /completions` as that exact text, so the
-//!   upstream sees the tokens the client was charged for (chat completions would re-render
-//!   the template upstream, out of the gateway's sight).
-//! - **Tokens**: the upstream streams (SSE, parsed by `eventsource-stream`) one event per
-//!   token; each event's text is mapped back to its token id. An event carrying several
-//!   tokens' text (a character split across tokens, held back by the upstream) is split by the
-//!   tokenizer. When the upstream reports `usage`, its count is checked against the gateway's.
+//!   and chat template ([`vocab`]), and sent to `POST /completions` as those exact tokens, so
+//!   the upstream sees the tokens the client was charged for (chat completions would re-render
+//!   the template upstream, out of the gateway's sight). OpenAI's API takes them as text
+//!   (special tokens written out); llama.cpp's native API takes the ids themselves.
+//! - **Tokens** are streamed (SSE, parsed by `eventsource-stream`). With `api = "openai"` each
+//!   event's text is mapped back to its token id; an event carrying several tokens' text (a
+//!   character split across tokens, held back by the upstream) is split by the tokenizer, and
+//!   when the upstream reports `usage`, its count is checked against the gateway's. With
+//!   `api = "llama.cpp"` ([`llamacpp`]) each event carries the sampled token's id and the
+//!   server's own count of generated tokens, and the gateway charges that count.
 //! - **Pause**: an upstream cannot pause. The driver's "may I go on?" is asked before each
 //!   streamed token is passed on; when the allowance is used up the request is dropped, which
 //!   closes the connection and cancels it upstream, and a resume is a new request whose prompt
@@ -19,6 +22,7 @@
 //!   before the first token is skipped for the next one (nothing was delivered from it), one
 //!   that fails mid-stream ends the generation with [`SegmentEnd::UpstreamFailed`].
 
+mod llamacpp;
 mod pool;
 mod vocab;
 
@@ -34,7 +38,7 @@ use tracing::{debug, warn};
 
 use super::backend::{Backend, BoxFuture, Segment, SegmentEnd, SegmentRequest, TokenObserver};
 use super::Prompt;
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamApi, UpstreamConfig};
 use pool::{error_chain, Check, Lease, Pool};
 use vocab::Vocab;
 
@@ -45,6 +49,7 @@ pub struct OpenAiBackend {
 struct Ctx {
     pool: Arc<Pool>,
     vocab: Vocab,
+    api: UpstreamApi,
     idle_timeout: Duration,
 }
 
@@ -85,6 +90,7 @@ impl OpenAiBackend {
             ctx: Arc::new(Ctx {
                 pool,
                 vocab,
+                api: cfg.api,
                 idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
             }),
         })
@@ -214,11 +220,19 @@ enum Attempt {
 }
 
 async fn run(ctx: Arc<Ctx>, req: SegmentRequest, observer: Arc<dyn TokenObserver>) -> SegmentEnd {
-    // Detokenizing a long prefix is CPU work: off the async workers.
-    let (c, tokens) = (ctx.clone(), req.tokens.clone());
-    let (prompt, partial) = match tokio::task::spawn_blocking(move || c.vocab.text(&tokens)).await {
-        Ok(p) => p,
-        Err(e) => return SegmentEnd::Failed(format!("detokenizing the prompt failed: {e}")),
+    let (prompt, partial) = match ctx.api {
+        // llama.cpp takes the ids themselves.
+        UpstreamApi::Llamacpp => (String::new(), Vec::new()),
+        // Detokenizing a long prefix is CPU work: off the async workers.
+        UpstreamApi::Openai => {
+            let (c, tokens) = (ctx.clone(), req.tokens.clone());
+            match tokio::task::spawn_blocking(move || c.vocab.text(&tokens)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    return SegmentEnd::Failed(format!("detokenizing the prompt failed: {e}"))
+                }
+            }
+        }
     };
     let mut tried = Vec::new();
     let mut last = String::new();
@@ -259,7 +273,10 @@ async fn attempt(
         Ok(r) => r,
         Err(a) => return a,
     };
-    read(ctx, lease, req, partial, observer, resp).await
+    match ctx.api {
+        UpstreamApi::Openai => read(ctx, lease, req, partial, observer, resp).await,
+        UpstreamApi::Llamacpp => llamacpp::read(ctx, lease, observer, resp).await,
+    }
 }
 
 /// Sends the completions request; a refusal or an unreachable replica is the attempt's end.
@@ -271,15 +288,19 @@ async fn send(
 ) -> Result<reqwest::Response, Attempt> {
     let pool = &ctx.pool;
     let url = lease.url().to_string();
-    let body = serde_json::json!({
-        "model": pool.upstream_model,
-        "prompt": prompt,
-        "max_tokens": req.max_new_tokens,
-        "temperature": req.temperature,
-        "top_p": if req.top_p > 0.0 { req.top_p } else { 1.0 },
-        "stream": true,
-        "stream_options": { "include_usage": true },
-    });
+    let top_p = if req.top_p > 0.0 { req.top_p } else { 1.0 };
+    let body = match ctx.api {
+        UpstreamApi::Openai => serde_json::json!({
+            "model": pool.upstream_model,
+            "prompt": prompt,
+            "max_tokens": req.max_new_tokens,
+            "temperature": req.temperature,
+            "top_p": top_p,
+            "stream": true,
+            "stream_options": { "include_usage": true },
+        }),
+        UpstreamApi::Llamacpp => llamacpp::body(req, top_p),
+    };
     let sent = pool
         .request(reqwest::Method::POST, format!("{url}/completions"))
         .json(&body)
@@ -316,6 +337,63 @@ async fn send(
 
 /// The largest SSE event accepted from an upstream (a streamed event carries a few tokens).
 const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// The next event of an upstream's stream, in either protocol.
+enum Next {
+    Data(String),
+    /// The stream ended.
+    Closed,
+    /// It failed, went silent or sent what no upstream should.
+    Failed(String),
+}
+
+type Events = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<reqwest::Error>,
+                >,
+            > + Send,
+    >,
+>;
+
+fn events(resp: reqwest::Response) -> Events {
+    Box::pin(resp.bytes_stream().eventsource())
+}
+
+/// Waits for the next event, at most the idle deadline.
+async fn next(events: &mut Events, idle: Duration) -> Next {
+    let ev = match tokio::time::timeout(idle, events.next()).await {
+        Err(_) => return Next::Failed(format!("sent nothing for {} s", idle.as_secs())),
+        Ok(None) => return Next::Closed,
+        Ok(Some(Err(e))) => return Next::Failed(error_chain(&e)),
+        Ok(Some(Ok(ev))) => ev,
+    };
+    // One event carries a few tokens; a megabyte of "text" is not an upstream we can
+    // count exactly (and tokenizing it would hold this worker).
+    if ev.data.len() > MAX_EVENT_BYTES {
+        return Next::Failed(format!(
+            "sent an event of {} bytes (at most {MAX_EVENT_BYTES})",
+            ev.data.len()
+        ));
+    }
+    Next::Data(ev.data)
+}
+
+/// How an attempt ends when its replica failed: another replica may take it if nothing was
+/// passed on yet, else the generation ends (the tokens passed on stay valid and paid for).
+fn failed(pool: &Pool, lease: &mut Lease, passed: u32, why: String) -> Attempt {
+    if passed == 0 {
+        return Attempt::Retry(why);
+    }
+    lease.outcome = "failed";
+    pool.mark(lease.idx, false, &why);
+    Attempt::Done(SegmentEnd::UpstreamFailed(format!(
+        "upstream {} failed mid-stream after {passed} tokens: {why}",
+        lease.url()
+    )))
+}
 /// A piece longer than this is tokenized on a blocking thread (one token is a few bytes).
 const BIG_PIECE_BYTES: usize = 256;
 
@@ -330,7 +408,7 @@ async fn read(
 ) -> Attempt {
     let pool = &ctx.pool;
     let url = lease.url().to_string();
-    let mut events = resp.bytes_stream().eventsource();
+    let mut events = events(resp);
     let mut passed = 0u32;
     let mut finish: Option<String> = None;
     let mut ids = Vec::new();
@@ -339,40 +417,17 @@ async fn read(
     // The bytes of a character the prompt was cut inside of: already delivered, so the
     // upstream's regeneration of them is not passed on again.
     let mut skip = partial.to_vec();
-    let failed = |lease: &mut Lease, passed: u32, why: String| {
-        if passed == 0 {
-            return Attempt::Retry(why);
-        }
-        lease.outcome = "failed";
-        pool.mark(lease.idx, false, &why);
-        Attempt::Done(SegmentEnd::UpstreamFailed(format!(
-            "upstream {url} failed mid-stream after {passed} tokens: {why}"
-        )))
-    };
+    let failed = |lease: &mut Lease, passed: u32, why: String| failed(pool, lease, passed, why);
     loop {
-        let ev = match tokio::time::timeout(ctx.idle_timeout, events.next()).await {
-            Err(_) => {
-                let why = format!("sent nothing for {} s", ctx.idle_timeout.as_secs());
-                return failed(lease, passed, why);
+        let data = match next(&mut events, ctx.idle_timeout).await {
+            Next::Data(d) => d,
+            Next::Closed if finish.is_some() => break,
+            Next::Closed => {
+                return failed(lease, passed, "closed the stream mid-generation".into())
             }
-            Ok(None) if finish.is_some() => break,
-            Ok(None) => return failed(lease, passed, "closed the stream mid-generation".into()),
-            Ok(Some(Err(e))) => return failed(lease, passed, error_chain(&e)),
-            Ok(Some(Ok(ev))) => ev,
+            Next::Failed(why) => return failed(lease, passed, why),
         };
-        // One event carries a few tokens; a megabyte of "text" is not an upstream we can
-        // count exactly (and tokenizing it would hold this worker).
-        if ev.data.len() > MAX_EVENT_BYTES {
-            return failed(
-                lease,
-                passed,
-                format!(
-                    "sent an event of {} bytes (at most {MAX_EVENT_BYTES})",
-                    ev.data.len()
-                ),
-            );
-        }
-        if ev.data.trim() == "[DONE]" {
+        if data.trim() == "[DONE]" {
             if finish.is_some() {
                 break;
             }
@@ -383,10 +438,10 @@ async fn read(
                 "ended the stream without a finish_reason".into(),
             );
         }
-        let chunk: Chunk = match serde_json::from_str(&ev.data) {
+        let chunk: Chunk = match serde_json::from_str(&data) {
             Ok(c) => c,
             Err(e) => {
-                let head: String = ev.data.chars().take(200).collect();
+                let head: String = data.chars().take(200).collect();
                 return failed(
                     lease,
                     passed,

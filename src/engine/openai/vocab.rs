@@ -46,6 +46,11 @@ impl Vocab {
         self.model.vocab().eos().0 as u32
     }
 
+    /// An end-of-generation token (not text, and not charged).
+    pub(super) fn is_eog(&self, id: u32) -> bool {
+        self.model.vocab().is_eog(LlamaToken(id as i32))
+    }
+
     /// Exact prompt tokens, as the in-process llama.cpp backend counts them.
     pub(super) fn tokenize(&self, prompt: Prompt) -> Result<Vec<u32>, String> {
         llamacpp::tokenize(&self.model, prompt)
