@@ -324,6 +324,10 @@ pub struct PaymentsConfig {
     pub payment_timeout_secs: u64,
     /// Chunks the engine may run ahead of payment (clients may ask for fewer).
     pub window_chunks: u32,
+    /// Tokens in a session's first chunk (0: a full chunk). A short first chunk shows the
+    /// answer's first words at the engine's own time to first token (its invoice, sent as the
+    /// session opens, is paid during the prefill); the rest come in full chunks.
+    pub first_chunk_tokens: u32,
     /// Lifetime of chunk invoices.
     pub invoice_expiry_secs: u32,
     /// Custom TLV record carrying the session id in KEYSEND mode (odd, ≥ 65536).
@@ -451,6 +455,7 @@ impl Default for PaymentsConfig {
         PaymentsConfig {
             payment_timeout_secs: 30,
             window_chunks: 2,
+            first_chunk_tokens: 1,
             invoice_expiry_secs: 600,
             keysend_tlv_type: 5_482_373_485,
             first_payment_timeout_secs: 15,

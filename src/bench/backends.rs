@@ -110,8 +110,17 @@ async fn paid_mode(
 /// all its tokens); fails unless it completes.
 pub(super) async fn paid_request(
     h: &Harness,
-    mut req: GenerateRequest,
+    req: GenerateRequest,
 ) -> Result<client::Summary, BenchError> {
+    Ok(paid_request_watched(h, req).await?.0)
+}
+
+/// [`paid_request`], and what its client saw when (a PREPAID top-up is before the request,
+/// outside the timing).
+pub(super) async fn paid_request_watched(
+    h: &Harness,
+    mut req: GenerateRequest,
+) -> Result<(client::Summary, super::short::Watch), BenchError> {
     let mut c = connect(h).await?;
     let mode = req.mode();
     if mode == PaymentMode::Prepaid {
@@ -127,11 +136,12 @@ pub(super) async fn paid_request(
         h.payer.pay(&t.bolt11, Duration::from_secs(60)).await?;
         req.account_token = t.account_token;
     }
-    let s = client::generate(&mut c, &h.payer, req, None, |_| {}).await?;
+    let mut watch = super::short::Watch::new();
+    let s = client::generate(&mut c, &h.payer, req, None, |e| watch.see(e)).await?;
     if s.tokens == 0 || s.outcome.starts_with("halted") {
         return Err(BenchError::Failed(format!("{mode:?} stream failed: {s:?}")));
     }
-    Ok(s)
+    Ok((s, watch))
 }
 
 /// Stall share of BOLT11 streams on a server with `sets`.

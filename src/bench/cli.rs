@@ -15,7 +15,9 @@ pub struct BenchArgs {
     /// each file's perplexity, and llama.cpp beside a second loaded model).
     /// stall (the configured model and backend: the stall share of paid BOLT11 streams with
     /// adaptive lookahead, and how much of it comes before a session's first payment).
-    /// Printed only: http (the HTTP face's paid tok/s and time to first token against gRPC's,
+    /// Printed only: short (issue 26: answers of 32/64/128/512 tokens on both backends, raw
+    /// against every paid mode, time to first token and to Done, with the run's p50 payment
+    /// round trip; --sessions sets the alternated rounds, default 3), http (the HTTP face's paid tok/s and time to first token against gRPC's,
     /// PREPAID, the configured model), chaos (random SIGKILLs of a server process, tiny model), rpc (ListModels
     /// latency, completions and the server's peak RSS under 32 paid sessions, tiny model),
     /// soak (a server process's RSS over 1 000 distinct generations of the configured model),
@@ -56,6 +58,15 @@ pub async fn command(base: &Config, a: &BenchArgs) -> Result<(), BenchError> {
     if a.model == "http" {
         let m = first_model(base)?;
         println!("{}", super::http::report(&m, 256).await?);
+        eprintln!("machine: {}", super::machine());
+        return Ok(());
+    }
+    if a.model == "short" {
+        let m = first_model(base)?;
+        println!(
+            "{}",
+            super::short::report(&m, a.sessions.unwrap_or(3)).await?
+        );
         eprintln!("machine: {}", super::machine());
         return Ok(());
     }

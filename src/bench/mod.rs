@@ -11,6 +11,7 @@ pub mod faults;
 pub mod gateway;
 pub mod http;
 pub mod longrun;
+mod short;
 pub mod transport;
 
 use std::path::PathBuf;

@@ -140,6 +140,7 @@ const MAX_SEND_FAILURES: u32 = 3;
 #[derive(Default)]
 struct Terms {
     node_id: String,
+    atomic: bool,
     msat_per_token: u64,
     chunk_tokens: u32,
     prompt_price_msat: u64,
@@ -200,6 +201,12 @@ struct Run {
     /// Payment hashes of every invoice this client paid or tried to: an invoice sent again
     /// after a resume is never paid twice.
     asked: std::collections::HashSet<String>,
+    /// Invoices the server withdrew and replaced (a first chunk invoiced ahead of an answer
+    /// that ended shorter): never paid, and their failing back is expected.
+    replaced: std::collections::HashSet<[u8; 32]>,
+    /// ATOMIC: chunk invoices whose ciphertext has not arrived (the first chunk's is sent
+    /// before the chunk exists), by payment hash: paid once it has.
+    awaiting_ciphertext: HashMap<[u8; 32], (Option<u32>, String, u64)>,
     /// Since the stream dropped, until the next chunk arrives.
     dropped_at: Option<Instant>,
 }
@@ -394,6 +401,10 @@ impl Run {
             }) => {
                 if let Some(f) = self.in_flight.remove(&h.0) {
                     self.update_waiting();
+                    if self.replaced.contains(&h.0) {
+                        // Withdrawn by the server for a cheaper one: failed back, as said.
+                        return Ok(true);
+                    }
                     on_event(&ClientEvent::PaymentFailed {
                         chunk: f.chunk,
                         reason: format!("{reason:?}"),
@@ -422,6 +433,21 @@ impl Run {
         }
         self.retry.extend(waiting);
         Ok(())
+    }
+
+    /// The server withdrew the invoice `hash` (and sent a replacement): it is not paid if it
+    /// has not been yet; if it has, the server fails it back.
+    fn withdrawn(&mut self, hash: [u8; 32]) {
+        self.replaced.insert(hash);
+        self.awaiting_ciphertext.remove(&hash);
+        self.retry.retain(|(_, bolt11, ..)| {
+            bolt11
+                .parse::<ldk_node::lightning_invoice::Bolt11Invoice>()
+                .map_or(true, |i| {
+                    let h: &[u8; 32] = i.payment_hash().as_ref();
+                    *h != hash
+                })
+        });
     }
 
     /// Keeps `waiting_since` true to "some payment is in flight".
@@ -663,6 +689,7 @@ impl Run {
             Ev::Accepted(a) => {
                 self.terms = Terms {
                     node_id: a.node_id.clone(),
+                    atomic: a.mode == PaymentMode::Atomic as i32,
                     msat_per_token: a.msat_per_token,
                     chunk_tokens: a.max_chunk_tokens.max(a.chunk_tokens),
                     prompt_price_msat: a.prompt_price_msat,
@@ -688,8 +715,22 @@ impl Run {
                 // Sent again on Resume; paid (or being paid) already.
             }
             Ev::Invoice(inv) => {
+                if !inv.replaces_payment_hash.is_empty() {
+                    self.withdrawn(parse_hash(&inv.replaces_payment_hash)?);
+                }
                 let amount = self.check_invoice(&inv)?;
+                let hash = parse_hash(&inv.payment_hash)?;
                 self.asked.insert(inv.payment_hash.clone());
+                if self.terms.atomic
+                    && inv.chunk_index.is_some()
+                    && !self.sealed.contains_key(&hash)
+                {
+                    // ATOMIC's promise is paying only for a ciphertext held: an invoice sent
+                    // ahead of its chunk (the first, while the engine prefills) waits for it.
+                    self.awaiting_ciphertext
+                        .insert(hash, (inv.chunk_index, inv.bolt11, amount));
+                    return Ok(false);
+                }
                 // Behind any invoice still waiting for a slot: chunks are paid in order.
                 self.retry.push((inv.chunk_index, inv.bolt11, amount, 0));
                 self.retry_sends(wallet, on_event)?;
@@ -707,6 +748,10 @@ impl Run {
                         ciphertext: c.ciphertext,
                     },
                 );
+                if let Some((chunk, bolt11, amount)) = self.awaiting_ciphertext.remove(&hash) {
+                    self.retry.push((chunk, bolt11, amount, 0));
+                    self.retry_sends(wallet, on_event)?;
+                }
             }
             Ev::ChunkKey(k) => {
                 // Normally the preimage from our own payment already decrypted this chunk.
@@ -896,6 +941,7 @@ mod tests {
         Run {
             terms: Terms {
                 node_id,
+                atomic: false,
                 msat_per_token: 1_000,
                 chunk_tokens: 4,
                 prompt_price_msat: 3_000,
@@ -913,6 +959,7 @@ mod tests {
             amount_msat,
             tokens,
             expires_at_unix: 0,
+            replaces_payment_hash: String::new(),
         }
     }
 

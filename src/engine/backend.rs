@@ -34,6 +34,10 @@ pub struct SegmentRequest {
     pub max_new_tokens: u32,
     pub temperature: f64,
     pub top_p: f64,
+    /// 1 = off.
+    pub repetition_penalty: f64,
+    /// None: the backend's own randomness.
+    pub seed: Option<u64>,
 }
 
 /// How a segment ended.

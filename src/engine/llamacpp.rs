@@ -230,18 +230,35 @@ impl Drop for LlamaSegment {
 struct Sampling {
     temperature: f64,
     top_p: f64,
+    repetition_penalty: f64,
+    seed: Option<u64>,
 }
 
-fn sampler(s: Sampling) -> LlamaSampler {
-    if s.temperature <= 0.0 {
-        return LlamaSampler::greedy();
-    }
+fn sampler(s: Sampling, n_vocab: i32) -> LlamaSampler {
     let mut chain = Vec::new();
+    if s.repetition_penalty != 1.0 {
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            super::PENALTY_LAST_N,
+            s.repetition_penalty as f32,
+            0.0,
+            0.0,
+        ));
+    }
+    if s.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+        return LlamaSampler::chain_simple(chain);
+    }
     if s.top_p > 0.0 && s.top_p < 1.0 {
         chain.push(LlamaSampler::top_p(s.top_p as f32, 1));
     }
     chain.push(LlamaSampler::temp(s.temperature as f32));
-    chain.push(LlamaSampler::dist(rand::thread_rng().gen()));
+    // A seeded sampler draws the same tokens for the same request; the sequence keeps its
+    // sampler across pauses, so a paid stream's pauses do not change them.
+    let seed = s
+        .seed
+        .map_or_else(|| rand::thread_rng().gen(), |s| s as u32);
+    chain.push(LlamaSampler::dist(seed));
     LlamaSampler::chain_simple(chain)
 }
 
@@ -326,6 +343,8 @@ impl<'m> Engine<'m> {
                 let sampling = Sampling {
                     temperature: request.temperature,
                     top_p: request.top_p,
+                    repetition_penalty: request.repetition_penalty,
+                    seed: request.seed,
                 };
                 let running = Running {
                     id,
@@ -371,7 +390,7 @@ impl<'m> Engine<'m> {
                     tokens,
                     decoded: 0,
                     sampling,
-                    sampler: sampler(sampling),
+                    sampler: sampler(sampling, self.model.n_vocab()),
                     running: Some(running),
                     last_used: clock,
                 });

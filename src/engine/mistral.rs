@@ -151,6 +151,8 @@ impl Backend for MistralBackend {
                 // mistral.rs reads None as 1.0; 0 is how greedy (argmax) is selected.
                 temperature: Some(request.temperature),
                 top_p: (request.top_p > 0.0 && request.top_p < 1.0).then_some(request.top_p),
+                repetition_penalty: (request.repetition_penalty != 1.0)
+                    .then_some(request.repetition_penalty as f32),
                 // The driver ends every segment itself through the logits processor, one token
                 // before this limit, so the end is always clean and every token is observed.
                 max_len: Some(request.max_new_tokens as usize + 1),

@@ -80,6 +80,10 @@ pub struct GenerateParams {
     pub temperature: f64,
     /// Nucleus sampling; 0 or 1 = off.
     pub top_p: f64,
+    /// Divides the logit of every token among the last [`PENALTY_LAST_N`] (1 = off).
+    pub repetition_penalty: f64,
+    /// The sampler's seed (llama.cpp; None: a random one). Meaningless when greedy.
+    pub seed: Option<u64>,
     /// The generation ends (reason `Stop(s)`) with the token that completes `s`; the text
     /// of that token, stop string included, is delivered.
     pub stop: Vec<String>,
@@ -96,10 +100,58 @@ impl GenerateParams {
             max_tokens,
             temperature: 0.0,
             top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: None,
             stop: Vec::new(),
             allowance: u32::MAX,
         }
     }
+}
+
+/// Tokens a repetition penalty looks back over (llama.cpp's and mistral.rs's default window).
+pub const PENALTY_LAST_N: i32 = 64;
+
+/// A sampling setting a model cannot honour: the request field and what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SamplingRefused {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Checks a request's sampling settings against what `backend` can do; the front doors map
+/// a refusal to their own error (gRPC InvalidArgument, HTTP 400), naming the field.
+pub fn check_sampling(
+    backend: crate::config::BackendKind,
+    temperature: f64,
+    top_p: f64,
+    repetition_penalty: f64,
+    seed: Option<u64>,
+) -> Result<(), SamplingRefused> {
+    let refuse = |field, message: &str| {
+        Err(SamplingRefused {
+            field,
+            message: message.into(),
+        })
+    };
+    if !(0.0..=2.0).contains(&temperature) {
+        return refuse("temperature", "must be between 0 and 2");
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return refuse("top_p", "must be in (0, 1]");
+    }
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 2.0) {
+        return refuse(
+            "repetition_penalty",
+            "must be in (0, 2]: 1 is off, 1.1 a usual chat setting",
+        );
+    }
+    if seed.is_some() && temperature > 0.0 && backend == crate::config::BackendKind::Mistralrs {
+        return refuse(
+            "seed",
+            "this model runs on mistral.rs, which draws every request from one engine-wide              generator and cannot seed a request; for reproducible output use temperature 0              (greedy), or a model on llama.cpp",
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -391,6 +443,8 @@ impl Engine {
             allowance: params.allowance,
             temperature: params.temperature,
             top_p: params.top_p,
+            repetition_penalty: params.repetition_penalty,
+            seed: params.seed,
             stop: params.stop,
         };
         let (events, handle) = pump::spawn(
@@ -426,6 +480,12 @@ fn validate(p: &GenerateParams) -> Result<(), EngineError> {
     }
     if !(p.top_p.is_finite() && (0.0..=1.0).contains(&p.top_p)) {
         return invalid(format!("top_p must be within [0, 1], got {}", p.top_p));
+    }
+    if !(p.repetition_penalty.is_finite() && p.repetition_penalty > 0.0) {
+        return invalid(format!(
+            "repetition_penalty must be > 0 (1 = off), got {}",
+            p.repetition_penalty
+        ));
     }
     if p.stop.iter().any(|s| s.is_empty()) {
         return invalid("stop strings must not be empty".into());
@@ -585,4 +645,37 @@ async fn load_one(cfg: &ModelConfig) -> Result<LoadedModel, EngineError> {
         slots: Arc::new(Semaphore::new(cfg.max_concurrent as usize)),
         queued: AtomicU32::new(0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendKind;
+
+    #[test]
+    fn sampling_is_checked_against_what_the_backend_can_do() {
+        let ok = |b, t, p, r, s| check_sampling(b, t, p, r, s).map_err(|e| e.field);
+        assert_eq!(ok(BackendKind::Mistralrs, 0.7, 0.9, 1.1, None), Ok(()));
+        assert_eq!(ok(BackendKind::Llamacpp, 0.7, 0.9, 1.1, Some(42)), Ok(()));
+        // Greedy output is reproducible on any backend, with or without a seed.
+        assert_eq!(ok(BackendKind::Mistralrs, 0.0, 1.0, 1.0, Some(42)), Ok(()));
+        // mistral.rs cannot seed one request.
+        assert_eq!(
+            ok(BackendKind::Mistralrs, 0.7, 1.0, 1.0, Some(42)),
+            Err("seed")
+        );
+        assert_eq!(ok(BackendKind::Openai, 0.7, 1.0, 1.0, Some(42)), Ok(()));
+        assert_eq!(
+            ok(BackendKind::Llamacpp, 2.5, 1.0, 1.0, None),
+            Err("temperature")
+        );
+        assert_eq!(ok(BackendKind::Llamacpp, 0.7, 0.0, 1.0, None), Err("top_p"));
+        for bad in [0.0, -1.0, 2.5, f64::NAN] {
+            assert_eq!(
+                ok(BackendKind::Llamacpp, 0.7, 1.0, bad, None),
+                Err("repetition_penalty"),
+                "{bad}"
+            );
+        }
+    }
 }

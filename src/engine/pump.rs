@@ -281,6 +281,8 @@ pub(crate) struct GenerationSpec {
     pub allowance: u32,
     pub temperature: f64,
     pub top_p: f64,
+    pub repetition_penalty: f64,
+    pub seed: Option<u64>,
     pub stop: Vec<String>,
 }
 
@@ -462,6 +464,8 @@ impl Driver {
             max_new_tokens: remaining,
             temperature: self.spec.temperature,
             top_p: self.spec.top_p,
+            repetition_penalty: self.spec.repetition_penalty,
+            seed: self.spec.seed,
         };
         let mut seg = match self.backend.start(request, observer).await {
             Ok(seg) => seg,

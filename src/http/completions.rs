@@ -47,6 +47,8 @@ pub struct Request {
     temperature: Option<f64>,
     top_p: Option<f64>,
     seed: Option<i64>,
+    /// Not OpenAI's: vLLM's and others' extension (llama.cpp calls it repeat_penalty).
+    repetition_penalty: Option<f64>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     n: Option<u32>,
@@ -113,6 +115,8 @@ struct Asked {
     max_tokens: Option<u32>,
     temperature: f64,
     top_p: f64,
+    repetition_penalty: f64,
+    seed: Option<u64>,
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
@@ -127,7 +131,7 @@ fn unsupported(field: &str, why: &str) -> ApiError {
 
 /// Checks everything that needs no engine: OpenAI's fields, refusing clearly those that
 /// would change the output in ways we cannot serve.
-fn asked(kind: Kind, r: Request) -> Result<Asked, ApiError> {
+fn asked(kind: Kind, r: Request, backend: crate::config::BackendKind) -> Result<Asked, ApiError> {
     if let Some(n) = r.n.filter(|&n| n != 1) {
         return Err(ApiError::bad(
             "n",
@@ -276,20 +280,14 @@ fn asked(kind: Kind, r: Request) -> Result<Asked, ApiError> {
     };
     let max_tokens = r.max_completion_tokens.or(r.max_tokens);
     let temperature = r.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad("temperature", "must be between 0 and 2"));
-    }
     let top_p = r.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad("top_p", "must be in (0, 1]"));
-    }
-    if r.seed.is_some() && temperature > 0.0 {
-        return Err(ApiError::bad(
-            "seed",
-            "this server cannot seed its sampler; for reproducible output use temperature 0 \
-             (greedy), with or without a seed",
-        ));
-    }
+    let repetition_penalty = r.repetition_penalty.unwrap_or(1.0);
+    let seed = match r.seed {
+        Some(s) if s < 0 => return Err(ApiError::bad("seed", "must be ≥ 0")),
+        s => s.map(|s| s as u64),
+    };
+    crate::engine::check_sampling(backend, temperature, top_p, repetition_penalty, seed)
+        .map_err(|r| ApiError::bad(r.field, r.message))?;
     let stop = match r.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -317,6 +315,8 @@ fn asked(kind: Kind, r: Request) -> Result<Asked, ApiError> {
         max_tokens,
         temperature,
         top_p,
+        repetition_penalty,
+        seed,
         stop,
         stream,
         include_usage: r
@@ -371,8 +371,8 @@ async fn complete(
         }
         Some(m) => m.to_string(),
     };
-    crate::grpc::inference::request::model_config(&app, &model_id)?;
-    let a = asked(kind, req)?;
+    let backend = crate::grpc::inference::request::model_config(&app, &model_id)?.backend;
+    let a = asked(kind, req, backend)?;
     // Who pays, before any engine work: a bad key is refused before the prompt is tokenized.
     let account = h.caller(&headers).await?;
     let c = crate::grpc::inference::request::check(
@@ -440,6 +440,8 @@ async fn complete(
         max_tokens,
         temperature: a.temperature,
         top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
         stop: a.stop,
         window_chunks: app.config.payments.window_chunks.max(1),
         account: Some(account),

@@ -53,6 +53,8 @@ pub struct Opening {
     pub max_tokens: u32,
     pub temperature: f64,
     pub top_p: f64,
+    pub repetition_penalty: f64,
+    pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub window_chunks: u32,
     /// PREPAID: the account drawn on.
@@ -238,6 +240,8 @@ pub async fn open(app: Arc<App>, o: Opening) -> Result<Opened, OpenError> {
             max_tokens: o.max_tokens,
             temperature: o.temperature,
             top_p: o.top_p,
+            repetition_penalty: o.repetition_penalty,
+            seed: o.seed,
             stop: o.stop,
             allowance: 0,
         },
@@ -245,6 +249,7 @@ pub async fn open(app: Arc<App>, o: Opening) -> Result<Opened, OpenError> {
         resume_grace: Duration::from_secs(resume_grace_secs),
         max_resumes: p.max_resumes,
         max_lifetime: Duration::from_secs(p.max_session_secs),
+        first_chunk_tokens: p.first_chunk_tokens,
         accepted,
     };
     let shutdown = app.shutdown.clone();

@@ -14,8 +14,14 @@ pub struct Sealed {
 /// Encrypts `plaintext` under a fresh random key (ChaCha20-Poly1305, no associated data).
 pub fn seal(plaintext: &[u8]) -> Sealed {
     let mut key = [0u8; 32];
-    let mut nonce = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut key);
+    seal_with(key, plaintext)
+}
+
+/// Encrypts `plaintext` under `key`, chosen before the plaintext existed (the preimage of an
+/// invoice issued ahead of its chunk), with a fresh random nonce.
+pub fn seal_with(key: [u8; 32], plaintext: &[u8]) -> Sealed {
+    let mut nonce = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut nonce);
     let ciphertext = ChaCha20Poly1305::new(Key::from_slice(&key))
         .encrypt(Nonce::from_slice(&nonce), plaintext)

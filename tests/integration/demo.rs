@@ -17,6 +17,11 @@ fn demo(model_path: &std::path::Path, extra: &[&str]) -> (String, String) {
             "demo",
             "--max-tokens",
             "10",
+            // Greedy, to compare texts (the demo's own default samples like a chat).
+            "--temperature",
+            "0",
+            "--repetition-penalty",
+            "1",
         ])
         .args(extra)
         .output()
@@ -44,9 +49,10 @@ fn demo_runs_a_paid_generation_and_summarises_it_exactly() {
     for field in [
         "outcome=length",
         "tokens=10",
-        "chunks=3",
+        // The first word alone, then chunks of 4: 1 + 4 + 4 + 1.
+        "chunks=4",
         "paid_msat=10000",
-        "payments=3",
+        "payments=4",
     ] {
         assert!(
             summary.split_whitespace().any(|w| w == field),

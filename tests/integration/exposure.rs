@@ -245,7 +245,8 @@ async fn metrics_after_paid_sessions_agree_with_the_ledger() {
         let addr = metrics_addr;
         async move {
             let t = scrape(addr).await;
-            t.contains("satstream_invoices{state=\"claimed\"} 6")
+            // Two sessions of 10 tokens: chunks of 1, 4, 4 and 1 each.
+            t.contains("satstream_invoices{state=\"claimed\"} 8")
         }
     })
     .await
@@ -265,7 +266,7 @@ async fn metrics_after_paid_sessions_agree_with_the_ledger() {
     assert_eq!(value(&text, "satstream_tokens_delivered_total"), 20.0);
     assert_eq!(
         value(&text, "satstream_payment_to_tokens_seconds_count"),
-        6.0
+        8.0
     );
     assert_eq!(value(&text, "satstream_htlcs_held"), 0.0);
     assert!(value(&text, "satstream_inbound_liquidity_msat") > 0.0);

@@ -179,7 +179,10 @@ async fn grpcurl_generate_bolt11_paid_from_the_payer_node() {
         .collect();
     assert_eq!(text, "abcdefghij");
     let invoices = events.iter().filter(|e| e["invoice"].is_object()).count();
-    assert_eq!(invoices, 3, "chunks of 4, 4 and 2 tokens");
+    assert_eq!(
+        invoices, 4,
+        "chunks of 1 (the first word, invoiced as the session opens), 4, 4 and 1 tokens"
+    );
     let done = &events.last().unwrap()["done"];
     assert_eq!(done["completionTokens"], 10);
     assert_eq!(done["paidMsat"], "10000", "uint64 is a JSON string");
@@ -298,22 +301,22 @@ async fn readme_walkthrough_grpcurl_generate_paid_by_satstream_wallet_pay() {
     assert_eq!(events.last().unwrap()["done"]["paidMsat"], "10000");
     assert_eq!(
         summary,
-        "[wallet] summary: paid=3 paid_msat=10000 fees_msat=0 failed=0 refused=0 unresolved=0"
+        "[wallet] summary: paid=4 paid_msat=10000 fees_msat=0 failed=0 refused=0 unresolved=0"
     );
 
-    // 5 sat buys the first chunk (4 000 msat); the second (4 000) and, once the first is paid
-    // and the window moves, the third (2 000) are refused.
+    // 5 sat buys the first two chunks (1 000 + 4 000 msat); the third (4 000) and, once the
+    // window moves, the fourth (1 000) are refused.
     let (events, summary) = paid_run("5");
-    assert_eq!(text(&events), "abcd");
+    assert_eq!(text(&events), "abcde");
     let halted = &events.last().unwrap()["halted"];
     assert_eq!(
         halted["reason"], "HALT_REASON_PAYMENT_TIMEOUT",
         "{events:?}"
     );
-    assert_eq!(halted["paidMsat"], "4000");
+    assert_eq!(halted["paidMsat"], "5000");
     assert_eq!(
         summary,
-        "[wallet] summary: paid=1 paid_msat=4000 fees_msat=0 failed=0 refused=2 unresolved=0"
+        "[wallet] summary: paid=2 paid_msat=5000 fees_msat=0 failed=0 refused=2 unresolved=0"
     );
     h.stop().await;
 }

@@ -16,4 +16,5 @@ mod paid;
 mod prepaid;
 mod receipts;
 mod resume;
+mod short;
 mod support;

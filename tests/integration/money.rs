@@ -213,9 +213,11 @@ async fn a_client_that_stops_reading_is_halted() {
         resume_grace: Duration::from_secs(60),
         max_resumes: 16,
         max_lifetime: Duration::from_secs(3_600),
+        first_chunk_tokens: 0,
         accepted: Default::default(),
     };
-    // Room for one event: the EncryptedChunk of chunk 0; its Invoice then waits for a reader.
+    // Room for one event: chunk 0's invoice (sent as the session opens); its EncryptedChunk
+    // then waits for a reader.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let admission = app.engine.admit("tiny").await.unwrap();
     let live = app.live.try_enter(64).unwrap();
@@ -713,11 +715,18 @@ async fn a_prompt_held_near_its_claim_deadline_is_failed_back_not_claimed() {
         .unwrap()
         .try_into()
         .unwrap();
-    let prompt_pay = w.h.payer.send(&prompt.bolt11).unwrap();
     let Ev::Invoice(chunk) = next(&mut s).await else {
-        panic!("the first chunk's invoice (the engine started: the prompt is held)")
+        panic!("the first chunk's invoice, with the prompt's")
     };
+    let prompt_pay = w.h.payer.send(&prompt.bolt11).unwrap();
     let ln = w.h.server().app.lightning.clone();
+    let l = ln.clone();
+    wait_until("the prompt's HTLC to be held", T, move || {
+        let l = l.clone();
+        async move { l.claim_deadline(&prompt_hash).is_some() }
+    })
+    .await
+    .unwrap();
     let deadline = ln
         .claim_deadline(&prompt_hash)
         .expect("the held prompt has a claim deadline");

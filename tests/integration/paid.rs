@@ -61,16 +61,31 @@ async fn atomic_chunks_decrypt_with_the_payers_preimage(backend: Backend) {
     let Ev::Accepted(acc) = next(&mut s).await else {
         panic!("Accepted first")
     };
-    let mut sealed = BTreeMap::new();
-    let (mut plain, mut keys) = (BTreeMap::new(), BTreeMap::new());
+    let (mut sealed, mut invoices) = (BTreeMap::new(), BTreeMap::new());
+    let (mut plain, mut keys) = (BTreeMap::new(), BTreeMap::<u32, [u8; 32]>::new());
     let done = loop {
-        match next(&mut s).await {
+        // Chunk 0's invoice comes before its ciphertext (it is issued as the session opens);
+        // like our client, pay each invoice once its ciphertext is held.
+        let k = match next(&mut s).await {
             Ev::EncryptedChunk(c) => {
-                sealed.insert(c.chunk_index, c);
+                let k = c.chunk_index;
+                sealed.insert(k, c);
+                k
             }
             Ev::Invoice(inv) => {
                 let k = inv.chunk_index.unwrap();
-                let c = &sealed[&k];
+                invoices.insert(k, inv);
+                k
+            }
+            Ev::ChunkKey(ck) => {
+                assert_eq!(ck.key, keys[&ck.chunk_index].to_vec());
+                continue;
+            }
+            Ev::Done(d) => break d,
+            other => panic!("unexpected {other:?}"),
+        };
+        if let (Some(c), Some(inv)) = (sealed.get(&k), invoices.get(&k)) {
+            {
                 assert_eq!(c.payment_hash, inv.payment_hash);
                 // Pay and decrypt with what the payer's own node reports: the preimage.
                 match w.h.payer.pay(&inv.bolt11, T).await.unwrap() {
@@ -83,9 +98,6 @@ async fn atomic_chunks_decrypt_with_the_payers_preimage(backend: Backend) {
                     o => panic!("payment failed: {o:?}"),
                 }
             }
-            Ev::ChunkKey(ck) => assert_eq!(ck.key, keys[&ck.chunk_index].to_vec()),
-            Ev::Done(d) => break d,
-            other => panic!("unexpected {other:?}"),
         }
     };
     assert_eq!(plain.values().cloned().collect::<String>(), letters(10));

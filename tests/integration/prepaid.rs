@@ -628,6 +628,11 @@ async fn a_prompt_is_paid_before_prefill_and_claimed_with_the_first_chunk() {
         (pi.chunk_index, pi.amount_msat),
         (None, acc.prompt_price_msat)
     );
+    // The first chunk's, with it: paid together, they overlap the prefill.
+    let Ev::Invoice(ci) = next(&mut s).await else {
+        panic!("the first chunk's invoice third")
+    };
+    assert_eq!((ci.chunk_index, ci.amount_msat), (Some(0), 4_000));
     let Ev::Halted(h) = next(&mut s).await else {
         panic!("halted")
     };

@@ -183,9 +183,20 @@ pub struct Request {
     /// Stop paying (which halts the generation) before spending more than this.
     #[arg(long)]
     pub max_sats: Option<u64>,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature (0 = greedy). The defaults read like a chat answer rather than
+    /// greedy decoding's loops ("A lightning, a lightning, …" on a small model).
+    #[arg(long, default_value_t = 0.7)]
     pub temperature: f64,
+    /// Nucleus sampling: draw from the most likely tokens that make up this much probability.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    /// Penalize tokens among the last 64 (1 = off).
+    #[arg(long, default_value_t = 1.1)]
+    pub repetition_penalty: f64,
+    /// The sampler's seed, for the same answer to the same request (models on llama.cpp; on
+    /// mistral.rs use --temperature 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Chunks the server may generate ahead of payment (default: the server's).
     #[arg(long)]
     pub window: Option<u32>,
@@ -209,6 +220,9 @@ pub fn generate_request(model: String, messages: Vec<ChatMessage>, r: &Request) 
         mode: r.mode.proto() as i32,
         sampling: Some(SamplingParams {
             temperature: Some(r.temperature),
+            top_p: Some(r.top_p),
+            repetition_penalty: Some(r.repetition_penalty),
+            seed: r.seed,
             ..Default::default()
         }),
         window_chunks: r.window,

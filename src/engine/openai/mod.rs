@@ -301,6 +301,15 @@ async fn send(
         }),
         UpstreamApi::Llamacpp => llamacpp::body(req, top_p),
     };
+    let mut body = body;
+    if req.repetition_penalty != 1.0 {
+        // llama.cpp's and llama-cpp-python's name, and vLLM's and SGLang's.
+        body["repeat_penalty"] = req.repetition_penalty.into();
+        body["repetition_penalty"] = req.repetition_penalty.into();
+    }
+    if let Some(seed) = req.seed {
+        body["seed"] = seed.into();
+    }
     let sent = pool
         .request(reqwest::Method::POST, format!("{url}/completions"))
         .json(&body)

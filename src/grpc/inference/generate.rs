@@ -25,17 +25,16 @@ pub(super) async fn handle(
     .await?;
     let sampling = req.sampling.clone().unwrap_or_default();
     let temperature = sampling.temperature.unwrap_or(0.7);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(Status::invalid_argument(
-            "sampling.temperature: must be between 0 and 2",
-        ));
-    }
     let top_p = sampling.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(Status::invalid_argument(
-            "sampling.top_p: must be in (0, 1]",
-        ));
-    }
+    let repetition_penalty = sampling.repetition_penalty.unwrap_or(1.0);
+    crate::engine::check_sampling(
+        c.model.backend,
+        temperature,
+        top_p,
+        repetition_penalty,
+        sampling.seed,
+    )
+    .map_err(|r| Status::invalid_argument(format!("sampling.{}: {}", r.field, r.message)))?;
     if let Some(i) = sampling.stop.iter().position(|s| s.is_empty()) {
         return Err(Status::invalid_argument(format!(
             "sampling.stop[{i}]: must not be empty"
@@ -74,6 +73,8 @@ pub(super) async fn handle(
         max_tokens: req.max_tokens,
         temperature,
         top_p,
+        repetition_penalty,
+        seed: sampling.seed,
         stop: sampling.stop,
         window_chunks: window,
         account,

@@ -2,10 +2,17 @@
 //! (ATOMIC: the chunk's key, the chunk sent at once encrypted under it). A held HTLC is claimed
 //! with the chunk's delivery committed first (`Lightning::claim`), then the chunk (or its key)
 //! is sent.
+//!
+//! The first chunk's invoice is issued when the session opens, before any token (`Early`):
+//! its price is known as long as the answer is at least one chunk long, so the client pays
+//! while the engine prefills and the first chunk is claimed and sent the moment it is
+//! complete. An answer that ends shorter never claims it: the early invoice is withdrawn (its
+//! HTLC failed back) and the exact, shorter chunk invoiced again. Nothing is ever claimed for
+//! tokens not delivered.
 
 use tokio::time::Instant;
 
-use super::{blocking, Chunk, End, Meter, Mode, PromptPay, Unpaid};
+use super::{blocking, Chunk, Early, End, Meter, Mode, PromptPay, Unpaid};
 use crate::lightning::invoices::HoldInvoice;
 use crate::lightning::{HeldHtlc, LightningError};
 use crate::store::InvoicePurpose;
@@ -35,6 +42,7 @@ impl Meter {
             amount_msat: price,
             tokens: self.spec.prompt_tokens,
             expires_at_unix: inv.expires_at_unix,
+            replaces_payment_hash: String::new(),
         };
         self.prompt = PromptPay::Invoiced {
             hash: inv.payment_hash,
@@ -44,9 +52,120 @@ impl Meter {
         self.send(Ev::Invoice(invoice)).await
     }
 
+    /// BOLT11/ATOMIC: the first chunk's invoice, before its first token, for the first chunk's
+    /// size (or `max_tokens`, if fewer). Its preimage is the chunk's key in ATOMIC.
+    pub(super) async fn invoice_first(&mut self) -> Result<(), End> {
+        let tokens = self
+            .first_chunk_target()
+            .min(self.spec.params.max_tokens)
+            .max(1);
+        let price_msat = self.spec.price.chunk(tokens);
+        let inv = self
+            .create_invoice(HoldInvoice {
+                amount_msat: price_msat,
+                description: format!("satstream chunk 0 ({tokens} tokens)"),
+                expiry_secs: self.spec.invoice_expiry_secs,
+                purpose: InvoicePurpose::Chunk,
+                session_id: Some(self.sid()),
+                account_id: None,
+                chunk_index: Some(0),
+                preimage: None,
+            })
+            .await?;
+        let invoice = proto::Invoice {
+            chunk_index: Some(0),
+            bolt11: inv.bolt11,
+            payment_hash: hex::encode(inv.payment_hash),
+            amount_msat: price_msat,
+            tokens,
+            expires_at_unix: inv.expires_at_unix,
+            replaces_payment_hash: String::new(),
+        };
+        // Tracked before it is sent: if the client is gone, the end withdraws it.
+        let early = Early {
+            hash: inv.payment_hash,
+            key: inv.preimage,
+            tokens,
+            since: Instant::now(),
+            invoice: invoice.clone(),
+            held: None,
+        };
+        self.early = Some(early);
+        if self.parts.lightning.faults().point("send_invoice").is_err() {
+            return Err(End::ClientGone);
+        }
+        self.send(Ev::Invoice(invoice)).await
+    }
+
+    /// The first chunk is complete: at the early invoice's size it takes that invoice (and
+    /// its HTLC, if already held: claimed now); shorter, the early invoice is withdrawn and
+    /// the chunk invoiced at its own price.
+    async fn take_early(&mut self, chunk: Chunk, price_msat: u64, e: Early) -> Result<(), End> {
+        if chunk.tokens != e.tokens {
+            let replaced = e.hash;
+            self.issue_chunk_invoice(chunk, price_msat, Some(replaced))
+                .await?;
+            // After the replacement is out (the client can pay it at once); a payment of the
+            // withdrawn one is failed back, now or when it arrives.
+            let ln = self.parts.lightning.clone();
+            blocking(move || ln.cancel(&replaced, "the answer ended shorter than its first chunk"))
+                .await?
+                .map_err(|e| End::payment(format!("cannot withdraw the first invoice: {e}")))?;
+            tracing::debug!("short answer: the early first invoice was withdrawn and reissued");
+            return Ok(());
+        }
+        let k = chunk.index;
+        let sealed = (self.spec.mode == Mode::Atomic)
+            .then(|| cipher::seal_with(e.key, chunk.text.as_bytes()));
+        let (first_token, tokens) = (chunk.first_token, chunk.tokens);
+        self.by_hash.insert(e.hash, k);
+        let mut u = Unpaid::new(
+            chunk,
+            price_msat,
+            Some(e.hash),
+            sealed.as_ref().map(|s| s.key),
+        );
+        // Its payment was asked for when the early invoice went out.
+        u.since = e.since;
+        let mut ask = Vec::new();
+        if let Some(s) = sealed {
+            ask.push(Ev::EncryptedChunk(proto::EncryptedChunk {
+                chunk_index: k,
+                ciphertext: s.ciphertext,
+                nonce: s.nonce.to_vec(),
+                first_token,
+                tokens,
+                payment_hash: hex::encode(e.hash),
+            }));
+        }
+        u.resend = ask.clone();
+        u.resend.push(Ev::Invoice(e.invoice));
+        self.unpaid.insert(k, u);
+        for ev in ask {
+            self.send(ev).await?;
+        }
+        match e.held {
+            Some(h) => self.on_held(h).await,
+            None => Ok(()),
+        }
+    }
+
     /// BOLT11/ATOMIC: a sealed chunk's hold invoice (ATOMIC: the chunk encrypted under the
-    /// invoice's preimage, sent with it), tracked before it is sent.
+    /// invoice's preimage, sent with it), tracked before it is sent. The first chunk takes the
+    /// invoice issued for it when the session opened.
     pub(super) async fn invoice_chunk(&mut self, chunk: Chunk, price_msat: u64) -> Result<(), End> {
+        if let Some(e) = self.early.take() {
+            return self.take_early(chunk, price_msat, e).await;
+        }
+        self.issue_chunk_invoice(chunk, price_msat, None).await
+    }
+
+    async fn issue_chunk_invoice(
+        &mut self,
+        chunk: Chunk,
+        price_msat: u64,
+        replaces: Option<[u8; 32]>,
+    ) -> Result<(), End> {
         let k = chunk.index;
         let sealed = (self.spec.mode == Mode::Atomic).then(|| cipher::seal(chunk.text.as_bytes()));
         let inv = self
@@ -94,6 +213,7 @@ impl Meter {
             amount_msat: price_msat,
             tokens,
             expires_at_unix: inv.expires_at_unix,
+            replaces_payment_hash: replaces.map(hex::encode).unwrap_or_default(),
         }));
         if let Some(u) = self.unpaid.get_mut(&k) {
             u.resend = ask.clone();
@@ -117,6 +237,13 @@ impl Meter {
                 return self.start_engine().await;
             }
         }
+        if let Some(e) = self.early.as_mut().filter(|e| e.hash == h.payment_hash) {
+            // Paid ahead of its chunk: held until the chunk is complete (or failed back if
+            // the answer ends shorter).
+            tracing::debug!("first chunk paid ahead of its tokens (held)");
+            e.held = Some(h);
+            return Ok(());
+        }
         let Some(k) = self.by_hash.remove(&h.payment_hash) else {
             // Not ours any more (cannot happen: listeners are per invoice); never keep it.
             let (ln, hash) = (self.parts.lightning.clone(), h.payment_hash);
@@ -124,10 +251,12 @@ impl Meter {
             return Ok(());
         };
         let u = self.unpaid.remove(&k).expect("indexed chunk");
-        self.spec
-            .pace
-            .on_paid(u.since.elapsed(), std::time::Instant::now());
-        let notice = h.at.elapsed();
+        // The payment's latency: from the ask to the HTLC's arrival (for an early invoice,
+        // possibly long before its chunk was complete).
+        let latency = h.at.saturating_duration_since(u.since.into_std());
+        self.spec.pace.on_paid(latency, std::time::Instant::now());
+        // Payment → tokens counts from when both the payment and the chunk were there.
+        let notice = h.at.max(u.ready_at).elapsed();
         let claiming = Instant::now();
         // The prompt's claim first: if LDK refuses it, the chunk is failed back unrevealed.
         let mut hashes = Vec::with_capacity(2);

@@ -83,6 +83,8 @@ pub struct SessionSpec {
     pub price: Price,
     /// Chunks the engine may run ahead of payment (≥ 1).
     pub window_chunks: u32,
+    /// Tokens in the first chunk (0: a full chunk; never more than one).
+    pub first_chunk_tokens: u32,
     pub prompt_tokens: u32,
     /// The prompt's exact price (0: free).
     pub prompt_price_msat: u64,
@@ -122,7 +124,10 @@ struct Unpaid {
     price_msat: u64,
     payment_hash: Option<[u8; 32]>,
     key: Option<[u8; 32]>,
+    /// Since when its payment has been asked for (the payment deadline runs from here).
     since: Instant,
+    /// When the chunk was complete.
+    ready_at: std::time::Instant,
     /// What asked the client for payment (EncryptedChunk, Invoice): sent again on `Resume`.
     resend: Vec<Ev>,
 }
@@ -140,9 +145,23 @@ impl Unpaid {
             payment_hash,
             key,
             since: Instant::now(),
+            ready_at: std::time::Instant::now(),
             resend: Vec::new(),
         }
     }
+}
+
+/// BOLT11/ATOMIC: the first chunk's invoice, issued when the session opens so that the client
+/// pays while the engine prefills. Priced for `tokens`; the first chunk is sealed at that size.
+struct Early {
+    hash: [u8; 32],
+    /// Its preimage: ATOMIC's chunk key, chosen before the chunk exists.
+    key: [u8; 32],
+    tokens: u32,
+    since: Instant,
+    invoice: proto::Invoice,
+    /// Its HTLC, when it arrived before the chunk was complete: claimed once it is.
+    held: Option<HeldHtlc>,
 }
 
 /// The prompt's payment.
@@ -213,6 +232,8 @@ struct Meter {
     prompt: PromptPay,
     /// BOLT11/ATOMIC paid prompt: its held HTLC, claimed with the first chunk.
     prompt_held: Option<[u8; 32]>,
+    /// BOLT11/ATOMIC: the first chunk's invoice, out before the chunk is complete.
+    early: Option<Early>,
     /// KEYSEND / PREPAID mirror of the balance, for Balance events (the store decides).
     credited_msat: u64,
     spent_msat: u64,
@@ -314,6 +335,7 @@ async fn run_session(
         paid_chunks: 0,
         prompt: PromptPay::Done,
         prompt_held: None,
+        early: None,
         credited_msat: 0,
         spent_msat: 0,
         unsettled: HashSet::new(),
@@ -386,7 +408,7 @@ async fn run_session(
                         m.spec.pace.on_token(std::time::Instant::now());
                         m.current.text.push_str(&text);
                         m.current.tokens += 1;
-                        if m.current.tokens >= m.spec.pace.chunk_tokens() {
+                        if m.current.tokens >= m.chunk_target() {
                             if let Err(e) = m.seal().await {
                                 break e;
                             }
@@ -466,6 +488,24 @@ async fn run_session(
 impl Meter {
     fn sid(&self) -> [u8; 16] {
         self.spec.session_id
+    }
+
+    /// Tokens the current chunk closes at: the early first invoice's size, else the pace's
+    /// (the first chunk: `first_chunk_tokens`, if fewer).
+    fn chunk_target(&self) -> u32 {
+        match &self.early {
+            Some(e) => e.tokens,
+            None if self.next_index == 0 => self.first_chunk_target(),
+            None => self.spec.pace.chunk_tokens(),
+        }
+    }
+
+    fn first_chunk_target(&self) -> u32 {
+        let full = self.spec.pace.chunk_tokens();
+        match self.spec.first_chunk_tokens {
+            0 => full,
+            n => n.min(full),
+        }
     }
 
     /// Since when the client has been away; None while its stream is attached.
@@ -552,6 +592,9 @@ impl Meter {
         for u in self.unpaid.values_mut() {
             u.since = paused(u.since);
         }
+        if let Some(e) = &mut self.early {
+            e.since = paused(e.since);
+        }
         if let PromptPay::Invoiced { since, .. } | PromptPay::AwaitingBalance { since } =
             &mut self.prompt
         {
@@ -576,6 +619,9 @@ impl Meter {
         }
         if let PromptPay::Invoiced { invoice, .. } = &self.prompt {
             let inv = invoice.clone();
+            self.send(Ev::Invoice(inv)).await?;
+        }
+        if let Some(inv) = self.early.as_ref().map(|e| e.invoice.clone()) {
             self.send(Ev::Invoice(inv)).await?;
         }
         let resend: Vec<Ev> = self
@@ -623,7 +669,19 @@ impl Meter {
             }
             PromptPay::Done => {}
         }
-        self.unpaid.values().map(|u| u.since).min().map(t)
+        // An early first invoice is due like any other; once its HTLC is held it waits for
+        // its chunk, not for the client.
+        let early = self
+            .early
+            .as_ref()
+            .filter(|e| e.held.is_none())
+            .map(|e| e.since);
+        self.unpaid
+            .values()
+            .map(|u| u.since)
+            .chain(early)
+            .min()
+            .map(t)
     }
 
     fn timeout_end(&self) -> End {
@@ -720,11 +778,22 @@ impl Meter {
         if self.spec.mode == Mode::Prepaid {
             self.refresh_account().await?;
         }
+        let invoiced = matches!(self.spec.mode, Mode::Bolt11 | Mode::Atomic);
         if price == 0 {
-            return self.start_engine().await;
+            self.start_engine().await?;
+            // The engine prefills while the client pays the first chunk.
+            return if invoiced {
+                self.invoice_first().await
+            } else {
+                Ok(())
+            };
         }
         match self.spec.mode {
-            Mode::Bolt11 | Mode::Atomic => self.invoice_prompt().await,
+            // Both at once: the client pays the prompt and the first chunk in one go.
+            Mode::Bolt11 | Mode::Atomic => {
+                self.invoice_prompt().await?;
+                self.invoice_first().await
+            }
             Mode::Keysend => {
                 self.prompt = PromptPay::AwaitingBalance {
                     since: Instant::now(),
@@ -857,6 +926,7 @@ impl Meter {
             withdraw.push(hash);
         }
         withdraw.extend(self.prompt_held.take());
+        withdraw.extend(self.early.take().map(|e| e.hash));
         if !withdraw.is_empty() {
             let (ln, why) = (self.parts.lightning.clone(), reason_str.clone());
             let _ = blocking(move || {
