@@ -15,7 +15,7 @@ mod short;
 pub mod transport;
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
@@ -92,6 +92,23 @@ async fn connect(h: &Harness) -> Result<InferenceClient<Channel>, BenchError> {
 
 /// Raw engine rate: the same prompt and sampling, straight from the loaded engine.
 async fn raw_rate(h: &Harness, model: &str, tokens: u32) -> Result<f64, BenchError> {
+    let r = raw_stream(h, model, tokens).await?;
+    Ok(r.tokens as f64 / r.done.as_secs_f64())
+}
+
+/// One raw stream, timed.
+pub(crate) struct RawStream {
+    pub first: Option<Duration>,
+    pub done: Duration,
+    pub tokens: u32,
+}
+
+/// The bench's greedy chat request straight from the loaded engine (no session, no payment).
+pub(crate) async fn raw_stream(
+    h: &Harness,
+    model: &str,
+    tokens: u32,
+) -> Result<RawStream, BenchError> {
     let prompt = Prompt::Chat(vec![EngineMessage {
         role: "user".into(),
         content: PROMPT.into(),
@@ -104,15 +121,22 @@ async fn raw_rate(h: &Harness, model: &str, tokens: u32) -> Result<f64, BenchErr
         .generate(model, GenerateParams::new(prompt, tokens))
         .await
         .map_err(|e| BenchError::Failed(format!("raw generation: {e}")))?;
-    let mut n = 0u32;
+    let (mut first, mut n) = (None, 0u32);
     while let Some(ev) = g.events.recv().await {
         match ev {
-            TokenEvent::Token { .. } => n += 1,
+            TokenEvent::Token { .. } => {
+                first.get_or_insert_with(|| started.elapsed());
+                n += 1;
+            }
             TokenEvent::Finished { .. } => break,
             TokenEvent::Paused { .. } => {}
         }
     }
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+    Ok(RawStream {
+        first,
+        done: started.elapsed(),
+        tokens: n,
+    })
 }
 
 async fn paid(h: &Harness, model: &str, tokens: u32, window: u32) -> Result<Summary, BenchError> {

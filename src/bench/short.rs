@@ -13,10 +13,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::backends::paid_request_watched;
-use super::{pct, request, BenchError, PROMPT};
+use super::{pct, raw_stream, request, BenchError};
 use crate::client::ClientEvent;
 use crate::config::{BackendKind, ModelConfig};
-use crate::engine::{ChatMessage as EngineMessage, GenerateParams, Prompt, TokenEvent};
 use crate::harness::{Harness, HarnessOptions};
 use crate::wire::proto::PaymentMode;
 
@@ -45,35 +44,12 @@ struct Times {
 
 /// The engine alone, the bench's greedy chat request.
 async fn raw(h: &Harness, model: &str, tokens: u32) -> Result<Times, BenchError> {
-    let prompt = Prompt::Chat(vec![EngineMessage {
-        role: "user".into(),
-        content: PROMPT.into(),
-    }]);
-    let started = Instant::now();
-    let mut g = h
-        .server()
-        .app
-        .engine
-        .generate(model, GenerateParams::new(prompt, tokens))
-        .await
-        .map_err(|e| BenchError::Failed(format!("raw generation: {e}")))?;
-    let (mut first, mut n) = (None, 0u32);
-    while let Some(ev) = g.events.recv().await {
-        match ev {
-            TokenEvent::Token { .. } => {
-                first.get_or_insert_with(|| started.elapsed());
-                n += 1;
-            }
-            TokenEvent::Finished { .. } => break,
-            TokenEvent::Paused { .. } => {}
-        }
-    }
+    let r = raw_stream(h, model, tokens).await?;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let done = started.elapsed();
     Ok(Times {
-        first_ms: ms(first.unwrap_or(done)),
-        done_ms: ms(done),
-        tokens: n,
+        first_ms: ms(r.first.unwrap_or(r.done)),
+        done_ms: ms(r.done),
+        tokens: r.tokens,
         ..Times::default()
     })
 }

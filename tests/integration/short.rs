@@ -246,3 +246,37 @@ async fn the_first_chunk_is_one_token_and_the_rest_are_full() {
     }
     w.h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn our_client_pays_the_replacement_of_a_withdrawn_first_invoice_once() {
+    use satstream::client::ClientEvent;
+    let w = world_with(&[], 0, 0, 8).await;
+    let mut c = super::support::client(&w).await;
+    let mut failures = Vec::new();
+    let s = satstream::client::generate(
+        &mut c,
+        &w.h.payer,
+        completion("5", 20, PaymentMode::Bolt11),
+        None,
+        |e| {
+            if let ClientEvent::PaymentFailed { chunk, reason } = e {
+                failures.push(format!("{chunk:?}: {reason}"));
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // "6789" in one 4-token chunk, paid once at its exact price. The withdrawn 8-token
+    // invoice is never paid twice nor counted; its failing back is expected once the
+    // replacement has named it (reported only if the node's word outran the stream's).
+    assert_eq!((s.outcome.as_str(), s.tokens), ("stop", 4), "{s:?}");
+    assert_eq!((s.payments, s.spent_msat), (1, 4 * MSAT_PER_TOKEN), "{s:?}");
+    assert_eq!(s.server_paid_msat, 4 * MSAT_PER_TOKEN);
+    assert!(
+        failures.iter().all(|f| f.starts_with("Some(0)")) && failures.len() <= 1,
+        "{failures:?}"
+    );
+    assert_eq!(s.receipt_check, "verified");
+    assert_invariants(&w, &s.session_id);
+    w.h.stop().await;
+}

@@ -19,9 +19,9 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tracing::{debug, warn};
+use tracing::warn;
 
-use super::{events, failed, next, Attempt, Ctx, Lease, Next, BIG_PIECE_BYTES};
+use super::{events, failed, next, pass_on, Attempt, Ctx, Lease, Next, BIG_PIECE_BYTES};
 use crate::engine::backend::{SegmentEnd, SegmentRequest, TokenObserver};
 
 /// The request: the prompt as ids, and only the client's own sampling settings (the server's
@@ -121,17 +121,8 @@ pub(super) async fn read(
                 Err(why) => return failed(pool, lease, passed, why),
             }
         }
-        for &id in &ids {
-            observer.on_token(id);
-            passed += 1;
-            // Asked after each token, as a local engine asks before its next sampling step:
-            // at the allowance (or a stop/cancel) the request is dropped at once, which
-            // cancels it on the server while it computes the next token.
-            if !observer.proceed() {
-                lease.outcome = "cancelled";
-                debug!(passed, "upstream stream ended by the driver");
-                return Attempt::Done(SegmentEnd::Ended);
-            }
+        if let Some(end) = pass_on(&ids, observer, lease, &mut passed) {
+            return end;
         }
         if ev.stop {
             lease.outcome = "ok";

@@ -390,6 +390,27 @@ async fn next(events: &mut Events, idle: Duration) -> Next {
     Next::Data(ev.data)
 }
 
+/// Passes tokens on, asking the driver after each whether to go on, as a local engine asks
+/// before its next sampling step: at the allowance (or a stop/cancel) the attempt ends at once
+/// (dropping the request cancels it upstream while it computes the next token).
+fn pass_on(
+    ids: &[u32],
+    observer: &dyn TokenObserver,
+    lease: &mut Lease,
+    passed: &mut u32,
+) -> Option<Attempt> {
+    for &id in ids {
+        observer.on_token(id);
+        *passed += 1;
+        if !observer.proceed() {
+            lease.outcome = "cancelled";
+            debug!(passed = *passed, "upstream stream ended by the driver");
+            return Some(Attempt::Done(SegmentEnd::Ended));
+        }
+    }
+    None
+}
+
 /// How an attempt ends when its replica failed: another replica may take it if nothing was
 /// passed on yet, else the generation ends (the tokens passed on stay valid and paid for).
 fn failed(pool: &Pool, lease: &mut Lease, passed: u32, why: String) -> Attempt {
@@ -502,17 +523,8 @@ async fn read(
                     textless = missing;
                 }
             }
-            for &id in &ids {
-                observer.on_token(id);
-                passed += 1;
-                // Asked after each token, as a local engine asks before its next sampling
-                // step: at the allowance (or a stop/cancel) the request is dropped at once,
-                // which cancels it upstream while it computes the next token.
-                if !observer.proceed() {
-                    lease.outcome = "cancelled";
-                    debug!(passed, "upstream stream ended by the driver");
-                    return Attempt::Done(SegmentEnd::Ended);
-                }
+            if let Some(end) = pass_on(&ids, observer, lease, &mut passed) {
+                return end;
             }
             if choice.finish_reason.is_some() {
                 finish = choice.finish_reason;

@@ -103,13 +103,20 @@ impl Meter {
     async fn take_early(&mut self, chunk: Chunk, price_msat: u64, e: Early) -> Result<(), End> {
         if chunk.tokens != e.tokens {
             let replaced = e.hash;
-            self.issue_chunk_invoice(chunk, price_msat, Some(replaced))
-                .await?;
-            // After the replacement is out (the client can pay it at once); a payment of the
-            // withdrawn one is failed back, now or when it arrives.
+            let issued = self
+                .issue_chunk_invoice(chunk, price_msat, Some(replaced))
+                .await;
+            // Withdrawn whatever became of the replacement (no longer tracked, it would hold
+            // a paid HTLC until its deadline), and after it is out, so the client learns of
+            // the replacement before its payment comes back. A payment of the withdrawn one
+            // is failed back, now or when it arrives.
             let ln = self.parts.lightning.clone();
-            blocking(move || ln.cancel(&replaced, "the answer ended shorter than its first chunk"))
-                .await?
+            let withdrawn = blocking(move || {
+                ln.cancel(&replaced, "the answer ended shorter than its first chunk")
+            })
+            .await;
+            issued?;
+            withdrawn?
                 .map_err(|e| End::payment(format!("cannot withdraw the first invoice: {e}")))?;
             tracing::debug!("short answer: the early first invoice was withdrawn and reissued");
             return Ok(());
@@ -127,17 +134,10 @@ impl Meter {
         );
         // Its payment was asked for when the early invoice went out.
         u.since = e.since;
-        let mut ask = Vec::new();
-        if let Some(s) = sealed {
-            ask.push(Ev::EncryptedChunk(proto::EncryptedChunk {
-                chunk_index: k,
-                ciphertext: s.ciphertext,
-                nonce: s.nonce.to_vec(),
-                first_token,
-                tokens,
-                payment_hash: hex::encode(e.hash),
-            }));
-        }
+        let ask: Vec<Ev> = sealed
+            .map(|s| encrypted(k, first_token, tokens, s, &e.hash))
+            .into_iter()
+            .collect();
         u.resend = ask.clone();
         u.resend.push(Ev::Invoice(e.invoice));
         self.unpaid.insert(k, u);
@@ -195,17 +195,10 @@ impl Meter {
         if self.parts.lightning.faults().point("send_invoice").is_err() {
             return Err(End::ClientGone);
         }
-        let mut ask = Vec::new();
-        if let Some(s) = sealed {
-            ask.push(Ev::EncryptedChunk(proto::EncryptedChunk {
-                chunk_index: k,
-                ciphertext: s.ciphertext,
-                nonce: s.nonce.to_vec(),
-                first_token,
-                tokens,
-                payment_hash: hex::encode(inv.payment_hash),
-            }));
-        }
+        let mut ask: Vec<Ev> = sealed
+            .map(|s| encrypted(k, first_token, tokens, s, &inv.payment_hash))
+            .into_iter()
+            .collect();
         ask.push(Ev::Invoice(proto::Invoice {
             chunk_index: Some(k),
             bolt11: inv.bolt11,
@@ -296,6 +289,18 @@ impl Meter {
             .await?
             .map_err(|e| End::payment(format!("cannot issue an invoice: {e}")))
     }
+}
+
+/// ATOMIC: chunk `k` encrypted under the preimage of the invoice `hash`.
+fn encrypted(k: u32, first_token: u32, tokens: u32, s: cipher::Sealed, hash: &[u8; 32]) -> Ev {
+    Ev::EncryptedChunk(proto::EncryptedChunk {
+        chunk_index: k,
+        ciphertext: s.ciphertext,
+        nonce: s.nonce.to_vec(),
+        first_token,
+        tokens,
+        payment_hash: hex::encode(hash),
+    })
 }
 
 /// How a failed claim ends the session (the HTLC is already failed back, or its money will be
