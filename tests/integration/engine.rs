@@ -431,6 +431,37 @@ async fn tiny_pause_inside_a_character_and_at_zero(backend: Backend) {
     );
 }
 
+/// A seed makes a sampled answer repeat itself on llama.cpp, pauses included (the sequence
+/// keeps its sampler while paused). At temperature 2 the tiny model's successor has ~17 %, so
+/// unseeded answers differ from the first tokens on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_answer_repeats_itself_on_llamacpp_across_pauses() {
+    let t = tiny(Backend::Llamacpp, |_| {}).await;
+    let run = |seed: u64, allowance: u32| {
+        let engine = t.engine.clone();
+        async move {
+            let mut p = params(text("q"), 48);
+            p.temperature = 2.0;
+            p.seed = Some(seed);
+            p.allowance = allowance;
+            let mut g = engine.generate("tiny", p).await.unwrap();
+            let mut texts = Vec::new();
+            loop {
+                let (part, ev) = until_pause_or_end(&mut g.events, texts.len() as u32).await;
+                texts.extend(part);
+                match ev {
+                    TokenEvent::Paused { generated } => g.handle.set_allowance(generated + 7),
+                    _ => return texts,
+                }
+            }
+        }
+    };
+    let a = run(7, u32::MAX).await;
+    assert!(a.len() > 4, "{a:?}");
+    assert_eq!(run(7, 5).await, a, "the same seed, paused every 7 tokens");
+    assert_ne!(run(8, u32::MAX).await, a, "another seed");
+}
+
 async fn tiny_cancel_while_paused(backend: Backend) {
     let t = tiny(backend, |_| {}).await;
     let mut p = params(text("a"), 100);

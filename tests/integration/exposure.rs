@@ -457,6 +457,38 @@ async fn bad_input_gets_clear_statuses_everywhere() {
         c.generate(req).await.map(|_| ()).unwrap_err(),
         "sampling.stop",
     );
+    // A repetition penalty out of range; a seed for a sampled answer on mistral.rs (the tiny
+    // model's backend here), which cannot seed one request: each named, nothing opened.
+    let sessions = w.h.server().app.engine.generations_started();
+    for (edit, field) in [
+        (
+            (|s: &mut satstream::wire::proto::SamplingParams| s.repetition_penalty = Some(0.0))
+                as fn(&mut satstream::wire::proto::SamplingParams),
+            "sampling.repetition_penalty",
+        ),
+        (
+            |s| {
+                s.temperature = Some(0.7);
+                s.seed = Some(7);
+            },
+            "sampling.seed",
+        ),
+        (|s| s.top_p = Some(1.5), "sampling.top_p"),
+    ] {
+        let mut req = request(8, PaymentMode::Bolt11);
+        edit(req.sampling.as_mut().unwrap());
+        let e = c.generate(req).await.map(|_| ()).unwrap_err();
+        code(e, field);
+    }
+    assert_eq!(
+        w.h.server().app.engine.generations_started(),
+        sessions,
+        "no refused request started a generation"
+    );
+    // Greedy with a seed is reproducible anywhere: accepted.
+    let mut req = request(8, PaymentMode::Bolt11);
+    req.sampling.as_mut().unwrap().seed = Some(7);
+    assert!(c.generate(req).await.is_ok());
     // TopUp out of bounds.
     let e = c
         .top_up(satstream::wire::proto::TopUpRequest {

@@ -452,6 +452,27 @@ async fn raw_requests_get_the_right_status_and_move_nothing() {
             "tools",
         ),
         (
+            "seeded sampling on mistral.rs",
+            Some(bearer.clone()),
+            ok(json!({"temperature": 0.7, "seed": 7})),
+            400,
+            "seed",
+        ),
+        (
+            "negative seed",
+            Some(bearer.clone()),
+            ok(json!({"seed": -1})),
+            400,
+            "seed",
+        ),
+        (
+            "repetition penalty out of range",
+            Some(bearer.clone()),
+            ok(json!({"repetition_penalty": 5})),
+            400,
+            "repetition_penalty",
+        ),
+        (
             "oversize body",
             Some(bearer.clone()),
             ok(json!({"messages": [{"role": "user", "content": big}]})),
