@@ -60,37 +60,18 @@ impl Meter {
             .min(self.spec.params.max_tokens)
             .max(1);
         let price_msat = self.spec.price.chunk(tokens);
-        let inv = self
-            .create_invoice(HoldInvoice {
-                amount_msat: price_msat,
-                description: format!("satstream chunk 0 ({tokens} tokens)"),
-                expiry_secs: self.spec.invoice_expiry_secs,
-                purpose: InvoicePurpose::Chunk,
-                session_id: Some(self.sid()),
-                account_id: None,
-                chunk_index: Some(0),
-                preimage: None,
-            })
+        let (inv, invoice) = self
+            .chunk_invoice(0, tokens, price_msat, None, None)
             .await?;
-        let invoice = proto::Invoice {
-            chunk_index: Some(0),
-            bolt11: inv.bolt11,
-            payment_hash: hex::encode(inv.payment_hash),
-            amount_msat: price_msat,
-            tokens,
-            expires_at_unix: inv.expires_at_unix,
-            replaces_payment_hash: String::new(),
-        };
         // Tracked before it is sent: if the client is gone, the end withdraws it.
-        let early = Early {
+        self.early = Some(Early {
             hash: inv.payment_hash,
             key: inv.preimage,
             tokens,
             since: Instant::now(),
             invoice: invoice.clone(),
             held: None,
-        };
-        self.early = Some(early);
+        });
         if self.parts.lightning.faults().point("send_invoice").is_err() {
             return Err(End::ClientGone);
         }
@@ -166,31 +147,17 @@ impl Meter {
         price_msat: u64,
         replaces: Option<[u8; 32]>,
     ) -> Result<(), End> {
-        let k = chunk.index;
+        let (k, first_token, tokens) = (chunk.index, chunk.first_token, chunk.tokens);
         let sealed = (self.spec.mode == Mode::Atomic).then(|| cipher::seal(chunk.text.as_bytes()));
-        let inv = self
-            .create_invoice(HoldInvoice {
-                amount_msat: price_msat,
-                description: format!("satstream chunk {k} ({} tokens)", chunk.tokens),
-                expiry_secs: self.spec.invoice_expiry_secs,
-                purpose: InvoicePurpose::Chunk,
-                session_id: Some(self.sid()),
-                account_id: None,
-                chunk_index: Some(k),
-                preimage: sealed.as_ref().map(|s| s.key),
-            })
+        let key = sealed.as_ref().map(|s| s.key);
+        let (inv, invoice) = self
+            .chunk_invoice(k, tokens, price_msat, key, replaces)
             .await?;
-        let (first_token, tokens) = (chunk.first_token, chunk.tokens);
         // Tracked before it is sent: if the client is gone, the end withdraws it.
         self.by_hash.insert(inv.payment_hash, k);
         self.unpaid.insert(
             k,
-            Unpaid::new(
-                chunk,
-                price_msat,
-                Some(inv.payment_hash),
-                sealed.as_ref().map(|s| s.key),
-            ),
+            Unpaid::new(chunk, price_msat, Some(inv.payment_hash), key),
         );
         if self.parts.lightning.faults().point("send_invoice").is_err() {
             return Err(End::ClientGone);
@@ -199,15 +166,7 @@ impl Meter {
             .map(|s| encrypted(k, first_token, tokens, s, &inv.payment_hash))
             .into_iter()
             .collect();
-        ask.push(Ev::Invoice(proto::Invoice {
-            chunk_index: Some(k),
-            bolt11: inv.bolt11,
-            payment_hash: hex::encode(inv.payment_hash),
-            amount_msat: price_msat,
-            tokens,
-            expires_at_unix: inv.expires_at_unix,
-            replaces_payment_hash: replaces.map(hex::encode).unwrap_or_default(),
-        }));
+        ask.push(Ev::Invoice(invoice));
         if let Some(u) = self.unpaid.get_mut(&k) {
             u.resend = ask.clone();
         }
@@ -215,6 +174,40 @@ impl Meter {
             self.send(e).await?;
         }
         Ok(())
+    }
+
+    /// Chunk `k`'s hold invoice for `tokens` at `price_msat` (with `preimage`, ATOMIC's key;
+    /// random when None), and the event that asks for it.
+    async fn chunk_invoice(
+        &self,
+        k: u32,
+        tokens: u32,
+        price_msat: u64,
+        preimage: Option<[u8; 32]>,
+        replaces: Option<[u8; 32]>,
+    ) -> Result<(crate::store::Invoice, proto::Invoice), End> {
+        let inv = self
+            .create_invoice(HoldInvoice {
+                amount_msat: price_msat,
+                description: format!("satstream chunk {k} ({tokens} tokens)"),
+                expiry_secs: self.spec.invoice_expiry_secs,
+                purpose: InvoicePurpose::Chunk,
+                session_id: Some(self.sid()),
+                account_id: None,
+                chunk_index: Some(k),
+                preimage,
+            })
+            .await?;
+        let event = proto::Invoice {
+            chunk_index: Some(k),
+            bolt11: inv.bolt11.clone(),
+            payment_hash: hex::encode(inv.payment_hash),
+            amount_msat: price_msat,
+            tokens,
+            expires_at_unix: inv.expires_at_unix,
+            replaces_payment_hash: replaces.map(hex::encode).unwrap_or_default(),
+        };
+        Ok((inv, event))
     }
 
     /// A payer's HTLC for one of our invoices is held: the prompt's starts the engine (it is
