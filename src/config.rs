@@ -289,6 +289,11 @@ pub struct LightningConfig {
     /// ldk-node keeps every payment record in memory: records of payments final in the ledger
     /// (and in LDK) for this long are removed from the node (the ledger keeps them).
     pub payment_retention_secs: u64,
+    /// A channel's monitor keeps every past commitment until its funding output is spent:
+    /// when the stored monitor passes this many bytes, the channel is spliced (0: never).
+    pub compact_monitor_bytes: u64,
+    /// What each such splice moves from the operator's channel balance to the node's wallet.
+    pub compact_splice_sat: u64,
     /// Put ldk-node's SQLite store in WAL mode (one fsync per write instead of the rollback
     /// journal's several; still durable). Off: ldk-node's own default. See docs/benchmarks.md.
     pub store_wal: bool,
@@ -431,6 +436,8 @@ impl Default for LightningConfig {
             alias: "satstream".into(),
             seed_file: PathBuf::new(),
             payment_retention_secs: 86_400,
+            compact_monitor_bytes: 16 << 20,
+            compact_splice_sat: 10_000,
             store_wal: true,
         }
     }
@@ -566,6 +573,17 @@ impl Config {
         }
         if self.lightning.alias.len() > 32 {
             return Err(err("lightning.alias", "at most 32 bytes"));
+        }
+        // An output below the dust limit (546 sat for any script) would be refused on chain.
+        if self.lightning.compact_monitor_bytes > 0 && self.lightning.compact_splice_sat < 1_000 {
+            return Err(err(
+                "lightning.compact_splice_sat",
+                format!(
+                    "must be at least 1000 (an on-chain output), got {}; or set \
+                     lightning.compact_monitor_bytes = 0 to never splice",
+                    self.lightning.compact_splice_sat
+                ),
+            ));
         }
         let c = &self.chain;
         match c.source {
@@ -1059,6 +1077,18 @@ msat_per_token = 1000
 
         let e = load("[chain]\nsource = \"esplora\"\n", &[], &[]).unwrap_err();
         assert_eq!(e.key, "chain.esplora_url");
+
+        let e = load("", &[], &["lightning.compact_splice_sat=500"]).unwrap_err();
+        assert_eq!(e.key, "lightning.compact_splice_sat");
+        assert!(e.reason.contains("compact_monitor_bytes = 0"), "{e}");
+        let off = [
+            "lightning.compact_splice_sat=0",
+            "lightning.compact_monitor_bytes=0",
+        ];
+        assert!(
+            load("", &[], &off).is_ok(),
+            "compaction off needs no splice amount"
+        );
 
         let e = load("not toml [", &[], &[]).unwrap_err();
         assert!(e.key.starts_with("file "), "{e}");

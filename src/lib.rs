@@ -14,9 +14,10 @@
 //!   challenge; it translates to the same validation, `session::open` and handlers as gRPC.
 //!   It also serves the chat page (`http::page`) that people use from a browser.
 //! - [`lightning`]: the embedded ldk-node and every money decision: hold invoices and the
-//!   crash-safe claim protocol (`lightning::invoices`), refunds, channel closures, and
-//!   `lightning::events`, the single event loop that commits each event's effect before
-//!   acknowledging it. [`node`]: building an ldk-node, shared with the client's wallet.
+//!   crash-safe claim protocol (`lightning::invoices`), refunds, channel closures, bounded
+//!   state (`lightning::pruning` of payment records, `lightning::compaction` of channel
+//!   monitors by splicing), and `lightning::events`, the single event loop that commits each
+//!   event's effect before acknowledging it. [`node`]: building an ldk-node, shared with the client's wallet.
 //! - [`wire`]: what crosses the wire, shared by server and client: the generated gRPC types
 //!   and ATOMIC's chunk cipher.
 //! - [`fault`]: test-only fault injection (`SATSTREAM_FAULT`) for the crash tests.

@@ -309,11 +309,14 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 }
 
 /// Keeps the exported gauges (invoices by state, liquidity, queue...) current. The live
-/// figures every 2 s; the ones that scan history (invoices by state, refundable money) every
+/// figures every 2 s; the ones that scan history (invoices by state, refundable money, the
+/// largest channel monitor) every
 /// 10 s, through the store's read-only connection (they never hold up a money commit).
 async fn refresh_gauges(app: Arc<App>, stop: CancellationToken) {
     const SCAN_EVERY: u32 = 5;
-    let mut scanned: Option<(Vec<(&'static str, u64)>, u64)> = None;
+    // Invoices by state, refundable msat, the largest channel monitor's bytes.
+    type Scanned = (Vec<(&'static str, u64)>, u64, u64);
+    let mut scanned: Option<Scanned> = None;
     for tick in 0u32.. {
         let a = app.clone();
         let scan = tick % SCAN_EVERY == 0 || scanned.is_none();
@@ -329,6 +332,11 @@ async fn refresh_gauges(app: Arc<App>, stop: CancellationToken) {
                         .map(|(s, n)| (s.as_str(), n))
                         .collect(),
                     a.store.total_refundable_msat().unwrap_or(0),
+                    a.lightning
+                        .monitor_sizes()
+                        .ok()
+                        .and_then(|m| m.values().max().copied())
+                        .unwrap_or(0),
                 ),
             };
             let (mut queued, mut running) = (0, 0);
@@ -342,6 +350,7 @@ async fn refresh_gauges(app: Arc<App>, stop: CancellationToken) {
                 invoices_by_state: scanned.0.clone(),
                 inbound_liquidity_msat: a.lightning.inbound_liquidity_msat(),
                 refundable_msat: scanned.1,
+                channel_monitor_bytes: scanned.2,
                 live_sessions: a.live.count(),
                 engine_queue_depth: queued,
                 engine_running: running,
@@ -386,8 +395,9 @@ fn lock_down(config: &Config) -> Result<(), ServerError> {
 
 /// Periodic reconciliation with LDK: decided claims LDK never completed, refunds whose outcome
 /// LDK recorded but never reported (or never had), parked keysends, expired invoices,
-/// force-closed channels whose claims can now be classified, and the node's records of
-/// payments final for the retention window (removed, so its memory stays bounded).
+/// force-closed channels whose claims can now be classified, the node's records of payments
+/// final for the retention window (removed, so its memory stays bounded) and channel monitors
+/// grown past their limit (spliced, so they drop their history).
 async fn watchdog(
     ln: Arc<Lightning>,
     stop: CancellationToken,
@@ -407,13 +417,14 @@ async fn watchdog(
             // Each on its own: one that fails (a busy store, a bad record) must not stop the
             // others from running.
             type Step = fn(&Lightning) -> Result<usize, LightningError>;
-            let steps: [(&str, Step); 6] = [
+            let steps: [(&str, Step); 7] = [
                 ("claims", Lightning::confirm_claims),
                 ("refunds", Lightning::confirm_refunds),
                 ("parked keysends", Lightning::book_parked_keysends),
                 ("expired invoices", Lightning::sweep_expired),
                 ("closures", Lightning::resolve_closures),
                 ("payment records pruned", Lightning::prune_payments),
+                ("channel monitors compacted", Lightning::compact_monitors),
             ];
             for (what, step) in steps {
                 match step(&ln) {

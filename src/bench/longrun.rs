@@ -23,6 +23,8 @@ use crate::wire::proto::{
 
 /// Invoices between two samples.
 const EVERY: u64 = 10_000;
+/// A block this often while paid streams run.
+const BLOCK_EVERY: Duration = Duration::from_secs(10);
 
 pub struct Options {
     /// Paid invoices to drive through.
@@ -139,14 +141,35 @@ async fn drive(
     Ok(v)
 }
 
-/// One row of the table: invoices paid, seconds, server RSS, ldk-node records.
+/// One row of the table: invoices paid, seconds, server RSS, ldk-node records, the channel
+/// monitor's stored size.
 async fn sample(w: &ProcessWorld, paid: u64, started: Instant) -> Result<String, BenchError> {
     let rss = super::proc_status_mb(w.server.as_ref().map(|s| s.pid()), "VmRSS");
     let n = records(w).await?;
+    let monitors =
+        crate::lightning::compaction::stored_monitor_sizes(&w.config.ldk_dir()).map_err(failed)?;
+    let kb = monitors.values().sum::<u64>() as f64 / 1024.0;
     Ok(format!(
-        "| {paid} | {:.0} | {rss:.0} | {n} |",
+        "| {paid} | {:.0} | {rss:.0} | {n} | {kb:.0} |",
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// Runs `f` while a block is mined every [`BLOCK_EVERY`]: a chain that moves, as a real one
+/// does (a splice that compacts a channel's monitor locks after confirmations).
+async fn with_blocks<F: std::future::Future>(w: &ProcessWorld, f: F) -> F::Output {
+    let miner = async {
+        loop {
+            tokio::time::sleep(BLOCK_EVERY).await;
+            if let Err(e) = w.mine(1).await {
+                tracing::warn!(error = %e, "mining a block");
+            }
+        }
+    };
+    tokio::select! {
+        r = f => r,
+        _ = miner => unreachable!("the miner never ends"),
+    }
 }
 
 /// Stops the server and starts it again: seconds until it serves.
@@ -199,6 +222,9 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
                 "payments.max_unpaid_msat=8000".into(),
                 // Records of final payments leave the node after a minute (a day by default).
                 "lightning.payment_retention_secs=60".into(),
+                // A channel monitor is spliced at 1 MB (~7 000 invoices here; 16 MB by default):
+                // the run sees it compacted many times.
+                "lightning.compact_monitor_bytes=1000000".into(),
             ],
             channel_sat: 16_000_000,
             log: Some("warn".into()),
@@ -211,14 +237,14 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
     let mut rows = Vec::new();
     rows.push(sample(&w, 0, started).await?);
     // The first 10 000: p99 at the start, then a restart.
-    let first = drive(&w, &m.id, &o, &paid, EVERY.min(o.invoices)).await?;
+    let first = with_blocks(&w, drive(&w, &m.id, &o, &paid, EVERY.min(o.invoices))).await?;
     rows.push(sample(&w, paid.load(Ordering::SeqCst), started).await?);
     let restart_10k = restart(&mut w).await?;
     let mut last = Vec::new();
     let mut target = EVERY;
     while target < o.invoices {
         target = (target + EVERY).min(o.invoices);
-        last = drive(&w, &m.id, &o, &paid, target).await?;
+        last = with_blocks(&w, drive(&w, &m.id, &o, &paid, target)).await?;
         rows.push(sample(&w, paid.load(Ordering::SeqCst), started).await?);
     }
     let restart_end = restart(&mut w).await?;
@@ -287,7 +313,7 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
     let mut out = format!(
         "Long run: {} paid invoices of {} tokens, {} concurrent streams of {} tokens (tiny \
          model, ldk-node records retained 60 s). Machine: {}.\n\n\
-         | invoices paid | s | server RSS MB | ldk-node payment records |\n|---|---|---|---|\n",
+         | invoices paid | s | server RSS MB | ldk-node payment records | channel monitor KB |\n|---|---|---|---|---|\n",
         paid.load(Ordering::SeqCst),
         o.chunk_tokens,
         o.streams,

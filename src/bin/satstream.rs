@@ -73,7 +73,29 @@ enum Cmd {
     },
 }
 
+/// glibc gives a thread that finds the allocator's arenas busy a new arena, up to 8 per core.
+/// Across tokio's workers, the blocking threads and the engines' threads, freed memory then
+/// sits in many arenas that rarely hand it back, and the server's RSS creeps up with its
+/// history (the long-run bench: 184 → 198 MB over 10 000 → 30 000 invoices with the default,
+/// 151 → 156 MB with 2 arenas on 2 cores). One arena per core, unless the operator set
+/// `MALLOC_ARENA_MAX`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let arenas = i32::try_from(cores.max(2)).unwrap_or(i32::MAX);
+    // SAFETY: mallopt only sets a parameter of glibc's allocator; it is called first thing in
+    // main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas);
+    }
+}
+
 fn main() -> Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let default_log = match cli.cmd {
         Cmd::Serve | Cmd::Config => "info,ldk_node=warn,lightning=warn,llama_cpp_2=warn",

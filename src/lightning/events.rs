@@ -227,6 +227,18 @@ pub fn handle(ln: &Lightning, event: &Event) -> Result<(), LightningError> {
             reason,
             ..
         } => ln.on_channel_closed(&channel_id.0, *counterparty_node_id, reason),
+        Event::SplicePending {
+            channel_id,
+            new_funding_txo,
+            ..
+        } => {
+            tracing::info!(channel = %channel_id, funding = %new_funding_txo, "splice pending");
+            Ok(())
+        }
+        Event::SpliceFailed { channel_id, .. } => {
+            ln.refused(channel_id, "the splice failed (LDK's SpliceFailed)");
+            Ok(())
+        }
         other => {
             tracing::debug!(event = %describe(other), "ignored event");
             Ok(())

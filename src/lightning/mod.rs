@@ -6,6 +6,8 @@
 //!   at start-up and the watchdog for claims LDK never completed.
 //! - [`refunds`]: paying refundable balances back, exactly once.
 //! - [`closures`]: channel closures and what they did to claims in flight.
+//! - [`pruning`], [`compaction`]: bounded state over months (ldk-node's payment records; a
+//!   channel monitor's history, dropped by a splice).
 //! - [`events`]: the one consumer of ldk-node's event queue (commit, then acknowledge).
 //!
 //! Money rule: the decision to claim a chunk belongs to whoever issued its invoice (a session);
@@ -14,6 +16,7 @@
 //! its events) is the truth the ledger follows.
 
 pub mod closures;
+pub mod compaction;
 pub mod events;
 pub mod invoices;
 pub mod pruning;
@@ -118,6 +121,12 @@ pub struct Lightning {
     refund_fee_ppm: u64,
     /// Records of final payments are removed from the node after this long.
     payment_retention: Duration,
+    /// When a channel's monitor is spliced to drop its history ([`compaction`]).
+    compaction: compaction::Compaction,
+    /// channel id → a splice compaction started or refused.
+    splices: Mutex<HashMap<[u8; 32], compaction::Splice>>,
+    /// ldk-node's storage (its SQLite file: the monitors' sizes are read there).
+    ldk_dir: std::path::PathBuf,
     faults: Arc<Faults>,
 }
 
@@ -157,6 +166,12 @@ impl Lightning {
             refund_max_fee_msat: config.payments.refund_max_fee_msat,
             refund_fee_ppm: config.payments.refund_fee_ppm,
             payment_retention: Duration::from_secs(config.lightning.payment_retention_secs),
+            compaction: compaction::Compaction {
+                monitor_bytes: config.lightning.compact_monitor_bytes,
+                splice_sat: config.lightning.compact_splice_sat,
+            },
+            splices: Mutex::new(HashMap::new()),
+            ldk_dir: config.ldk_dir(),
             faults,
         });
         ln.reconcile_at_start()?;

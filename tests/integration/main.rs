@@ -11,6 +11,7 @@ mod gateway;
 mod grpcurl;
 mod http;
 mod money;
+mod monitor;
 mod page;
 mod paid;
 mod prepaid;
