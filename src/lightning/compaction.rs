@@ -51,8 +51,8 @@ pub(super) enum Splice {
     /// Refused `tries` times in a row (by ldk-node or the counterparty): not asked again
     /// before `until`.
     Refused { until: Instant, tries: u32 },
-    /// Due, but neither the channel's own balance nor the wallet covers it: tried every
-    /// round, said again after `until`.
+    /// Due, but neither the channel's own balance nor the wallet covered it: tried (and
+    /// said) again after `until`.
     Unaffordable { until: Instant },
 }
 
@@ -114,9 +114,9 @@ impl Lightning {
                             .get(&ch.channel_id.0)
                             .is_some_and(|b| *b > c.monitor_bytes)
                         && match splices.get(&ch.channel_id.0) {
-                            None | Some(Splice::Unaffordable { .. }) => true,
+                            None => true,
                             Some(Splice::Refused { until, .. }) => Instant::now() >= *until,
-                            Some(Splice::Pending { .. } | Splice::Locked { .. }) => false,
+                            Some(_) => false,
                         }
                 })
                 .cloned()
@@ -151,30 +151,26 @@ impl Lightning {
             let mut splices = self.splices.lock().unwrap();
             match r {
                 Ok(()) => {
-                    tracing::info!(channel = %ch.channel_id, splice_sat = sat,
-                        direction = if out { "out" } else { "in" },
+                    let direction = if out { "out" } else { "in" };
+                    tracing::info!(channel = %ch.channel_id, splice_sat = sat, direction,
                         "channel monitor compaction: splice started");
-                    crate::metrics::monitor_compaction(if out { "out" } else { "in" });
+                    crate::metrics::monitor_compaction(direction);
                     let at = Instant::now();
                     splices.insert(ch.channel_id.0, Splice::Pending { from, at });
                     started += 1;
                 }
                 Err(ldk_node::NodeError::InsufficientFunds) => {
                     let until = Instant::now() + RETRY_AFTER;
-                    if splices
-                        .insert(ch.channel_id.0, Splice::Unaffordable { until })
-                        .is_none()
-                    {
-                        tracing::warn!(
-                            channel = %ch.channel_id,
-                            outbound_msat = ch.outbound_capacity_msat,
-                            refundable_msat = owed,
-                            splice_sat = c.splice_sat,
-                            "channel monitor due for compaction, but neither the channel's own \
-                             balance beyond what customers may be refunded nor the wallet \
-                             covers a splice"
-                        );
-                    }
+                    splices.insert(ch.channel_id.0, Splice::Unaffordable { until });
+                    tracing::warn!(
+                        channel = %ch.channel_id,
+                        outbound_msat = ch.outbound_capacity_msat,
+                        refundable_msat = owed,
+                        splice_sat = c.splice_sat,
+                        "channel monitor due for compaction, but neither the channel's own \
+                         balance beyond what customers may be refunded nor the wallet covers \
+                         a splice"
+                    );
                 }
                 Err(e) => {
                     drop(splices);
