@@ -79,15 +79,24 @@ async fn records(w: &ProcessWorld) -> Result<usize, BenchError> {
     }
 }
 
-/// Paid streams until `until` invoices in all are paid; payment → tokens latencies (ms).
+/// What the paying streams of one window saw, per chunk, in ms.
+#[derive(Default)]
+struct Latencies {
+    /// Payment sent → the chunk's text.
+    to_tokens: Vec<f64>,
+    /// Payment sent → the payer's node saw it settle.
+    settled: Vec<f64>,
+}
+
+/// Paid streams until `until` invoices in all are paid; their latencies.
 async fn drive(
     w: &ProcessWorld,
     model: &str,
     o: &Options,
     paid: &Arc<AtomicU64>,
     until: u64,
-) -> Result<Vec<f64>, BenchError> {
-    let latencies = Arc::new(Mutex::new(Vec::new()));
+) -> Result<Latencies, BenchError> {
+    let latencies = Arc::new(Mutex::new(Latencies::default()));
     let next = Arc::new(AtomicU64::new(0));
     let server: std::net::SocketAddr = w.config.server.grpc_listen.parse().map_err(failed)?;
     let tasks =
@@ -108,16 +117,19 @@ async fn drive(
                 while paid.load(Ordering::SeqCst) < until {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     let mut sent: HashMap<u32, Instant> = HashMap::new();
-                    let mut mine = Vec::new();
+                    let mut mine = Latencies::default();
                     let s =
                         client::generate(&mut c, payer, request(&model, i, tokens), None, |e| {
                             match e {
                                 ClientEvent::Paying { chunk: Some(k), .. } => {
                                     sent.insert(*k, Instant::now());
                                 }
+                                ClientEvent::Paid {
+                                    chunk: Some(_), ms, ..
+                                } => mine.settled.push(*ms),
                                 ClientEvent::Text { chunk, .. } => {
                                     if let Some(t) = sent.remove(chunk) {
-                                        mine.push(t.elapsed().as_secs_f64() * 1e3);
+                                        mine.to_tokens.push(t.elapsed().as_secs_f64() * 1e3);
                                     }
                                 }
                                 _ => {}
@@ -126,10 +138,9 @@ async fn drive(
                         .await
                         .map_err(failed)?;
                     paid.fetch_add(s.payments as u64, Ordering::SeqCst);
-                    latencies
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(mine);
+                    let mut all = latencies.lock().unwrap_or_else(|p| p.into_inner());
+                    all.to_tokens.extend(mine.to_tokens);
+                    all.settled.extend(mine.settled);
                 }
                 Ok::<_, BenchError>(())
             }
@@ -142,15 +153,29 @@ async fn drive(
 }
 
 /// One row of the table: invoices paid, seconds, server RSS, ldk-node records, the channel
-/// monitor's stored size.
-async fn sample(w: &ProcessWorld, paid: u64, started: Instant) -> Result<String, BenchError> {
+/// monitor's stored size, and the window's latencies (p50 / p99 payment → tokens, p99
+/// payment → settled at the payer).
+async fn sample(
+    w: &ProcessWorld,
+    paid: u64,
+    started: Instant,
+    window: Option<&Latencies>,
+) -> Result<String, BenchError> {
     let rss = super::proc_status_mb(w.server.as_ref().map(|s| s.pid()), "VmRSS");
     let n = records(w).await?;
     let monitors =
         crate::lightning::compaction::stored_monitor_sizes(&w.config.ldk_dir()).map_err(failed)?;
     let kb = monitors.values().sum::<u64>() as f64 / 1024.0;
+    let lat = window.map_or(" | |".to_string(), |l| {
+        format!(
+            "{:.0} / {:.0} | {:.0} |",
+            super::pct(&l.to_tokens, 0.5),
+            super::pct(&l.to_tokens, 0.99),
+            super::pct(&l.settled, 0.99)
+        )
+    });
     Ok(format!(
-        "| {paid} | {:.0} | {rss:.0} | {n} | {kb:.0} |",
+        "| {paid} | {:.0} | {rss:.0} | {n} | {kb:.0} | {lat}",
         started.elapsed().as_secs_f64()
     ))
 }
@@ -235,20 +260,20 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
     let paid = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut rows = Vec::new();
-    rows.push(sample(&w, 0, started).await?);
+    rows.push(sample(&w, 0, started, None).await?);
     // The first 10 000: p99 at the start, then a restart.
     let first = with_blocks(&w, drive(&w, &m.id, &o, &paid, EVERY.min(o.invoices))).await?;
-    rows.push(sample(&w, paid.load(Ordering::SeqCst), started).await?);
+    rows.push(sample(&w, paid.load(Ordering::SeqCst), started, Some(&first)).await?);
     let restart_10k = restart(&mut w).await?;
-    let mut last = Vec::new();
+    let mut last = Latencies::default();
     let mut target = EVERY;
     while target < o.invoices {
         target = (target + EVERY).min(o.invoices);
         last = with_blocks(&w, drive(&w, &m.id, &o, &paid, target)).await?;
-        rows.push(sample(&w, paid.load(Ordering::SeqCst), started).await?);
+        rows.push(sample(&w, paid.load(Ordering::SeqCst), started, Some(&last)).await?);
     }
     let restart_end = restart(&mut w).await?;
-    rows.push(sample(&w, paid.load(Ordering::SeqCst), started).await?);
+    rows.push(sample(&w, paid.load(Ordering::SeqCst), started, None).await?);
 
     // The paying client, quiet and under each abuse.
     let quiet = paying_client(&w, &m.id).await?;
@@ -313,7 +338,8 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
     let mut out = format!(
         "Long run: {} paid invoices of {} tokens, {} concurrent streams of {} tokens (tiny \
          model, ldk-node records retained 60 s). Machine: {}.\n\n\
-         | invoices paid | s | server RSS MB | ldk-node payment records | channel monitor KB |\n|---|---|---|---|---|\n",
+         | invoices paid | s | server RSS MB | ldk-node payment records | channel monitor KB | \
+         payment → tokens p50 / p99, ms | payment → settled p99, ms |\n|---|---|---|---|---|---|---|\n",
         paid.load(Ordering::SeqCst),
         o.chunk_tokens,
         o.streams,
@@ -329,9 +355,9 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
          | restart, s | {restart_10k:.2} | {restart_end:.2} | {:.2} |\n\
          | p99 payment → tokens, ms | {:.1} | {:.1} | {:.2} |\n",
         restart_end / restart_10k,
-        p99(&first),
-        p99(&last),
-        p99(&last) / p99(&first).max(1e-9),
+        p99(&first.to_tokens),
+        p99(&last.to_tokens),
+        p99(&last.to_tokens) / p99(&first.to_tokens).max(1e-9),
     ));
     out.push_str(&format!(
         "\nThe paying client's time to Done (64 tokens): quiet {:.2} s.\n\n\

@@ -251,6 +251,12 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX refunds_to_prune ON refunds(resolved_at)
         WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL;
     "#,
+    // v6: a session's keysend credits and losses are summed when it ends (its receipt, its
+    // audit) and on every keysend: found by the session, not by reading them all.
+    r#"
+    CREATE INDEX keysend_credits_by_session ON keysend_credits(session_id);
+    CREATE INDEX settlement_losses_by_session ON settlement_losses(session_id);
+    "#,
 ];
 
 /// Schema version this build writes.

@@ -15,6 +15,8 @@ mod invoices;
 mod ledger;
 mod migrations;
 mod parked;
+#[cfg(test)]
+mod plans;
 mod pruning;
 mod refunds;
 mod sessions;

@@ -39,14 +39,15 @@ pub struct Prunable {
 
 /// Per kind: the final records older than ?1 not yet pruned (at most ?2, oldest first), as
 /// (payment hash, what LDK must report received or sent; NULL: failed). Each WHERE clause is
-/// its table's partial index's, so the query never scans history.
+/// its table's partial index's, so the query never scans history (`+state`: SQLite would
+/// otherwise take the state index, every final record ever; see store::plans).
 const PRUNABLE: [(PaymentRecord, &str); 3] = [
     (
         PaymentRecord::Invoice,
         "SELECT payment_hash, CASE WHEN state = 'claimed' THEN COALESCE(received_msat, 0) END
          FROM invoices
          WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL AND resolved_at < ?1
-           AND state IN ('claimed', 'failed', 'expired', 'canceled')
+           AND +state IN ('claimed', 'failed', 'expired', 'canceled')
          ORDER BY resolved_at LIMIT ?2",
     ),
     (
@@ -58,7 +59,7 @@ const PRUNABLE: [(PaymentRecord, &str); 3] = [
         PaymentRecord::Refund,
         "SELECT payment_hash, CASE WHEN state = 'succeeded' THEN amount_msat END FROM refunds
          WHERE ldk_pruned_at IS NULL AND resolved_at IS NOT NULL AND resolved_at < ?1
-           AND state IN ('succeeded', 'failed')
+           AND +state IN ('succeeded', 'failed')
          ORDER BY resolved_at LIMIT ?2",
     ),
 ];

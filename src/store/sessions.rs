@@ -422,8 +422,10 @@ impl Store {
             Ok(c.query_row(sql, [id.as_slice()], |r| r.get::<_, i64>(0))? as u64)
         };
         Ok(SessionAudit {
+            // `+state`: found by the session's index, never by the state's (every claimed
+            // invoice ever), see store::plans.
             claimed_msat: one("SELECT COALESCE(SUM(received_msat), 0) FROM invoices
-                 WHERE session_id = ?1 AND state = 'claimed'")?,
+                 WHERE session_id = ?1 AND +state = 'claimed'")?,
             credited_msat: one(
                 "SELECT COALESCE(SUM(amount_msat), 0) FROM keysend_credits WHERE session_id = ?1",
             )?,
