@@ -79,13 +79,70 @@ async fn records(w: &ProcessWorld) -> Result<usize, BenchError> {
     }
 }
 
-/// What the paying streams of one window saw, per chunk, in ms.
+/// What the paying streams of one window saw, per chunk, in ms; and what the server saw.
 #[derive(Default)]
 struct Latencies {
     /// Payment sent → the chunk's text.
     to_tokens: Vec<f64>,
     /// Payment sent → the payer's node saw it settle.
     settled: Vec<f64>,
+    /// The server's own payment → tokens (HTLC held → tokens written): its histogram's
+    /// counts over the window, per upper bound (seconds).
+    server: Vec<(f64, f64)>,
+}
+
+/// The server's `satstream_payment_to_tokens_seconds` buckets (cumulative counts).
+async fn server_buckets(metrics: &str) -> Result<Vec<(f64, f64)>, BenchError> {
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .map_err(failed)?
+        .text()
+        .await
+        .map_err(failed)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("satstream_payment_to_tokens_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, count) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect())
+}
+
+/// The q-quantile of a histogram's cumulative buckets, in ms, interpolated within its bucket
+/// as Prometheus' `histogram_quantile` does.
+fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let Some(&(_, total)) = buckets.last() else {
+        return f64::NAN;
+    };
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank && count > below {
+            if le.is_infinite() {
+                return lower * 1e3;
+            }
+            return (lower + (le - lower) * (rank - below) / (count - below)) * 1e3;
+        }
+        (lower, below) = (le, count);
+    }
+    f64::NAN
+}
+
+/// `after - before`, bucket by bucket (the server's counters since `before`).
+fn bucket_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|&(le, n)| {
+            let was = before.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+            (le, n - was)
+        })
+        .collect()
 }
 
 /// Paid streams until `until` invoices in all are paid; their latencies.
@@ -96,6 +153,7 @@ async fn drive(
     paid: &Arc<AtomicU64>,
     until: u64,
 ) -> Result<Latencies, BenchError> {
+    let before = server_buckets(&w.config.server.metrics_listen).await?;
     let latencies = Arc::new(Mutex::new(Latencies::default()));
     let next = Arc::new(AtomicU64::new(0));
     let server: std::net::SocketAddr = w.config.server.grpc_listen.parse().map_err(failed)?;
@@ -148,13 +206,17 @@ async fn drive(
     for r in super::futures_join_all(tasks.collect()).await {
         r?;
     }
-    let v = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut v = std::mem::take(&mut *latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    v.server = bucket_delta(
+        &before,
+        &server_buckets(&w.config.server.metrics_listen).await?,
+    );
     Ok(v)
 }
 
 /// One row of the table: invoices paid, seconds, server RSS, ldk-node records, the channel
-/// monitor's stored size, and the window's latencies (p50 / p99 payment → tokens, p99
-/// payment → settled at the payer).
+/// monitor's stored size, and the window's latencies (p50 / p99 payment → tokens at the
+/// server and at the client, p99 payment → settled at the payer).
 async fn sample(
     w: &ProcessWorld,
     paid: u64,
@@ -166,18 +228,63 @@ async fn sample(
     let monitors =
         crate::lightning::compaction::stored_monitor_sizes(&w.config.ldk_dir()).map_err(failed)?;
     let kb = monitors.values().sum::<u64>() as f64 / 1024.0;
-    let lat = window.map_or(" | |".to_string(), |l| {
+    let payer_kb = payer_manager_kb(w)?;
+    let lat = window.map_or(" | | |".to_string(), |l| {
         format!(
-            "{:.0} / {:.0} | {:.0} |",
+            "{:.0} / {:.0} | {:.0} / {:.0} | {:.0} |",
+            bucket_quantile(&l.server, 0.5),
+            bucket_quantile(&l.server, 0.99),
             super::pct(&l.to_tokens, 0.5),
             super::pct(&l.to_tokens, 0.99),
             super::pct(&l.settled, 0.99)
         )
     });
     Ok(format!(
-        "| {paid} | {:.0} | {rss:.0} | {n} | {kb:.0} | {lat}",
+        "| {paid} | {:.0} | {rss:.0} | {n} | {kb:.0} | {lat} {payer_kb:.0} |",
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// The stored size of the payer node's ChannelManager, KB. LDK keeps a sent payment in it for
+/// 7 timer ticks (~7 minutes, for idempotency) and ldk-node rewrites it whole as payments go:
+/// at this run's ~80 payments a second the payer's own cost grows for the first minutes.
+fn payer_manager_kb(w: &ProcessWorld) -> Result<f64, BenchError> {
+    let db = rusqlite::Connection::open_with_flags(
+        w.payer_dir()
+            .join(ldk_node::io::sqlite_store::SQLITE_DB_FILE_NAME),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(failed)?;
+    let len: i64 = db
+        .query_row(
+            &format!(
+                "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM {} WHERE primary_namespace = '' \
+                 AND secondary_namespace = '' AND key = 'manager'",
+                ldk_node::io::sqlite_store::KV_TABLE_NAME
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(failed)?;
+    Ok(len as f64 / 1024.0)
+}
+
+/// Waits (mining, so the payer's node persists) until the payer's ChannelManager is back to
+/// `kb`: LDK has dropped the sent payments it keeps for idempotency. The last window then
+/// starts from a payer in the state the first started from, and the two compare the server.
+async fn drain_payer(w: &ProcessWorld, kb: f64) -> Result<Duration, BenchError> {
+    let t = Instant::now();
+    with_blocks(
+        w,
+        crate::harness::wait_until(
+            "the payer's ChannelManager to drop its sent payments",
+            Duration::from_secs(15 * 60),
+            || async { payer_manager_kb(w).is_ok_and(|now| now <= kb + 8.0) },
+        ),
+    )
+    .await
+    .map_err(failed)?;
+    Ok(t.elapsed())
 }
 
 /// Runs `f` while a block is mined every [`BLOCK_EVERY`]: a chain that moves, as a real one
@@ -250,6 +357,11 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
                 // A channel monitor is spliced at 1 MB (~7 000 invoices here; 16 MB by default):
                 // the run sees it compacted many times.
                 "lightning.compact_monitor_bytes=1000000".into(),
+                // The server's own payment → tokens histogram, read per window.
+                format!(
+                    "server.metrics_listen=127.0.0.1:{}",
+                    crate::harness::free_port()
+                ),
             ],
             channel_sat: 16_000_000,
             log: Some("warn".into()),
@@ -261,14 +373,19 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
     let started = Instant::now();
     let mut rows = Vec::new();
     rows.push(sample(&w, 0, started, None).await?);
+    let payer_kb = payer_manager_kb(&w)?;
     // The first 10 000: p99 at the start, then a restart.
     let first = with_blocks(&w, drive(&w, &m.id, &o, &paid, EVERY.min(o.invoices))).await?;
     rows.push(sample(&w, paid.load(Ordering::SeqCst), started, Some(&first)).await?);
     let restart_10k = restart(&mut w).await?;
     let mut last = Latencies::default();
     let mut target = EVERY;
+    let mut drained = Duration::ZERO;
     while target < o.invoices {
         target = (target + EVERY).min(o.invoices);
+        if target == o.invoices {
+            drained = drain_payer(&w, payer_kb).await?;
+        }
         last = with_blocks(&w, drive(&w, &m.id, &o, &paid, target)).await?;
         rows.push(sample(&w, paid.load(Ordering::SeqCst), started, Some(&last)).await?);
     }
@@ -339,7 +456,8 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
         "Long run: {} paid invoices of {} tokens, {} concurrent streams of {} tokens (tiny \
          model, ldk-node records retained 60 s). Machine: {}.\n\n\
          | invoices paid | s | server RSS MB | ldk-node payment records | channel monitor KB | \
-         payment → tokens p50 / p99, ms | payment → settled p99, ms |\n|---|---|---|---|---|---|---|\n",
+         server: payment → tokens p50 / p99, ms | client: payment sent → tokens p50 / p99, ms | \
+         client: sent → settled p99, ms | payer's ChannelManager KB |\n|---|---|---|---|---|---|---|---|---|\n",
         paid.load(Ordering::SeqCst),
         o.chunk_tokens,
         o.streams,
@@ -351,10 +469,20 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
         out.push('\n');
     }
     out.push_str(&format!(
+        "\nBefore the last window the run waited {:.0} s for the payer's node to drop the sent \
+         payments LDK keeps ~7 minutes for idempotency (its ChannelManager back to {payer_kb:.0} KB), \
+         so that both windows start from the same payer and compare the server.\n",
+        drained.as_secs_f64()
+    ));
+    out.push_str(&format!(
         "\n| | first 10 000 | last 10 000 | ratio |\n|---|---|---|---|\n\
          | restart, s | {restart_10k:.2} | {restart_end:.2} | {:.2} |\n\
-         | p99 payment → tokens, ms | {:.1} | {:.1} | {:.2} |\n",
+         | p99 payment → tokens, server (HTLC held → tokens written), ms | {:.1} | {:.1} | {:.2} |\n\
+         | p99 payment sent → tokens, client (its LDK node's send included), ms | {:.1} | {:.1} | {:.2} |\n",
         restart_end / restart_10k,
+        bucket_quantile(&first.server, 0.99),
+        bucket_quantile(&last.server, 0.99),
+        bucket_quantile(&last.server, 0.99) / bucket_quantile(&first.server, 0.99).max(1e-9),
         p99(&first.to_tokens),
         p99(&last.to_tokens),
         p99(&last.to_tokens) / p99(&first.to_tokens).max(1e-9),
@@ -372,4 +500,35 @@ pub async fn long_run(exe: &Path, tiny: &Path, o: Options) -> Result<String, Ben
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_of_window_buckets_interpolate_like_prometheus() {
+        // 100 observations: 50 at most 10 ms, 40 more by 20 ms, the last 10 by 100 ms.
+        let before = [(0.01, 5.0), (0.02, 5.0), (0.1, 5.0), (f64::INFINITY, 5.0)];
+        let after = [
+            (0.01, 55.0),
+            (0.02, 95.0),
+            (0.1, 105.0),
+            (f64::INFINITY, 105.0),
+        ];
+        let w = bucket_delta(&before, &after);
+        assert_eq!(
+            w,
+            [
+                (0.01, 50.0),
+                (0.02, 90.0),
+                (0.1, 100.0),
+                (f64::INFINITY, 100.0)
+            ]
+        );
+        assert!((bucket_quantile(&w, 0.5) - 10.0).abs() < 1e-9);
+        assert!((bucket_quantile(&w, 0.7) - 15.0).abs() < 1e-9);
+        assert!((bucket_quantile(&w, 0.99) - 92.0).abs() < 1e-9);
+        assert!(bucket_quantile(&[], 0.99).is_nan());
+    }
 }

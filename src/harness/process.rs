@@ -201,6 +201,11 @@ pub struct ProcessWorld {
 }
 
 impl ProcessWorld {
+    /// The payer node's storage directory.
+    pub fn payer_dir(&self) -> PathBuf {
+        self._tmp.path().join("payer")
+    }
+
     /// Starts bitcoind, the payer and the server (`exe`), funds both nodes and opens the
     /// channel.
     pub async fn start(exe: &Path, opts: ProcessOptions) -> Result<ProcessWorld, HarnessError> {

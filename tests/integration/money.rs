@@ -510,17 +510,21 @@ async fn an_unpaid_invoice_is_swept_when_it_expires() {
     let hash = inv.payment_hash;
     // The sweeper commits `expired` first and then tells LDK: wait for both.
     let ln = w.h.server().app.lightning.clone();
-    wait_until("the sweeper to expire the invoice, in the store and in LDK", T, || {
-        let (store, ln) = (store.clone(), ln.clone());
-        async move {
-            let ldk = ln
-                .node()
-                .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
-                .map(|p| p.status);
-            store.invoice(&hash).unwrap().unwrap().state == InvoiceState::Expired
-                && ldk == Some(ldk_node::payment::PaymentStatus::Failed)
-        }
-    })
+    wait_until(
+        "the sweeper to expire the invoice, in the store and in LDK",
+        T,
+        || {
+            let (store, ln) = (store.clone(), ln.clone());
+            async move {
+                let ldk = ln
+                    .node()
+                    .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
+                    .map(|p| p.status);
+                store.invoice(&hash).unwrap().unwrap().state == InvoiceState::Expired
+                    && ldk == Some(ldk_node::payment::PaymentStatus::Failed)
+            }
+        },
+    )
     .await
     .unwrap();
     // Paid anyway (a payer ignoring the expiry): failed back, nothing booked.
