@@ -42,8 +42,10 @@
 //! - [`bench`]: `satstream bench`, the performance goals measured in one run on the harness.
 //! - [`harness`]: a real regtest world (Bitcoin Core, the server, a payer node, a channel) for
 //!   tests, benchmarks and the demo; a real upstream engine server for the remote backend.
+//! - [`devtools`]: `satstream demo` and `satstream regtest`, the whole product on one machine
+//!   over the harness (the client itself never depends on the harness).
 //!
-//! `bench`, `harness` and `engine::tiny_model` are test and measurement tooling: they exist with
+//! `bench`, `harness`, `devtools` and `engine::tiny_model` are test and measurement tooling: they exist with
 //! the default `devtools` feature; a server built with `--no-default-features` has none of them.
 
 pub mod app;
@@ -51,6 +53,8 @@ pub mod app;
 pub mod bench;
 pub mod client;
 pub mod config;
+#[cfg(feature = "devtools")]
+pub mod devtools;
 pub mod engine;
 pub mod fault;
 pub mod files;

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 #[cfg(feature = "devtools")]
 use satstream::bench::cli::BenchArgs;
 use satstream::client::cmd::{account, generate, receipt, wallet};
-#[cfg(feature = "devtools")]
-use satstream::client::cmd::{demo, regtest};
 use satstream::config::Config;
+#[cfg(feature = "devtools")]
+use satstream::devtools::{demo, regtest};
 
 #[derive(Parser)]
 #[command(

@@ -6,15 +6,13 @@
 //! - [`wallet`]: `wallet address | balance | open-channel | pay`.
 //! - [`account`]: PREPAID accounts, `account topup | balance | refund`.
 //! - [`receipt`]: `receipt verify FILE`, offline.
-//! - [`demo`] and [`regtest`]: the whole product on one machine.
+//!
+//! `satstream demo` and `satstream regtest` run a whole regtest world and live with the other
+//! tooling in `crate::devtools`: the client does not depend on the harness.
 
 pub mod account;
-#[cfg(feature = "devtools")]
-pub mod demo;
 pub mod generate;
 pub mod receipt;
-#[cfg(feature = "devtools")]
-pub mod regtest;
 pub mod wallet;
 
 use clap::{Args, ValueEnum};

@@ -5,8 +5,8 @@
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use super::generate::paid_generation;
-use super::{generate_request, user, Mode, Request};
+use crate::client::cmd::generate::paid_generation;
+use crate::client::cmd::{generate_request, user, Mode, Request};
 use crate::client::ClientError;
 use crate::config::Config;
 use crate::harness::{Harness, HarnessOptions};
