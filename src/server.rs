@@ -309,14 +309,12 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 }
 
 /// Keeps the exported gauges (invoices by state, liquidity, queue...) current. The live
-/// figures every 2 s; the ones that scan history (invoices by state, refundable money, the
-/// largest channel monitor) every
-/// 10 s, through the store's read-only connection (they never hold up a money commit).
+/// figures every 2 s; the ones that scan history (invoices by state, refundable money) every
+/// 10 s, through the store's read-only connection (they never hold up a money commit). The
+/// channel monitors' size is the watchdog's (it reads them each round to compact them).
 async fn refresh_gauges(app: Arc<App>, stop: CancellationToken) {
     const SCAN_EVERY: u32 = 5;
-    // Invoices by state, refundable msat, the largest channel monitor's bytes.
-    type Scanned = (Vec<(&'static str, u64)>, u64, u64);
-    let mut scanned: Option<Scanned> = None;
+    let mut scanned: Option<(Vec<(&'static str, u64)>, u64)> = None;
     for tick in 0u32.. {
         let a = app.clone();
         let scan = tick % SCAN_EVERY == 0 || scanned.is_none();
@@ -332,11 +330,6 @@ async fn refresh_gauges(app: Arc<App>, stop: CancellationToken) {
                         .map(|(s, n)| (s.as_str(), n))
                         .collect(),
                     a.store.total_refundable_msat().unwrap_or(0),
-                    a.lightning
-                        .monitor_sizes()
-                        .ok()
-                        .and_then(|m| m.values().max().copied())
-                        .unwrap_or(0),
                 ),
             };
             let (mut queued, mut running) = (0, 0);
@@ -350,7 +343,6 @@ async fn refresh_gauges(app: Arc<App>, stop: CancellationToken) {
                 invoices_by_state: scanned.0.clone(),
                 inbound_liquidity_msat: a.lightning.inbound_liquidity_msat(),
                 refundable_msat: scanned.1,
-                channel_monitor_bytes: scanned.2,
                 live_sessions: a.live.count(),
                 engine_queue_depth: queued,
                 engine_running: running,

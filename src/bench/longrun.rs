@@ -249,12 +249,7 @@ async fn sample(
 /// 7 timer ticks (~7 minutes, for idempotency) and ldk-node rewrites it whole as payments go:
 /// at this run's ~80 payments a second the payer's own cost grows for the first minutes.
 fn payer_manager_kb(w: &ProcessWorld) -> Result<f64, BenchError> {
-    let db = rusqlite::Connection::open_with_flags(
-        w.payer_dir()
-            .join(ldk_node::io::sqlite_store::SQLITE_DB_FILE_NAME),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(failed)?;
+    let db = crate::lightning::compaction::ldk_store(&w.payer_dir()).map_err(failed)?;
     let len: i64 = db
         .query_row(
             &format!(

@@ -74,14 +74,16 @@ impl Lightning {
         })
     }
 
-    /// Starts a splice on every channel whose monitor passed the limit; how many.
+    /// Publishes the largest stored monitor's size and starts a splice on every channel whose
+    /// monitor passed the limit; how many.
     pub fn compact_monitors(&self) -> Result<usize, LightningError> {
+        let sizes = self.monitor_sizes()?;
+        crate::metrics::channel_monitor_bytes(sizes.values().max().copied().unwrap_or(0));
         let c = self.compaction;
         if c.monitor_bytes == 0 {
             return Ok(0);
         }
         let channels = self.node.list_channels();
-        let sizes = self.monitor_sizes()?;
         let due: Vec<_> = {
             let mut splices = self.splices.lock().unwrap();
             splices.retain(|id, _| channels.iter().any(|ch| ch.channel_id.0 == *id));
@@ -166,7 +168,7 @@ impl Lightning {
                         channel = %ch.channel_id,
                         outbound_msat = ch.outbound_capacity_msat,
                         refundable_msat = owed,
-                        splice_sat = c.splice_sat,
+                        splice_sat = sat,
                         "channel monitor due for compaction, but neither the channel's own \
                          balance beyond what customers may be refunded nor the wallet covers \
                          a splice"
@@ -210,10 +212,7 @@ impl Lightning {
 /// The size of every channel's monitor in ldk-node's store at `ldk_dir`, by channel id, as
 /// ldk-node last wrote it whole (at most 100 updates old).
 pub fn stored_monitor_sizes(ldk_dir: &Path) -> Result<HashMap<[u8; 32], u64>, rusqlite::Error> {
-    let db = rusqlite::Connection::open_with_flags(
-        ldk_dir.join(ldk_node::io::sqlite_store::SQLITE_DB_FILE_NAME),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let db = ldk_store(ldk_dir)?;
     let mut q = db.prepare(&format!(
         "SELECT key, LENGTH(value) FROM {} WHERE primary_namespace = 'monitors' \
          AND secondary_namespace = ''",
@@ -228,6 +227,14 @@ pub fn stored_monitor_sizes(ldk_dir: &Path) -> Result<HashMap<[u8; 32], u64>, ru
         }
     }
     Ok(sizes)
+}
+
+/// ldk-node's SQLite store at `ldk_dir`, read-only (ldk-node keeps writing it).
+pub fn ldk_store(ldk_dir: &Path) -> Result<rusqlite::Connection, rusqlite::Error> {
+    rusqlite::Connection::open_with_flags(
+        ldk_dir.join(ldk_node::io::sqlite_store::SQLITE_DB_FILE_NAME),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
 }
 
 /// The channel a stored monitor's key names: the id of a v1 channel is derived from its

@@ -116,6 +116,11 @@ pub fn connection_refused(why: &'static str) {
     counter!("satstream_connections_refused_total", "why" => why).increment(1);
 }
 
+/// The largest channel monitor as ldk-node last stored it.
+pub fn channel_monitor_bytes(bytes: u64) {
+    gauge!("satstream_channel_monitor_bytes").set(bytes as f64);
+}
+
 /// A splice started to compact a channel's monitor (`direction`: in, out).
 pub fn monitor_compaction(direction: &'static str) {
     counter!("satstream_monitor_compactions_total", "direction" => direction).increment(1);
@@ -130,8 +135,6 @@ pub struct Gauges {
     pub invoices_by_state: Vec<(&'static str, u64)>,
     pub inbound_liquidity_msat: u64,
     pub refundable_msat: u64,
-    /// The largest channel monitor as ldk-node last stored it.
-    pub channel_monitor_bytes: u64,
     pub live_sessions: u32,
     pub engine_queue_depth: u32,
     pub engine_running: u32,
@@ -149,7 +152,6 @@ pub fn set_gauges(g: &Gauges) {
     gauge!("satstream_htlcs_held").set(held as f64);
     gauge!("satstream_inbound_liquidity_msat").set(g.inbound_liquidity_msat as f64);
     gauge!("satstream_refundable_msat").set(g.refundable_msat as f64);
-    gauge!("satstream_channel_monitor_bytes").set(g.channel_monitor_bytes as f64);
     gauge!("satstream_live_sessions").set(g.live_sessions as f64);
     gauge!("satstream_engine_queue_depth").set(g.engine_queue_depth as f64);
     gauge!("satstream_engine_running").set(g.engine_running as f64);
